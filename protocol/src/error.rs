@@ -1,0 +1,172 @@
+//! Error codes carried in RPC responses and operator API error bodies. Defined once here so the
+//! gateway and the cloud agree on every code and its HTTP mapping.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A coded failure. The wire form is the snake_case name, e.g. `"device_offline"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The device's gateway has no live connection to the cloud.
+    GatewayOffline,
+    /// The gateway is connected but the device does not answer its health probe.
+    DeviceOffline,
+    /// No gateway declares this device.
+    DeviceNotFound,
+    /// The device declares no such method.
+    MethodNotFound,
+    /// The parameters do not match the method's declaration.
+    InvalidParams,
+    /// The device answered with a failure; `device_status` and `detail` say what it said.
+    DeviceError,
+    /// No answer before the caller's deadline.
+    Timeout,
+    /// A document exceeds its documented size limit.
+    PayloadTooLarge,
+    /// The request itself is malformed (bad JSON, out-of-range option).
+    BadRequest,
+    /// The gateway is shutting down and takes no new work.
+    ShuttingDown,
+    /// The peer speaks a newer protocol version.
+    UnsupportedVersion,
+    /// Something failed inside the gateway or cloud itself.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status the operator API answers with for this code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::GatewayOffline | ErrorCode::DeviceOffline | ErrorCode::ShuttingDown => 503,
+            ErrorCode::DeviceNotFound | ErrorCode::MethodNotFound => 404,
+            ErrorCode::InvalidParams | ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => 400,
+            ErrorCode::DeviceError => 502,
+            ErrorCode::Timeout => 504,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::Internal => 500,
+        }
+    }
+
+    /// The wire name, e.g. `device_offline`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::GatewayOffline => "gateway_offline",
+            ErrorCode::DeviceOffline => "device_offline",
+            ErrorCode::DeviceNotFound => "device_not_found",
+            ErrorCode::MethodNotFound => "method_not_found",
+            ErrorCode::InvalidParams => "invalid_params",
+            ErrorCode::DeviceError => "device_error",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A coded error as it travels in an RPC response and in operator API error bodies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct RpcError {
+    /// The code; decides the HTTP status.
+    pub code: ErrorCode,
+    /// Human-readable, lowercase, names what failed.
+    pub message: String,
+    /// For `device_error`: the device's own status (HTTP status, or the serial error code).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_status: Option<i64>,
+    /// For `device_error`: what the device said (its body, or the captured error text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+impl RpcError {
+    /// An error with a code and message and no device details.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            device_status: None,
+            detail: None,
+        }
+    }
+
+    /// A `device_error` carrying the device's status and what it said.
+    pub fn device(status: i64, detail: serde_json::Value, message: impl Into<String>) -> Self {
+        Self {
+            code: ErrorCode::DeviceError,
+            message: message.into(),
+            device_status: Some(status),
+            detail: Some(detail),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_use_snake_case_on_the_wire() {
+        let s = serde_json::to_string(&ErrorCode::GatewayOffline).unwrap();
+        assert_eq!(s, "\"gateway_offline\"");
+        let c: ErrorCode = serde_json::from_str("\"payload_too_large\"").unwrap();
+        assert_eq!(c, ErrorCode::PayloadTooLarge);
+    }
+
+    #[test]
+    fn as_str_matches_serde_name() {
+        for code in [
+            ErrorCode::GatewayOffline,
+            ErrorCode::DeviceOffline,
+            ErrorCode::DeviceNotFound,
+            ErrorCode::MethodNotFound,
+            ErrorCode::InvalidParams,
+            ErrorCode::DeviceError,
+            ErrorCode::Timeout,
+            ErrorCode::PayloadTooLarge,
+            ErrorCode::BadRequest,
+            ErrorCode::ShuttingDown,
+            ErrorCode::UnsupportedVersion,
+            ErrorCode::Internal,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&code).unwrap(),
+                format!("\"{}\"", code.as_str())
+            );
+        }
+    }
+
+    #[test]
+    fn http_statuses_fit_the_operator_api() {
+        assert_eq!(ErrorCode::DeviceNotFound.http_status(), 404);
+        assert_eq!(ErrorCode::DeviceOffline.http_status(), 503);
+        assert_eq!(ErrorCode::GatewayOffline.http_status(), 503);
+        assert_eq!(ErrorCode::Timeout.http_status(), 504);
+        assert_eq!(ErrorCode::InvalidParams.http_status(), 400);
+        assert_eq!(ErrorCode::DeviceError.http_status(), 502);
+        assert_eq!(ErrorCode::PayloadTooLarge.http_status(), 413);
+    }
+
+    #[test]
+    fn device_error_keeps_status_and_detail() {
+        let e = RpcError::device(
+            500,
+            serde_json::json!({"error": "jammed"}),
+            "device answered 500",
+        );
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["code"], "device_error");
+        assert_eq!(v["device_status"], 500);
+        assert_eq!(v["detail"]["error"], "jammed");
+    }
+}

@@ -1,0 +1,167 @@
+//! MQTT topic names. Every topic a gateway uses sits under `gw/{gateway}/`, split into `up/`
+//! (gateway publishes) and `down/` (gateway subscribes), so a broker ACL of two patterns confines
+//! a gateway to its own namespace:
+//!
+//! ```text
+//! publish   gw/{gateway}/up/#
+//! subscribe gw/{gateway}/down/#
+//! ```
+//!
+//! Only this module builds or parses topic strings.
+
+use crate::ids::GatewayId;
+
+/// Root of every topic.
+pub const ROOT: &str = "gw";
+
+/// Topics a gateway publishes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Up {
+    /// Retained presence: birth (`online: true`) and last will (`online: false`).
+    State,
+    /// Retained catalog: the gateway's devices and what each supports.
+    Catalog,
+    /// Retained device presence snapshot.
+    Devices,
+    /// RPC responses.
+    RpcResponse,
+    /// Reported twin patches.
+    TwinReported,
+    /// Desired-version statement asking for snapshots of devices that are behind.
+    TwinSync,
+    /// Message feedback.
+    MessageFeedback,
+}
+
+/// Topics a gateway subscribes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Down {
+    /// RPC requests.
+    RpcRequest,
+    /// Desired twin patches and snapshots.
+    TwinDesired,
+    /// Cloud-to-device messages.
+    Message,
+}
+
+impl Up {
+    const ALL: [Up; 7] = [
+        Up::State,
+        Up::Catalog,
+        Up::Devices,
+        Up::RpcResponse,
+        Up::TwinReported,
+        Up::TwinSync,
+        Up::MessageFeedback,
+    ];
+
+    /// The topic suffix after `gw/{gateway}/up/`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Up::State => "state",
+            Up::Catalog => "catalog",
+            Up::Devices => "devices",
+            Up::RpcResponse => "rpc/res",
+            Up::TwinReported => "twin/reported",
+            Up::TwinSync => "twin/sync",
+            Up::MessageFeedback => "msg/feedback",
+        }
+    }
+}
+
+impl Down {
+    const ALL: [Down; 3] = [Down::RpcRequest, Down::TwinDesired, Down::Message];
+
+    /// The topic suffix after `gw/{gateway}/down/`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Down::RpcRequest => "rpc/req",
+            Down::TwinDesired => "twin/desired",
+            Down::Message => "msg",
+        }
+    }
+}
+
+/// Builds and parses topics.
+pub struct Topics;
+
+impl Topics {
+    /// `gw/{gateway}/up/{suffix}`.
+    pub fn up(gateway: &GatewayId, kind: Up) -> String {
+        format!("{ROOT}/{gateway}/up/{}", kind.suffix())
+    }
+
+    /// `gw/{gateway}/down/{suffix}`.
+    pub fn down(gateway: &GatewayId, kind: Down) -> String {
+        format!("{ROOT}/{gateway}/down/{}", kind.suffix())
+    }
+
+    /// The filter a gateway subscribes to: `gw/{gateway}/down/#`.
+    pub fn down_filter(gateway: &GatewayId) -> String {
+        format!("{ROOT}/{gateway}/down/#")
+    }
+
+    /// The filter the cloud subscribes to: `gw/+/up/#`.
+    pub fn all_up_filter() -> String {
+        format!("{ROOT}/+/up/#")
+    }
+
+    /// Parses an `up` topic into its gateway and kind.
+    pub fn parse_up(topic: &str) -> Option<(GatewayId, Up)> {
+        let (gw, rest) = split(topic, "up")?;
+        let kind = Up::ALL.into_iter().find(|k| k.suffix() == rest)?;
+        Some((gw, kind))
+    }
+
+    /// Parses a `down` topic into its gateway and kind.
+    pub fn parse_down(topic: &str) -> Option<(GatewayId, Down)> {
+        let (gw, rest) = split(topic, "down")?;
+        let kind = Down::ALL.into_iter().find(|k| k.suffix() == rest)?;
+        Some((gw, kind))
+    }
+}
+
+fn split<'a>(topic: &'a str, dir: &str) -> Option<(GatewayId, &'a str)> {
+    let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
+    let (gw, rest) = rest.split_once('/')?;
+    let rest = rest.strip_prefix(dir)?.strip_prefix('/')?;
+    Some((GatewayId::new(gw).ok()?, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gw() -> GatewayId {
+        GatewayId::new("site-7").unwrap()
+    }
+
+    #[test]
+    fn builds_prefixed_topics() {
+        assert_eq!(Topics::up(&gw(), Up::RpcResponse), "gw/site-7/up/rpc/res");
+        assert_eq!(
+            Topics::down(&gw(), Down::RpcRequest),
+            "gw/site-7/down/rpc/req"
+        );
+        assert_eq!(Topics::down_filter(&gw()), "gw/site-7/down/#");
+    }
+
+    #[test]
+    fn parses_every_kind_back() {
+        for k in Up::ALL {
+            assert_eq!(Topics::parse_up(&Topics::up(&gw(), k)), Some((gw(), k)));
+        }
+        for k in Down::ALL {
+            assert_eq!(Topics::parse_down(&Topics::down(&gw(), k)), Some((gw(), k)));
+        }
+    }
+
+    #[test]
+    fn rejects_foreign_or_malformed_topics() {
+        assert_eq!(Topics::parse_up("gw/site-7/down/rpc/req"), None);
+        assert_eq!(Topics::parse_up("gw/site-7/up/unknown"), None);
+        assert_eq!(Topics::parse_up("other/site-7/up/state"), None);
+        assert_eq!(Topics::parse_up("gw/+/up/state"), None);
+        assert_eq!(Topics::parse_down("gw/site-7"), None);
+    }
+}
