@@ -1,0 +1,580 @@
+//! Configuration: documented structs loaded by figment from a TOML file plus `GATEWAYD_`
+//! environment overrides (`__` separates levels, e.g. `GATEWAYD_CLOUD__BROKER`), and a
+//! validation pass that reports every problem at once with the path of the bad field.
+
+use crate::template::Template;
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use gatewayd_protocol::ids::validate_id;
+use gatewayd_protocol::ParamSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This gateway's identity.
+    pub gateway: GatewayConfig,
+    /// The cloud connection.
+    pub cloud: CloudConfig,
+    /// The local SQLite store.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// RPC handling.
+    #[serde(default)]
+    pub rpc: RpcConfig,
+    /// Devices behind this gateway, by device id.
+    #[serde(default)]
+    pub devices: BTreeMap<String, DeviceConfig>,
+}
+
+/// This gateway's identity.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Gateway id, unique in the cloud; becomes the topic prefix `gw/{id}/`. Letters, digits,
+    /// `-`, `_`, `.`; at most 64 characters.
+    pub id: String,
+}
+
+/// The cloud (MQTT) connection.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Broker URL, `mqtt://host:port` (port defaults to 1883).
+    pub broker: String,
+    /// MQTT client id; defaults to the gateway id. Must be stable: the broker keeps the
+    /// persistent session under it.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// MQTT keep-alive, seconds (5..=600).
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u64,
+    /// First reconnect delay, milliseconds; doubles (with jitter) up to `reconnect_max_ms`.
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, milliseconds.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u64,
+    /// TCP connect timeout, seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_s: u64,
+}
+
+/// The local SQLite store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Path of the SQLite database file; created if missing.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: default_store_path(),
+        }
+    }
+}
+
+/// RPC handling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RpcConfig {
+    /// Default limit of calls in flight per device (a device may override it); excess calls
+    /// wait for a slot within their deadline.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight_per_device: usize,
+    /// At shutdown, how long in-flight RPCs may take to finish, milliseconds.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for RpcConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight_per_device: default_in_flight(),
+            shutdown_grace_ms: default_grace(),
+        }
+    }
+}
+
+/// One device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// How the device is reached: `http`.
+    pub kind: DeviceKind,
+    /// Base URL of the device's local API, e.g. `http://192.168.10.21:8080`. Every call goes
+    /// to a path under it; the cloud cannot name any other host or port.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// Default timeout of one device call, milliseconds (a method may override it). The
+    /// effective timeout is never longer than the caller's deadline.
+    #[serde(default = "default_device_timeout")]
+    pub timeout_ms: u64,
+    /// Calls in flight at most; defaults to `rpc.max_in_flight_per_device`.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+    /// Authentication sent with every call.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// Headers sent with every call.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Health probe.
+    #[serde(default)]
+    pub health: HealthConfig,
+    /// RPC methods by name.
+    #[serde(default)]
+    pub methods: BTreeMap<String, ActionConfig>,
+}
+
+/// Kind of device link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKind {
+    /// A local REST API over HTTP.
+    Http,
+}
+
+/// Authentication for an HTTP device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum AuthConfig {
+    /// HTTP basic authentication.
+    Basic {
+        /// User name.
+        username: String,
+        /// Password.
+        password: String,
+    },
+    /// `Authorization: Bearer <token>`.
+    Bearer {
+        /// The token.
+        token: String,
+    },
+}
+
+/// Health probe of one device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Path probed with `GET`; any answer below 500 counts as alive. Without a path, only
+    /// call outcomes decide presence.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Time between probes, milliseconds.
+    #[serde(default = "default_probe_interval")]
+    pub interval_ms: u64,
+    /// Timeout of one probe, milliseconds.
+    #[serde(default = "default_probe_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive failed probes before the device counts as offline.
+    #[serde(default = "default_failures")]
+    pub failures_before_offline: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            interval_ms: default_probe_interval(),
+            timeout_ms: default_probe_timeout(),
+            failures_before_offline: default_failures(),
+        }
+    }
+}
+
+/// One call against a device: an RPC method (and, with the same shape, a twin property or a
+/// message command). Templates use `{{name}}` placeholders filled from the params.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    /// HTTP verb.
+    #[serde(default = "default_verb")]
+    pub verb: HttpVerb,
+    /// Path template under the device's base URL, e.g. `/api/config/{{key}}`; placeholders
+    /// are percent-encoded.
+    pub path: String,
+    /// Query parameters; a value that is exactly one placeholder is left out when the param
+    /// is absent.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Extra headers (templates allowed).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// JSON body template: a string that is exactly `{{name}}` becomes the param's JSON value
+    /// (type kept; left out when absent); `{{params}}` is the whole params object.
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+    /// Declared params; calls with missing, mistyped or unknown params are refused with
+    /// `invalid_params` before any device call.
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamSpec>,
+    /// How the result is taken from the answer.
+    #[serde(default)]
+    pub result: ResultMode,
+    /// With `result = "json"`: a JSON pointer (RFC 6901) into the body, e.g. `/data/speed`.
+    #[serde(default)]
+    pub result_pointer: Option<String>,
+    /// Device statuses that mean success; default: any 2xx. Others become `device_error`.
+    #[serde(default)]
+    pub ok_status: Vec<u16>,
+    /// Timeout of this call, milliseconds; defaults to the device's `timeout_ms`.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// HTTP verbs a mapping may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpVerb {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+/// How an RPC result is taken from the device's answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultMode {
+    /// Parse the body as JSON (an empty body is `null`).
+    #[default]
+    Json,
+    /// The body as a string.
+    Text,
+    /// Ignore the body; the result is `null`.
+    None,
+}
+
+fn default_keep_alive() -> u64 {
+    10
+}
+fn default_reconnect_min() -> u64 {
+    200
+}
+fn default_reconnect_max() -> u64 {
+    30_000
+}
+fn default_connect_timeout() -> u64 {
+    5
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("/var/lib/gatewayd/gatewayd.db")
+}
+fn default_in_flight() -> usize {
+    4
+}
+fn default_grace() -> u64 {
+    10_000
+}
+fn default_device_timeout() -> u64 {
+    5_000
+}
+fn default_probe_interval() -> u64 {
+    10_000
+}
+fn default_probe_timeout() -> u64 {
+    2_000
+}
+fn default_failures() -> u32 {
+    2
+}
+fn default_verb() -> HttpVerb {
+    HttpVerb::Get
+}
+
+/// Why the configuration could not be loaded; every problem is listed with its path.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .problems.join("\n  "))]
+pub struct ConfigError {
+    /// One line per problem: `path: what is wrong`.
+    pub problems: Vec<String>,
+}
+
+impl Config {
+    /// Loads `path` (TOML) with `GATEWAYD_` environment overrides from `env`, then validates.
+    pub fn load(path: &Path, env: Env) -> Result<Config, ConfigError> {
+        if !path.is_file() {
+            return Err(ConfigError {
+                problems: vec![format!("{}: no such file", path.display())],
+            });
+        }
+        let figment = Figment::new().merge(Toml::file(path)).merge(env);
+        let config: Config = figment.extract().map_err(|e| ConfigError {
+            problems: e
+                .into_iter()
+                .map(|e| {
+                    let path = e.path.join(".");
+                    let kind = e.kind.to_string();
+                    if path.is_empty() {
+                        kind
+                    } else {
+                        format!("{path}: {kind}")
+                    }
+                })
+                .collect(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The environment provider used by the binary: `GATEWAYD_` prefix, `__` between levels.
+    pub fn env() -> Env {
+        Env::prefixed("GATEWAYD_").split("__")
+    }
+
+    /// Semantic checks that serde cannot express; reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut p = Vec::new();
+        if let Err(e) = validate_id(&self.gateway.id) {
+            p.push(format!("gateway.id: {e}"));
+        }
+        if let Err(e) = parse_broker(&self.cloud.broker) {
+            p.push(format!("cloud.broker: {e}"));
+        }
+        if !(5..=600).contains(&self.cloud.keep_alive_s) {
+            p.push("cloud.keep_alive_s: must be between 5 and 600".into());
+        }
+        if self.cloud.reconnect_min_ms == 0
+            || self.cloud.reconnect_min_ms > self.cloud.reconnect_max_ms
+        {
+            p.push(
+                "cloud.reconnect_min_ms: must be at least 1 and at most cloud.reconnect_max_ms"
+                    .into(),
+            );
+        }
+        if self.rpc.max_in_flight_per_device == 0 {
+            p.push("rpc.max_in_flight_per_device: must be at least 1".into());
+        }
+        for (id, dev) in &self.devices {
+            let at = format!("devices.{id}");
+            if let Err(e) = validate_id(id) {
+                p.push(format!("{at}: device id {e}"));
+            }
+            dev.validate(&at, &mut p);
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: p })
+        }
+    }
+}
+
+impl DeviceConfig {
+    fn validate(&self, at: &str, p: &mut Vec<String>) {
+        match self.kind {
+            DeviceKind::Http => match &self.base_url {
+                None => p.push(format!("{at}.base_url: required for an http device")),
+                Some(url) => {
+                    if let Err(e) = check_base_url(url) {
+                        p.push(format!("{at}.base_url: {e}"));
+                    }
+                }
+            },
+        }
+        if self.timeout_ms == 0 {
+            p.push(format!("{at}.timeout_ms: must be at least 1"));
+        }
+        if self.max_in_flight == Some(0) {
+            p.push(format!("{at}.max_in_flight: must be at least 1"));
+        }
+        if let Some(path) = &self.health.path {
+            if !path.starts_with('/') {
+                p.push(format!("{at}.health.path: must start with '/'"));
+            }
+        }
+        if self.health.interval_ms < 50 {
+            p.push(format!("{at}.health.interval_ms: must be at least 50"));
+        }
+        if self.health.failures_before_offline == 0 {
+            p.push(format!(
+                "{at}.health.failures_before_offline: must be at least 1"
+            ));
+        }
+        for (name, m) in &self.methods {
+            m.validate(&format!("{at}.methods.{name}"), &[], p);
+        }
+    }
+}
+
+impl ActionConfig {
+    /// Checks templates parse and name only declared params (or the given built-in names).
+    pub fn validate(&self, at: &str, builtins: &[&str], p: &mut Vec<String>) {
+        let known = |name: &str| {
+            name == "params" || builtins.contains(&name) || self.params.contains_key(name)
+        };
+        let mut check = |field: String, text: &str| match Template::parse(text) {
+            Ok(t) => {
+                for var in t.vars() {
+                    if !known(var) {
+                        p.push(format!(
+                            "{field}: placeholder '{{{{{var}}}}}' names no declared param"
+                        ));
+                    }
+                }
+            }
+            Err(e) => p.push(format!("{field}: {e}")),
+        };
+        check(format!("{at}.path"), &self.path);
+        for (k, v) in &self.query {
+            check(format!("{at}.query.{k}"), v);
+        }
+        for (k, v) in &self.headers {
+            check(format!("{at}.headers.{k}"), v);
+        }
+        if let Some(body) = &self.body {
+            let mut strings = Vec::new();
+            collect_strings(body, &mut strings);
+            for s in strings {
+                check(format!("{at}.body"), &s);
+            }
+        }
+        if !self.path.starts_with('/') {
+            p.push(format!("{at}.path: must start with '/'"));
+        }
+        if let Some(ptr) = &self.result_pointer {
+            if !ptr.is_empty() && !ptr.starts_with('/') {
+                p.push(format!(
+                    "{at}.result_pointer: a JSON pointer must start with '/'"
+                ));
+            }
+        }
+        if self.timeout_ms == Some(0) {
+            p.push(format!("{at}.timeout_ms: must be at least 1"));
+        }
+        for s in &self.ok_status {
+            if !(100..=599).contains(s) {
+                p.push(format!("{at}.ok_status: {s} is not an HTTP status"));
+            }
+        }
+    }
+}
+
+fn collect_strings(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_strings(v, out)),
+        serde_json::Value::Object(m) => m.values().for_each(|v| collect_strings(v, out)),
+        _ => {}
+    }
+}
+
+/// Splits `mqtt://host[:port]` into host and port.
+pub fn parse_broker(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| format!("'{url}' must start with mqtt://"))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("'{p}' is not a port number"))?,
+        ),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(format!("'{url}' names no host"));
+    }
+    Ok((host.to_string(), port))
+}
+
+fn check_base_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("'{url}' is not a URL: {e}"))?;
+    if parsed.scheme() != "http" && parsed.scheme() != "https" {
+        return Err(format!("'{url}' must be http:// or https://"));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!("'{url}' must not carry a query or fragment"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        Config::load(f.path(), Env::prefixed("GATEWAYD_TEST_NEVER_SET_"))
+    }
+
+    const GOOD: &str = r#"
+        [gateway]
+        id = "site-1"
+        [cloud]
+        broker = "mqtt://127.0.0.1:1883"
+        [devices.agv-1]
+        kind = "http"
+        base_url = "http://127.0.0.1:8081"
+        [devices.agv-1.methods.move]
+        verb = "POST"
+        path = "/api/move"
+        body = { x = "{{x}}", y = "{{y}}" }
+        params = { x = { type = "number" }, y = { type = "number" } }
+    "#;
+
+    #[test]
+    fn good_config_loads() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.devices["agv-1"].methods["move"].verb, HttpVerb::Post);
+        assert_eq!(c.rpc.max_in_flight_per_device, 4);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let bad = GOOD
+            .replace("site-1", "site/1")
+            .replace("mqtt://127.0.0.1:1883", "tcp://x")
+            .replace("{{y}}", "{{z}}");
+        let err = load(&bad).unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("gateway.id: id contains '/'"), "{all}");
+        assert!(
+            all.contains("cloud.broker: 'tcp://x' must start with mqtt://"),
+            "{all}"
+        );
+        assert!(
+            all.contains(
+                "devices.agv-1.methods.move.body: placeholder '{{z}}' names no declared param"
+            ),
+            "{all}"
+        );
+        assert_eq!(err.problems.len(), 3, "{all}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_path() {
+        let err = load(&GOOD.replace("kind = \"http\"", "kind = \"http\"\nbase_ulr = \"x\""))
+            .unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("devices.agv-1"), "{all}");
+        assert!(all.contains("base_ulr"), "{all}");
+    }
+
+    #[test]
+    fn missing_file_is_reported() {
+        let err = Config::load(Path::new("/nonexistent/gatewayd.toml"), Config::env()).unwrap_err();
+        assert_eq!(
+            err.problems,
+            vec!["/nonexistent/gatewayd.toml: no such file"]
+        );
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(parse_broker("mqtt://h:1"), Ok(("h".into(), 1)));
+        assert_eq!(parse_broker("mqtt://h"), Ok(("h".into(), 1883)));
+        assert!(parse_broker("mqtt://:1").is_err());
+    }
+}

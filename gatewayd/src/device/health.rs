@@ -1,0 +1,172 @@
+//! Device presence: a table of online/offline per device, fed by health probes and by call
+//! outcomes, with a change signal the cloud session uses to republish the retained snapshot.
+
+use super::{CallError, Device, Driver};
+use gatewayd_protocol::{DeviceId, DevicePresence, DeviceStatus, PROTOCOL_VERSION};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Presence of every device. Devices start online: the first probe runs at once, and a call
+/// that cannot connect marks the device offline immediately.
+#[derive(Debug)]
+pub struct Presence {
+    table: Mutex<BTreeMap<DeviceId, DeviceStatus>>,
+    changed: Notify,
+}
+
+impl Presence {
+    /// All `ids` online since `now_ms`.
+    pub fn new(ids: impl Iterator<Item = DeviceId>, now_ms: u64) -> Self {
+        let table = ids
+            .map(|id| {
+                (
+                    id,
+                    DeviceStatus {
+                        online: true,
+                        since_ms: now_ms,
+                        reason: None,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            table: Mutex::new(table),
+            changed: Notify::new(),
+        }
+    }
+
+    /// Whether `id` is online (unknown ids are not).
+    pub fn is_online(&self, id: &DeviceId) -> bool {
+        self.lock().get(id).is_some_and(|s| s.online)
+    }
+
+    /// Why `id` is offline, if it is.
+    pub fn reason(&self, id: &DeviceId) -> Option<String> {
+        self.lock().get(id).and_then(|s| s.reason.clone())
+    }
+
+    /// Records a state; returns whether it changed (and then signals the change).
+    pub fn set(&self, id: &DeviceId, online: bool, reason: Option<String>, now_ms: u64) -> bool {
+        let mut t = self.lock();
+        let Some(s) = t.get_mut(id) else { return false };
+        if s.online == online {
+            if !online {
+                s.reason = reason;
+            }
+            return false;
+        }
+        s.online = online;
+        s.since_ms = now_ms;
+        s.reason = if online { None } else { reason };
+        drop(t);
+        if online {
+            tracing::info!(device = %id, "device online");
+        } else {
+            tracing::warn!(device = %id, reason = ?self.reason(id), "device offline");
+        }
+        self.changed.notify_one();
+        true
+    }
+
+    /// Feeds a call outcome in: success proves the device is up, a connection failure that it
+    /// is down; a timeout or an error answer says nothing about presence.
+    pub fn observe_call<T>(&self, id: &DeviceId, result: &Result<T, CallError>, now_ms: u64) {
+        match result {
+            Ok(_) | Err(CallError::Status { .. }) => {
+                self.set(id, true, None, now_ms);
+            }
+            Err(CallError::Unreachable(why)) => {
+                self.set(id, false, Some(why.clone()), now_ms);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The retained snapshot.
+    pub fn snapshot(&self) -> DevicePresence {
+        DevicePresence {
+            v: PROTOCOL_VERSION,
+            devices: self.lock().clone(),
+        }
+    }
+
+    /// Resolves at the next change.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<DeviceId, DeviceStatus>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Probes `device` on its interval until `shutdown`.
+pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: CancellationToken) {
+    let health = device.config.health.clone();
+    let Some(path) = health.path.clone() else {
+        return;
+    };
+    let interval = Duration::from_millis(health.interval_ms);
+    let timeout = Duration::from_millis(health.timeout_ms);
+    let mut failures = 0u32;
+    loop {
+        let outcome = match &device.driver {
+            Driver::Http(d) => d.probe(&path, timeout).await,
+        };
+        let now = crate::clock::now_ms();
+        match outcome {
+            Ok(()) => {
+                failures = 0;
+                presence.set(&device.id, true, None, now);
+            }
+            Err(why) => {
+                failures += 1;
+                tracing::debug!(device = %device.id, failures, %why, "health probe failed");
+                if failures >= health.failures_before_offline {
+                    presence.set(&device.id, false, Some(why), now);
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> DeviceId {
+        DeviceId::new(s).unwrap()
+    }
+
+    #[test]
+    fn set_reports_changes_only() {
+        let p = Presence::new([id("a")].into_iter(), 1);
+        assert!(p.is_online(&id("a")));
+        assert!(!p.set(&id("a"), true, None, 2));
+        assert!(p.set(&id("a"), false, Some("refused".into()), 3));
+        assert_eq!(p.reason(&id("a")).as_deref(), Some("refused"));
+        assert_eq!(p.snapshot().devices[&id("a")].since_ms, 3);
+        assert!(!p.is_online(&id("zzz")));
+    }
+
+    #[test]
+    fn call_outcomes_feed_presence() {
+        let p = Presence::new([id("a")].into_iter(), 1);
+        p.observe_call::<()>(&id("a"), &Err(CallError::Timeout(5)), 2);
+        assert!(
+            p.is_online(&id("a")),
+            "a timeout says nothing about presence"
+        );
+        p.observe_call::<()>(&id("a"), &Err(CallError::Unreachable("refused".into())), 3);
+        assert!(!p.is_online(&id("a")));
+        p.observe_call(&id("a"), &Ok(()), 4);
+        assert!(p.is_online(&id("a")));
+    }
+}

@@ -1,0 +1,161 @@
+//! Devices behind the gateway: the registry built from configuration, each device's driver,
+//! call limit and presence. The cloud can only reach what this registry names.
+
+pub mod health;
+pub mod http;
+
+use crate::config::{ActionConfig, Config, DeviceConfig, DeviceKind};
+use gatewayd_protocol::{DeviceId, DeviceInfo, MethodInfo};
+use health::Presence;
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// What a device said to a successful call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// Device status (HTTP status).
+    pub status: i64,
+    /// The mapped result.
+    pub result: Value,
+}
+
+/// Why a device call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CallError {
+    #[error("device did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("device is unreachable: {0}")]
+    Unreachable(String),
+    #[error("device answered status {status}")]
+    Status { status: i64, detail: Value },
+    #[error("device sent an answer that could not be read: {0}")]
+    BadAnswer(String),
+    #[error("device answer is {0} bytes, the limit is {limit}", limit = gatewayd_protocol::limits::MAX_RPC_PAYLOAD)]
+    TooLarge(usize),
+}
+
+/// How a device is reached.
+#[derive(Debug)]
+pub enum Driver {
+    Http(http::HttpDriver),
+}
+
+/// One configured device.
+#[derive(Debug)]
+pub struct Device {
+    pub id: DeviceId,
+    pub config: DeviceConfig,
+    pub driver: Driver,
+    /// Calls in flight at most.
+    pub slots: Semaphore,
+}
+
+impl Device {
+    /// Runs one action against the device with `vars` filled into its templates.
+    pub async fn call(
+        &self,
+        action: &ActionConfig,
+        vars: &Map<String, Value>,
+        timeout: Duration,
+    ) -> Result<Answer, CallError> {
+        match &self.driver {
+            Driver::Http(d) => d.call(action, vars, timeout).await,
+        }
+    }
+
+    /// Catalog entry announced to the cloud.
+    pub fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            id: self.id.clone(),
+            kind: match self.config.kind {
+                DeviceKind::Http => "http".into(),
+            },
+            methods: self
+                .config
+                .methods
+                .iter()
+                .map(|(name, m)| MethodInfo {
+                    name: name.clone(),
+                    params: m.params.clone(),
+                })
+                .collect(),
+            twin_properties: Vec::new(),
+            commands: Vec::new(),
+        }
+    }
+}
+
+/// All devices, by id, with their shared presence table.
+#[derive(Debug)]
+pub struct Devices {
+    by_id: HashMap<DeviceId, Arc<Device>>,
+    pub presence: Arc<Presence>,
+}
+
+impl Devices {
+    /// Builds the registry from validated configuration.
+    pub fn from_config(config: &Config, now_ms: u64) -> Result<Devices, String> {
+        let client = http::client()?;
+        let mut by_id = HashMap::new();
+        for (id, dc) in &config.devices {
+            let id = DeviceId::new(id.clone()).map_err(|e| format!("devices.{id}: {e}"))?;
+            let driver = match dc.kind {
+                DeviceKind::Http => {
+                    Driver::Http(http::HttpDriver::new(client.clone(), id.clone(), dc)?)
+                }
+            };
+            let limit = dc
+                .max_in_flight
+                .unwrap_or(config.rpc.max_in_flight_per_device);
+            by_id.insert(
+                id.clone(),
+                Arc::new(Device {
+                    id,
+                    config: dc.clone(),
+                    driver,
+                    slots: Semaphore::new(limit),
+                }),
+            );
+        }
+        let presence = Arc::new(Presence::new(by_id.keys().cloned(), now_ms));
+        Ok(Devices { by_id, presence })
+    }
+
+    /// Looks a device up.
+    pub fn get(&self, id: &DeviceId) -> Option<&Arc<Device>> {
+        self.by_id.get(id)
+    }
+
+    /// Every device, in id order.
+    pub fn all(&self) -> Vec<&Arc<Device>> {
+        let mut v: Vec<_> = self.by_id.values().collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    }
+
+    /// The catalog announced at connect.
+    pub fn catalog(&self) -> gatewayd_protocol::Catalog {
+        gatewayd_protocol::Catalog {
+            v: gatewayd_protocol::PROTOCOL_VERSION,
+            devices: self.all().into_iter().map(|d| d.info()).collect(),
+        }
+    }
+
+    /// Number of devices.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether no device is configured.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// Methods by name, for error messages that list what exists.
+pub fn method_names(methods: &BTreeMap<String, ActionConfig>) -> String {
+    methods.keys().cloned().collect::<Vec<_>>().join(", ")
+}
