@@ -1,1 +1,344 @@
-//! placeholder
+//! Harness for end-to-end runs: starts the real `cloud-stub`, `device-fixtures` and `gatewayd`
+//! binaries on loopback ports they pick themselves, reads the addresses each prints on its
+//! first stdout line, and offers small helpers for the operator API. Used by the tests in
+//! `tests/` and by the `demo` binary.
+
+pub mod config;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Path of a workspace binary next to the running executable (`target/<profile>/<name>`).
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    bail!(
+        "binary '{name}' not found next to {}; build the workspace first (`cargo build --workspace --bins`)",
+        exe.display()
+    )
+}
+
+/// A child process killed when dropped; its stderr goes to a log file.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    /// Starts `name` with `args`, logging to `dir/<log_name>.log`, and returns it with its first
+    /// stdout line parsed as JSON (the ready line).
+    pub async fn start(name: &str, args: &[String], dir: &Path, log_name: &str) -> Result<(Proc, Value)> {
+        let (mut proc, _) = Self::spawn(name, args, dir, log_name, &[])?;
+        let stdout = proc.child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| anyhow!("{name} printed no ready line within 30 s; see {}", proc.log.display()))??
+            .ok_or_else(|| anyhow!("{name} exited before its ready line; see {}:\n{}", proc.log.display(), proc.tail()))?;
+        let ready: Value = serde_json::from_str(&line).with_context(|| format!("{name} ready line: {line}"))?;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok((proc, ready))
+    }
+
+    /// Starts `name` without waiting for a ready line.
+    pub fn spawn(name: &str, args: &[String], dir: &Path, log_name: &str, env: &[(&str, &str)]) -> Result<(Proc, ())> {
+        let log = dir.join(format!("{log_name}.log"));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut cmd = Command::new(bin(name)?);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(file))
+            .kill_on_drop(true);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info,rumqttd=warn");
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+        Ok((
+            Proc {
+                child,
+                log,
+                name: log_name.to_string(),
+            },
+            (),
+        ))
+    }
+
+    /// The last lines of the process log.
+    pub fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// SIGKILL, and wait for the exit.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// SIGTERM, and wait for the exit; returns the exit code.
+    pub async fn terminate(&mut self) -> Result<Option<i32>> {
+        let pid = self.child.id().context("process already gone")?;
+        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .map_err(|_| anyhow!("{} did not exit within 20 s of SIGTERM", self.name))??;
+        Ok(status.code())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- last log lines of {} ----\n{}", self.name, self.tail());
+        }
+    }
+}
+
+/// The cloud stub: its process and addresses.
+pub struct Stub {
+    pub proc: Proc,
+    /// Operator API base, `http://127.0.0.1:PORT`.
+    pub api: String,
+    /// Broker URL, `mqtt://127.0.0.1:PORT`.
+    pub mqtt: String,
+}
+
+impl Stub {
+    /// Starts the stub with its embedded broker on a free port (or on `mqtt_listen`), or against
+    /// an external broker.
+    pub async fn start(dir: &Path, broker: &Broker, db: &str) -> Result<Stub> {
+        let mut args = vec!["--api-listen".to_string(), "127.0.0.1:0".into(), "--db".into(), db.into()];
+        match broker {
+            Broker::Embedded(listen) => {
+                args.push("--mqtt-listen".into());
+                args.push(listen.clone());
+            }
+            Broker::External(url) => {
+                args.push("--broker".into());
+                args.push(url.clone());
+            }
+        }
+        let (proc, ready) = Proc::start("cloud-stub", &args, dir, "cloud-stub").await?;
+        let field = |k: &str| ready[k].as_str().map(str::to_string).ok_or_else(|| anyhow!("ready line lacks {k}: {ready}"));
+        Ok(Stub {
+            api: field("api")?,
+            mqtt: match broker {
+                Broker::External(url) => url.clone(),
+                Broker::Embedded(_) => field("mqtt")?,
+            },
+            proc,
+        })
+    }
+}
+
+/// Which broker the stub uses.
+#[derive(Clone, Debug)]
+pub enum Broker {
+    /// The stub's embedded broker on this listen address (`127.0.0.1:0` for a free port).
+    Embedded(String),
+    /// An external broker URL.
+    External(String),
+}
+
+/// Simulated HTTP devices in one process.
+pub struct Fleet {
+    pub proc: Proc,
+    /// Control API base.
+    pub control: String,
+    /// (name, API base) per device.
+    pub devices: Vec<(String, String)>,
+}
+
+impl Fleet {
+    /// Starts devices named `prefix-1..=prefix-n`.
+    pub async fn start(dir: &Path, prefix: &str, n: usize) -> Result<Fleet> {
+        let args = vec![
+            "http".to_string(),
+            "--name".into(),
+            prefix.into(),
+            "--count".into(),
+            n.to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--control".into(),
+            "127.0.0.1:0".into(),
+        ];
+        let (proc, ready) = Proc::start("device-fixtures", &args, dir, "devices").await?;
+        let control = ready["control"].as_str().context("control")?.to_string();
+        let devices = ready["devices"]
+            .as_array()
+            .context("devices")?
+            .iter()
+            .map(|d| {
+                (
+                    d["name"].as_str().unwrap_or_default().to_string(),
+                    d["api"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        Ok(Fleet { proc, control, devices })
+    }
+
+    /// Sets faults on one device, e.g. `{"offline": true}`.
+    pub async fn fault(&self, name: &str, faults: Value) -> Result<Value> {
+        let (status, body) = post(&format!("{}/_control/devices/{name}/faults", self.control), &faults).await?;
+        if status != 200 {
+            bail!("setting faults on {name}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// The device's control view (faults, config, counters).
+    pub async fn view(&self, name: &str) -> Result<Value> {
+        let (status, body) = get(&format!("{}/_control/devices/{name}", self.control)).await?;
+        if status != 200 {
+            bail!("device view {name}: {status} {body}");
+        }
+        Ok(body)
+    }
+}
+
+/// gatewayd with a generated configuration.
+pub struct Gateway {
+    pub proc: Proc,
+    pub config_path: PathBuf,
+}
+
+impl Gateway {
+    /// Writes `config` to `dir/gatewayd.toml` and starts `gatewayd run`.
+    pub async fn start(dir: &Path, config: &str) -> Result<Gateway> {
+        let config_path = dir.join("gatewayd.toml");
+        std::fs::write(&config_path, config)?;
+        Self::start_with(dir, &config_path).await
+    }
+
+    /// Starts `gatewayd run` on an existing config file.
+    pub async fn start_with(dir: &Path, config_path: &Path) -> Result<Gateway> {
+        let args = vec!["run".to_string(), "--config".into(), config_path.display().to_string()];
+        let (proc, ()) = Proc::spawn("gatewayd", &args, dir, "gatewayd", &[])?;
+        Ok(Gateway {
+            proc,
+            config_path: config_path.to_path_buf(),
+        })
+    }
+}
+
+fn client() -> &'static reqwest::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .build()
+            .expect("client builds")
+    })
+}
+
+async fn read(resp: reqwest::Response) -> Result<(u16, Value)> {
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await?;
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    Ok((status, body))
+}
+
+/// `GET url` -> (status, JSON body).
+pub async fn get(url: &str) -> Result<(u16, Value)> {
+    read(client().get(url).send().await?).await
+}
+
+/// `POST url` with a JSON body -> (status, JSON body).
+pub async fn post(url: &str, body: &Value) -> Result<(u16, Value)> {
+    read(client().post(url).json(body).send().await?).await
+}
+
+/// Invokes a method through the operator API; returns (status, body, elapsed).
+pub async fn invoke(api: &str, device: &str, method: &str, params: Value, timeout_s: u64) -> Result<(u16, Value, Duration)> {
+    let started = Instant::now();
+    let (s, b) = post(
+        &format!("{api}/api/v1/devices/{device}/methods/{method}"),
+        &serde_json::json!({"params": params, "timeout_seconds": timeout_s}),
+    )
+    .await?;
+    Ok((s, b, started.elapsed()))
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after `within`. Used to await a
+/// state the system announces (presence), never as a fixed delay.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + within;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what} (last error: {last_err:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the stub shows `device` with the given effective online state.
+pub async fn await_device_online(api: &str, device: &str, online: bool) -> Result<Value> {
+    let url = format!("{api}/api/v1/devices/{device}");
+    eventually(&format!("device {device} online={online}"), Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let (s, b) = get(&url).await?;
+            Ok((s == 200 && b["online"] == online).then_some(b))
+        }
+    })
+    .await
+}
+
+/// Waits until the stub shows `gateway` with the given online state.
+pub async fn await_gateway_online(api: &str, gateway: &str, online: bool) -> Result<()> {
+    let url = format!("{api}/api/v1/gateways");
+    eventually(&format!("gateway {gateway} online={online}"), Duration::from_secs(20), || {
+        let url = url.clone();
+        let gateway = gateway.to_string();
+        async move {
+            let (_, b) = get(&url).await?;
+            let found = b
+                .as_array()
+                .and_then(|a| a.iter().find(|g| g["id"] == gateway.as_str()))
+                .is_some_and(|g| g["online"] == online);
+            Ok(found.then_some(()))
+        }
+    })
+    .await
+}
+
+/// Picks a free loopback port (for a process that must be restarted on the same port).
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}

@@ -1,0 +1,220 @@
+//! RPC end to end: the real cloud stub, simulated AGVs and gatewayd, through the operator API.
+//! Every guarantee of synchronous RPC is checked here, once against the stub's embedded broker
+//! and once against Mosquitto.
+
+use anyhow::Result;
+use e2e::config::GatewayConfig;
+use e2e::*;
+use serde_json::json;
+use std::time::Duration;
+use tempfile::TempDir;
+
+const GW: &str = "site-1";
+
+struct Env {
+    dir: TempDir,
+    stub: Stub,
+    fleet: Fleet,
+    gateway: Gateway,
+}
+
+impl Env {
+    async fn start(broker: Broker, devices: usize) -> Result<Env> {
+        let dir = tempfile::tempdir()?;
+        let stub = Stub::start(dir.path(), &broker, ":memory:").await?;
+        let fleet = Fleet::start(dir.path(), "agv", devices).await?;
+        let store = dir.path().join("gatewayd.db");
+        let config = GatewayConfig {
+            gateway_id: GW,
+            broker: &stub.mqtt,
+            store: &store,
+            devices: &fleet.devices,
+            probe_interval_ms: 100,
+        }
+        .render();
+        let gateway = Gateway::start(dir.path(), &config).await?;
+        for (name, _) in &fleet.devices {
+            await_device_online(&stub.api, name, true).await?;
+        }
+        Ok(Env { dir, stub, fleet, gateway })
+    }
+}
+
+/// The RPC suite; run against each broker.
+async fn suite(env: &Env) -> Result<()> {
+    let api = &env.stub.api;
+
+    // Success with params, a body template and a result taken by JSON pointer.
+    let (s, b, _) = invoke(api, "agv-1", "move", json!({"x": 3.0, "y": 4.0, "speed": 5}), 5).await?;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["status"], 200);
+    assert_eq!(b["result"]["accepted"], true);
+    assert_eq!(b["result"]["eta_s"], 1.0);
+    let (s, b, _) = invoke(api, "agv-1", "battery", json!(null), 5).await?;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["result"].is_number(), "{b}");
+    // Path, query, header, auth and whole-params body templates all reach the device.
+    let (s, b, _) = invoke(api, "agv-1", "echo", json!({"tag": "a b/c", "n": 7}), 5).await?;
+    assert_eq!(s, 200, "{b}");
+    let echo = &b["result"];
+    assert_eq!(echo["path"], "/api/echo");
+    assert_eq!(echo["query"], "tag=a+b%2Fc");
+    assert_eq!(echo["headers"]["x-request-tag"], "a b/c");
+    assert_eq!(echo["headers"]["authorization"], "Bearer demo-token");
+    assert_eq!(echo["body"], json!({"tag": "a b/c", "n": 7}));
+
+    // The device clamps: asking 30 with a limit of 20 returns what it stored.
+    let (s, b, _) = invoke(api, "agv-1", "set_max_speed", json!({"value": 30}), 5).await?;
+    assert_eq!((s, b["result"].clone()), (200, json!(20.0)), "{b}");
+
+    // Unknown device and unknown method: refused by the cloud, nothing published.
+    let (s, b, _) = invoke(api, "agv-99", "status", json!(null), 5).await?;
+    assert_eq!((s, b["code"].as_str()), (404, Some("device_not_found")), "{b}");
+    let (s, b, _) = invoke(api, "agv-1", "fly", json!(null), 5).await?;
+    assert_eq!((s, b["code"].as_str()), (404, Some("method_not_found")), "{b}");
+    assert!(b["message"].as_str().unwrap().contains("move"), "lists the methods it has: {b}");
+
+    // Invalid params: refused before any device call.
+    let before = env.fleet.view("agv-1").await?["requests"]["/api/move"].clone();
+    let (s, b, _) = invoke(api, "agv-1", "move", json!({"x": "left"}), 5).await?;
+    assert_eq!((s, b["code"].as_str()), (400, Some("invalid_params")), "{b}");
+    let msg = b["message"].as_str().unwrap();
+    assert!(msg.contains("param 'x' must be number") && msg.contains("missing required param 'y'"), "{msg}");
+    assert_eq!(env.fleet.view("agv-1").await?["requests"]["/api/move"], before);
+
+    // The device refuses (422): device_error with its status and answer.
+    let (s, b, _) = invoke(api, "agv-1", "move", json!({"x": 1, "y": 1, "speed": 500}), 5).await?;
+    assert_eq!((s, b["code"].as_str()), (502, Some("device_error")), "{b}");
+    assert_eq!(b["device_status"], 422);
+    assert!(b["detail"]["error"].as_str().unwrap().contains("above maxSpeed"), "{b}");
+
+    // The device errors on everything: device_error 500.
+    env.fleet.fault("agv-2", json!({"error_status": 500})).await?;
+    let (s, b, _) = invoke(api, "agv-2", "status", json!(null), 5).await?;
+    assert_eq!((s, b["code"].as_str(), b["device_status"].as_i64()), (502, Some("device_error"), Some(500)), "{b}");
+    env.fleet.fault("agv-2", json!({"error_status": null})).await?;
+
+    // The device stops answering: timeout at the caller's deadline, not a fixed wait.
+    env.fleet.fault("agv-2", json!({"hang": true})).await?;
+    let (s, b, took) = invoke(api, "agv-2", "status", json!(null), 2).await?;
+    assert_eq!((s, b["code"].as_str()), (504, Some("timeout")), "{b}");
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_millis(2500), "took {took:?}");
+    env.fleet.fault("agv-2", json!({"hang": false})).await?;
+
+    // The device goes down: once the probe notices, calls fail at once with device_offline.
+    env.fleet.fault("agv-2", json!({"offline": true})).await?;
+    await_device_online(api, "agv-2", false).await?;
+    let (s, b, took) = invoke(api, "agv-2", "status", json!(null), 10).await?;
+    assert_eq!((s, b["code"].as_str()), (503, Some("device_offline")), "{b}");
+    assert!(took < Duration::from_millis(300), "offline must fail immediately, took {took:?}");
+    env.fleet.fault("agv-2", json!({"offline": false})).await?;
+    await_device_online(api, "agv-2", true).await?;
+    let (s, _, _) = invoke(api, "agv-2", "status", json!(null), 5).await?;
+    assert_eq!(s, 200);
+    Ok(())
+}
+
+/// 200 concurrent RPCs over 10 devices, each answer matched to its own call.
+async fn concurrent(env: &Env) -> Result<()> {
+    let mut calls = Vec::new();
+    for i in 0..200 {
+        let api = env.stub.api.clone();
+        let device = format!("agv-{}", i % 10 + 1);
+        calls.push(tokio::spawn(async move {
+            let tag = format!("call-{i}");
+            let (s, b, _) = invoke(&api, &device, "echo", json!({"tag": tag, "n": i}), 20).await?;
+            anyhow::ensure!(s == 200, "call {i}: {s} {b}");
+            anyhow::ensure!(b["result"]["body"] == json!({"tag": tag, "n": i}), "call {i} got {b}");
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for c in calls {
+        c.await??;
+    }
+    Ok(())
+}
+
+/// gatewayd killed: gateway_offline at once; restarted: serves again without operator action.
+async fn restart(env: &mut Env) -> Result<()> {
+    let api = env.stub.api.clone();
+    env.gateway.proc.kill9().await;
+    await_gateway_online(&api, GW, false).await?;
+    let (s, b, took) = invoke(&api, "agv-1", "status", json!(null), 10).await?;
+    assert_eq!((s, b["code"].as_str()), (503, Some("gateway_offline")), "{b}");
+    assert!(took < Duration::from_millis(300), "took {took:?}");
+
+    env.gateway = Gateway::start_with(env.dir.path(), &env.gateway.config_path.clone()).await?;
+    await_device_online(&api, "agv-1", true).await?;
+    let (s, b, _) = invoke(&api, "agv-1", "status", json!(null), 5).await?;
+    assert_eq!(s, 200, "{b}");
+
+    // An orderly stop announces the gateway offline too, and exits 0.
+    let code = env.gateway.proc.terminate().await?;
+    assert_eq!(code, Some(0));
+    await_gateway_online(&api, GW, false).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_guarantees_with_the_embedded_broker() -> Result<()> {
+    let mut env = Env::start(Broker::Embedded("127.0.0.1:0".into()), 10).await?;
+    suite(&env).await?;
+    concurrent(&env).await?;
+    restart(&mut env).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_guarantees_with_mosquitto() -> Result<()> {
+    let mosquitto = Mosquitto::start()?;
+    let mut env = Env::start(Broker::External(mosquitto.url.clone()), 10).await?;
+    suite(&env).await?;
+    concurrent(&env).await?;
+    restart(&mut env).await
+}
+
+/// A Mosquitto broker on a free port, stopped on drop.
+struct Mosquitto {
+    child: std::process::Child,
+    url: String,
+    _dir: TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> Result<Mosquitto> {
+        let path = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .ok_or_else(|| anyhow::anyhow!("mosquitto is not installed (apt-get install mosquitto; .ci/run does)"))?;
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 4194304\n"),
+        )?;
+        let child = std::process::Command::new(path)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        // Wait until it accepts connections.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Mosquitto {
+            child,
+            url: format!("mqtt://127.0.0.1:{port}"),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
