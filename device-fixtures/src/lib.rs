@@ -1,1 +1,8 @@
-//! placeholder
+//! Simulated legacy devices for gatewayd's tests and benchmarks, with faults on demand.
+//!
+//! [`http`] hosts a fleet of HTTP AGVs behind one control API. The caller binds every
+//! listener and passes a shutdown token, so tests run the real thing in-process.
+
+pub mod http;
+
+pub use http::{run_http_fleet, HttpDeviceSpec};

@@ -163,8 +163,8 @@ pub enum AuthConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
-    /// Path probed with `GET`; any answer below 500 counts as alive. Without a path, only
-    /// call outcomes decide presence.
+    /// Path probed with `GET`; any HTTP answer counts as alive, no answer (refused, reset,
+    /// timeout) as a failure. Without a path, only call outcomes decide presence.
     #[serde(default)]
     pub path: Option<String>,
     /// Time between probes, milliseconds.

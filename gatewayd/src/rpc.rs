@@ -116,7 +116,7 @@ async fn call(
             status: a.status,
             result: a.result,
         })
-        .map_err(|e| to_rpc_error(&req.device.to_string(), &req.method, e))
+        .map_err(|e| to_rpc_error(req.device.as_str(), &req.method, e))
 }
 
 /// Params as template variables, with `params` itself bound to the whole object.

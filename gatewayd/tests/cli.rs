@@ -9,12 +9,22 @@ fn gatewayd() -> Command {
 #[test]
 fn the_example_config_is_valid() {
     let out = gatewayd()
-        .args(["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/gatewayd.example.toml")])
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/gatewayd.example.toml"),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("ok (gateway plant-a-line-3, 1 devices)"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("ok (gateway plant-a-line-3, 1 devices)"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -52,10 +62,14 @@ fn check_config_reports_every_problem_and_exits_64() {
 #[test]
 fn environment_overrides_the_file() {
     let out = gatewayd()
-        .args(["check-config", concat!(env!("CARGO_MANIFEST_DIR"), "/gatewayd.example.toml")])
+        .args([
+            "check-config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/gatewayd.example.toml"),
+        ])
         .env("GATEWAYD_CLOUD__BROKER", "ftp://nope")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cloud.broker: 'ftp://nope' must start with mqtt://"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cloud.broker: 'ftp://nope' must start with mqtt://"));
 }

@@ -38,24 +38,50 @@ pub struct Proc {
 impl Proc {
     /// Starts `name` with `args`, logging to `dir/<log_name>.log`, and returns it with its first
     /// stdout line parsed as JSON (the ready line).
-    pub async fn start(name: &str, args: &[String], dir: &Path, log_name: &str) -> Result<(Proc, Value)> {
+    pub async fn start(
+        name: &str,
+        args: &[String],
+        dir: &Path,
+        log_name: &str,
+    ) -> Result<(Proc, Value)> {
         let (mut proc, _) = Self::spawn(name, args, dir, log_name, &[])?;
         let stdout = proc.child.stdout.take().context("no stdout")?;
         let mut lines = BufReader::new(stdout).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
-            .map_err(|_| anyhow!("{name} printed no ready line within 30 s; see {}", proc.log.display()))??
-            .ok_or_else(|| anyhow!("{name} exited before its ready line; see {}:\n{}", proc.log.display(), proc.tail()))?;
-        let ready: Value = serde_json::from_str(&line).with_context(|| format!("{name} ready line: {line}"))?;
+            .map_err(|_| {
+                anyhow!(
+                    "{name} printed no ready line within 30 s; see {}",
+                    proc.log.display()
+                )
+            })??
+            .ok_or_else(|| {
+                anyhow!(
+                    "{name} exited before its ready line; see {}:\n{}",
+                    proc.log.display(),
+                    proc.tail()
+                )
+            })?;
+        let ready: Value =
+            serde_json::from_str(&line).with_context(|| format!("{name} ready line: {line}"))?;
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok((proc, ready))
     }
 
     /// Starts `name` without waiting for a ready line.
-    pub fn spawn(name: &str, args: &[String], dir: &Path, log_name: &str, env: &[(&str, &str)]) -> Result<(Proc, ())> {
+    pub fn spawn(
+        name: &str,
+        args: &[String],
+        dir: &Path,
+        log_name: &str,
+        env: &[(&str, &str)],
+    ) -> Result<(Proc, ())> {
         let log = dir.join(format!("{log_name}.log"));
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut cmd = Command::new(bin(name)?);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -68,7 +94,9 @@ impl Proc {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
         Ok((
             Proc {
                 child,
@@ -94,7 +122,10 @@ impl Proc {
     /// SIGTERM, and wait for the exit; returns the exit code.
     pub async fn terminate(&mut self) -> Result<Option<i32>> {
         let pid = self.child.id().context("process already gone")?;
-        let status = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+        let status = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()?;
         if !status.success() {
             bail!("kill -TERM {pid} failed");
         }
@@ -126,7 +157,12 @@ impl Stub {
     /// Starts the stub with its embedded broker on a free port (or on `mqtt_listen`), or against
     /// an external broker.
     pub async fn start(dir: &Path, broker: &Broker, db: &str) -> Result<Stub> {
-        let mut args = vec!["--api-listen".to_string(), "127.0.0.1:0".into(), "--db".into(), db.into()];
+        let mut args = vec![
+            "--api-listen".to_string(),
+            "127.0.0.1:0".into(),
+            "--db".into(),
+            db.into(),
+        ];
         match broker {
             Broker::Embedded(listen) => {
                 args.push("--mqtt-listen".into());
@@ -138,7 +174,12 @@ impl Stub {
             }
         }
         let (proc, ready) = Proc::start("cloud-stub", &args, dir, "cloud-stub").await?;
-        let field = |k: &str| ready[k].as_str().map(str::to_string).ok_or_else(|| anyhow!("ready line lacks {k}: {ready}"));
+        let field = |k: &str| {
+            ready[k]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| anyhow!("ready line lacks {k}: {ready}"))
+        };
         Ok(Stub {
             api: field("api")?,
             mqtt: match broker {
@@ -195,12 +236,20 @@ impl Fleet {
                 )
             })
             .collect();
-        Ok(Fleet { proc, control, devices })
+        Ok(Fleet {
+            proc,
+            control,
+            devices,
+        })
     }
 
     /// Sets faults on one device, e.g. `{"offline": true}`.
     pub async fn fault(&self, name: &str, faults: Value) -> Result<Value> {
-        let (status, body) = post(&format!("{}/_control/devices/{name}/faults", self.control), &faults).await?;
+        let (status, body) = post(
+            &format!("{}/_control/devices/{name}/faults", self.control),
+            &faults,
+        )
+        .await?;
         if status != 200 {
             bail!("setting faults on {name}: {status} {body}");
         }
@@ -233,7 +282,11 @@ impl Gateway {
 
     /// Starts `gatewayd run` on an existing config file.
     pub async fn start_with(dir: &Path, config_path: &Path) -> Result<Gateway> {
-        let args = vec!["run".to_string(), "--config".into(), config_path.display().to_string()];
+        let args = vec![
+            "run".to_string(),
+            "--config".into(),
+            config_path.display().to_string(),
+        ];
         let (proc, ()) = Proc::spawn("gatewayd", &args, dir, "gatewayd", &[])?;
         Ok(Gateway {
             proc,
@@ -259,7 +312,8 @@ async fn read(resp: reqwest::Response) -> Result<(u16, Value)> {
     let body = if bytes.is_empty() {
         Value::Null
     } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
     };
     Ok((status, body))
 }
@@ -275,7 +329,13 @@ pub async fn post(url: &str, body: &Value) -> Result<(u16, Value)> {
 }
 
 /// Invokes a method through the operator API; returns (status, body, elapsed).
-pub async fn invoke(api: &str, device: &str, method: &str, params: Value, timeout_s: u64) -> Result<(u16, Value, Duration)> {
+pub async fn invoke(
+    api: &str,
+    device: &str,
+    method: &str,
+    params: Value,
+    timeout_s: u64,
+) -> Result<(u16, Value, Duration)> {
     let started = Instant::now();
     let (s, b) = post(
         &format!("{api}/api/v1/devices/{device}/methods/{method}"),
@@ -310,35 +370,45 @@ where
 /// Waits until the stub shows `device` with the given effective online state.
 pub async fn await_device_online(api: &str, device: &str, online: bool) -> Result<Value> {
     let url = format!("{api}/api/v1/devices/{device}");
-    eventually(&format!("device {device} online={online}"), Duration::from_secs(20), || {
-        let url = url.clone();
-        async move {
-            let (s, b) = get(&url).await?;
-            Ok((s == 200 && b["online"] == online).then_some(b))
-        }
-    })
+    eventually(
+        &format!("device {device} online={online}"),
+        Duration::from_secs(20),
+        || {
+            let url = url.clone();
+            async move {
+                let (s, b) = get(&url).await?;
+                Ok((s == 200 && b["online"] == online).then_some(b))
+            }
+        },
+    )
     .await
 }
 
 /// Waits until the stub shows `gateway` with the given online state.
 pub async fn await_gateway_online(api: &str, gateway: &str, online: bool) -> Result<()> {
     let url = format!("{api}/api/v1/gateways");
-    eventually(&format!("gateway {gateway} online={online}"), Duration::from_secs(20), || {
-        let url = url.clone();
-        let gateway = gateway.to_string();
-        async move {
-            let (_, b) = get(&url).await?;
-            let found = b
-                .as_array()
-                .and_then(|a| a.iter().find(|g| g["id"] == gateway.as_str()))
-                .is_some_and(|g| g["online"] == online);
-            Ok(found.then_some(()))
-        }
-    })
+    eventually(
+        &format!("gateway {gateway} online={online}"),
+        Duration::from_secs(20),
+        || {
+            let url = url.clone();
+            let gateway = gateway.to_string();
+            async move {
+                let (_, b) = get(&url).await?;
+                let found = b
+                    .as_array()
+                    .and_then(|a| a.iter().find(|g| g["id"] == gateway.as_str()))
+                    .is_some_and(|g| g["online"] == online);
+                Ok(found.then_some(()))
+            }
+        },
+    )
     .await
 }
 
 /// Picks a free loopback port (for a process that must be restarted on the same port).
 pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

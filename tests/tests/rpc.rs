@@ -11,11 +11,12 @@ use tempfile::TempDir;
 
 const GW: &str = "site-1";
 
+// Field order is drop order: the processes go first, their log directory last.
 struct Env {
-    dir: TempDir,
-    stub: Stub,
-    fleet: Fleet,
     gateway: Gateway,
+    fleet: Fleet,
+    stub: Stub,
+    dir: TempDir,
 }
 
 impl Env {
@@ -36,7 +37,12 @@ impl Env {
         for (name, _) in &fleet.devices {
             await_device_online(&stub.api, name, true).await?;
         }
-        Ok(Env { dir, stub, fleet, gateway })
+        Ok(Env {
+            gateway,
+            fleet,
+            stub,
+            dir,
+        })
     }
 }
 
@@ -45,7 +51,14 @@ async fn suite(env: &Env) -> Result<()> {
     let api = &env.stub.api;
 
     // Success with params, a body template and a result taken by JSON pointer.
-    let (s, b, _) = invoke(api, "agv-1", "move", json!({"x": 3.0, "y": 4.0, "speed": 5}), 5).await?;
+    let (s, b, _) = invoke(
+        api,
+        "agv-1",
+        "move",
+        json!({"x": 3.0, "y": 4.0, "speed": 5}),
+        5,
+    )
+    .await?;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["status"], 200);
     assert_eq!(b["result"]["accepted"], true);
@@ -69,44 +82,96 @@ async fn suite(env: &Env) -> Result<()> {
 
     // Unknown device and unknown method: refused by the cloud, nothing published.
     let (s, b, _) = invoke(api, "agv-99", "status", json!(null), 5).await?;
-    assert_eq!((s, b["code"].as_str()), (404, Some("device_not_found")), "{b}");
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (404, Some("device_not_found")),
+        "{b}"
+    );
     let (s, b, _) = invoke(api, "agv-1", "fly", json!(null), 5).await?;
-    assert_eq!((s, b["code"].as_str()), (404, Some("method_not_found")), "{b}");
-    assert!(b["message"].as_str().unwrap().contains("move"), "lists the methods it has: {b}");
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (404, Some("method_not_found")),
+        "{b}"
+    );
+    assert!(
+        b["message"].as_str().unwrap().contains("move"),
+        "lists the methods it has: {b}"
+    );
 
     // Invalid params: refused before any device call.
     let before = env.fleet.view("agv-1").await?["requests"]["/api/move"].clone();
     let (s, b, _) = invoke(api, "agv-1", "move", json!({"x": "left"}), 5).await?;
-    assert_eq!((s, b["code"].as_str()), (400, Some("invalid_params")), "{b}");
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (400, Some("invalid_params")),
+        "{b}"
+    );
     let msg = b["message"].as_str().unwrap();
-    assert!(msg.contains("param 'x' must be number") && msg.contains("missing required param 'y'"), "{msg}");
-    assert_eq!(env.fleet.view("agv-1").await?["requests"]["/api/move"], before);
+    assert!(
+        msg.contains("param 'x' must be number") && msg.contains("missing required param 'y'"),
+        "{msg}"
+    );
+    assert_eq!(
+        env.fleet.view("agv-1").await?["requests"]["/api/move"],
+        before
+    );
 
     // The device refuses (422): device_error with its status and answer.
-    let (s, b, _) = invoke(api, "agv-1", "move", json!({"x": 1, "y": 1, "speed": 500}), 5).await?;
+    let (s, b, _) = invoke(
+        api,
+        "agv-1",
+        "move",
+        json!({"x": 1, "y": 1, "speed": 500}),
+        5,
+    )
+    .await?;
     assert_eq!((s, b["code"].as_str()), (502, Some("device_error")), "{b}");
     assert_eq!(b["device_status"], 422);
-    assert!(b["detail"]["error"].as_str().unwrap().contains("above maxSpeed"), "{b}");
+    assert!(
+        b["detail"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("above maxSpeed"),
+        "{b}"
+    );
 
     // The device errors on everything: device_error 500.
-    env.fleet.fault("agv-2", json!({"error_status": 500})).await?;
+    env.fleet
+        .fault("agv-2", json!({"error_status": 500}))
+        .await?;
     let (s, b, _) = invoke(api, "agv-2", "status", json!(null), 5).await?;
-    assert_eq!((s, b["code"].as_str(), b["device_status"].as_i64()), (502, Some("device_error"), Some(500)), "{b}");
-    env.fleet.fault("agv-2", json!({"error_status": null})).await?;
+    assert_eq!(
+        (s, b["code"].as_str(), b["device_status"].as_i64()),
+        (502, Some("device_error"), Some(500)),
+        "{b}"
+    );
+    env.fleet
+        .fault("agv-2", json!({"error_status": null}))
+        .await?;
 
     // The device stops answering: timeout at the caller's deadline, not a fixed wait.
     env.fleet.fault("agv-2", json!({"hang": true})).await?;
     let (s, b, took) = invoke(api, "agv-2", "status", json!(null), 2).await?;
     assert_eq!((s, b["code"].as_str()), (504, Some("timeout")), "{b}");
-    assert!(took >= Duration::from_millis(1900) && took < Duration::from_millis(2500), "took {took:?}");
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(2500),
+        "took {took:?}"
+    );
     env.fleet.fault("agv-2", json!({"hang": false})).await?;
 
     // The device goes down: once the probe notices, calls fail at once with device_offline.
     env.fleet.fault("agv-2", json!({"offline": true})).await?;
     await_device_online(api, "agv-2", false).await?;
     let (s, b, took) = invoke(api, "agv-2", "status", json!(null), 10).await?;
-    assert_eq!((s, b["code"].as_str()), (503, Some("device_offline")), "{b}");
-    assert!(took < Duration::from_millis(300), "offline must fail immediately, took {took:?}");
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (503, Some("device_offline")),
+        "{b}"
+    );
+    assert!(
+        took < Duration::from_millis(300),
+        "offline must fail immediately, took {took:?}"
+    );
     env.fleet.fault("agv-2", json!({"offline": false})).await?;
     await_device_online(api, "agv-2", true).await?;
     let (s, _, _) = invoke(api, "agv-2", "status", json!(null), 5).await?;
@@ -124,7 +189,10 @@ async fn concurrent(env: &Env) -> Result<()> {
             let tag = format!("call-{i}");
             let (s, b, _) = invoke(&api, &device, "echo", json!({"tag": tag, "n": i}), 20).await?;
             anyhow::ensure!(s == 200, "call {i}: {s} {b}");
-            anyhow::ensure!(b["result"]["body"] == json!({"tag": tag, "n": i}), "call {i} got {b}");
+            anyhow::ensure!(
+                b["result"]["body"] == json!({"tag": tag, "n": i}),
+                "call {i} got {b}"
+            );
             Ok::<_, anyhow::Error>(())
         }));
     }
@@ -140,7 +208,11 @@ async fn restart(env: &mut Env) -> Result<()> {
     env.gateway.proc.kill9().await;
     await_gateway_online(&api, GW, false).await?;
     let (s, b, took) = invoke(&api, "agv-1", "status", json!(null), 10).await?;
-    assert_eq!((s, b["code"].as_str()), (503, Some("gateway_offline")), "{b}");
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (503, Some("gateway_offline")),
+        "{b}"
+    );
     assert!(took < Duration::from_millis(300), "took {took:?}");
 
     env.gateway = Gateway::start_with(env.dir.path(), &env.gateway.config_path.clone()).await?;
@@ -184,13 +256,17 @@ impl Mosquitto {
         let path = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
-            .ok_or_else(|| anyhow::anyhow!("mosquitto is not installed (apt-get install mosquitto; .ci/run does)"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "mosquitto is not installed (apt-get install mosquitto; .ci/run does)"
+                )
+            })?;
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 4194304\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 4194304\nset_tcp_nodelay true\n"),
         )?;
         let child = std::process::Command::new(path)
             .arg("-c")
@@ -201,7 +277,10 @@ impl Mosquitto {
         // Wait until it accepts connections.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(std::time::Instant::now() < deadline, "mosquitto did not start");
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(Mosquitto {

@@ -15,8 +15,16 @@ async fn main() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
 
-    let api_listen = if std::net::TcpListener::bind("127.0.0.1:8080").is_ok() { "127.0.0.1:8080" } else { "127.0.0.1:0" };
-    let mqtt_listen = if std::net::TcpListener::bind("127.0.0.1:1883").is_ok() { "127.0.0.1:1883" } else { "127.0.0.1:0" };
+    let api_listen = if std::net::TcpListener::bind("127.0.0.1:8080").is_ok() {
+        "127.0.0.1:8080"
+    } else {
+        "127.0.0.1:0"
+    };
+    let mqtt_listen = if std::net::TcpListener::bind("127.0.0.1:1883").is_ok() {
+        "127.0.0.1:1883"
+    } else {
+        "127.0.0.1:0"
+    };
     let stub = start_stub(&dir, api_listen, mqtt_listen).await?;
     let fleet = Fleet::start(&dir, "agv", 2).await?;
     let store = dir.join("gatewayd.db");

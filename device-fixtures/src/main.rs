@@ -1,0 +1,153 @@
+//! `device-fixtures`: runs simulated legacy devices for manual testing and benchmarks.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use device_fixtures::http::DEFAULT_MAX_SPEED_LIMIT;
+use device_fixtures::{run_http_fleet, HttpDeviceSpec};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+/// Exit status for a bad command line (sysexits `EX_USAGE`).
+const EX_USAGE: i32 = 64;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Simulated legacy devices with faults on demand")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run HTTP AGVs and their shared control API; prints one JSON line with the URLs.
+    Http(HttpArgs),
+}
+
+#[derive(Debug, Args)]
+struct HttpArgs {
+    /// Device name; repeat for several devices, or give one as a prefix for --count.
+    #[arg(long)]
+    name: Vec<String>,
+    /// Number of devices, named PREFIX-1..PREFIX-N (agv-1..agv-N without --name).
+    #[arg(long)]
+    count: Option<usize>,
+    /// Address each device API binds (port 0: a fresh port per device).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Address of the shared control API.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    control: SocketAddr,
+    /// Hard ceiling for every device's maxSpeed setting.
+    #[arg(long, default_value_t = DEFAULT_MAX_SPEED_LIMIT)]
+    max_speed_limit: f64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match cli.command {
+        Command::Http(args) => http(args).await,
+    }
+}
+
+async fn http(args: HttpArgs) -> anyhow::Result<()> {
+    let names = match device_names(&args.name, args.count) {
+        Ok(names) => names,
+        Err(err) => {
+            eprintln!("error: {err}");
+            std::process::exit(EX_USAGE);
+        }
+    };
+    // Installed before the ports are announced, so a caller may signal as soon as it reads them.
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut devices = Vec::with_capacity(names.len());
+    let mut announced = Vec::with_capacity(names.len());
+    for name in names {
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding device '{name}' api on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        announced.push(json!({ "name": name, "api": format!("http://{addr}") }));
+        let spec = HttpDeviceSpec {
+            name,
+            max_speed_limit: args.max_speed_limit,
+        };
+        devices.push((spec, listener));
+    }
+    let control = TcpListener::bind(args.control)
+        .await
+        .with_context(|| format!("binding control api on {}", args.control))?;
+    let line = json!({
+        "control": format!("http://{}", control.local_addr()?),
+        "devices": announced,
+    });
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    drop(stdout);
+
+    let shutdown = CancellationToken::new();
+    let fleet = tokio::spawn(run_http_fleet(devices, control, shutdown.clone()));
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM, stopping"),
+        _ = sigint.recv() => tracing::info!("SIGINT, stopping"),
+    }
+    shutdown.cancel();
+    fleet.await.context("fleet task panicked")??;
+    Ok(())
+}
+
+/// Device names from repeated `--name` and an optional `--count`.
+fn device_names(names: &[String], count: Option<usize>) -> anyhow::Result<Vec<String>> {
+    let list = match (count, names) {
+        (None, []) => vec!["agv-1".to_owned()],
+        (None, names) => names.to_vec(),
+        (Some(0), _) => bail!("--count must be at least 1"),
+        (Some(n), []) => (1..=n).map(|i| format!("agv-{i}")).collect(),
+        (Some(n), [prefix]) => (1..=n).map(|i| format!("{prefix}-{i}")).collect(),
+        (Some(_), _) => bail!("--count takes at most one --name, used as the prefix"),
+    };
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = list.iter().find(|n| !seen.insert(n.as_str())) {
+        bail!("device name '{dup}' given twice");
+    }
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str], count: Option<usize>) -> anyhow::Result<Vec<String>> {
+        let list: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+        device_names(&list, count)
+    }
+
+    #[test]
+    fn names_from_flags() {
+        assert_eq!(names(&[], None).unwrap(), ["agv-1"]);
+        assert_eq!(names(&["a", "b"], None).unwrap(), ["a", "b"]);
+        assert_eq!(names(&[], Some(2)).unwrap(), ["agv-1", "agv-2"]);
+        assert_eq!(
+            names(&["bot"], Some(3)).unwrap(),
+            ["bot-1", "bot-2", "bot-3"]
+        );
+        assert!(names(&["a", "b"], Some(2)).is_err());
+        assert!(names(&["a", "a"], None).is_err());
+        assert!(names(&[], Some(0)).is_err());
+    }
+}
