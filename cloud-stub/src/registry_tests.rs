@@ -1,0 +1,178 @@
+//! Unit tests of the registry: retained-message ordering, device ownership, RPC routing checks.
+
+use super::*;
+use serde_json::json;
+
+fn gw(s: &str) -> GatewayId {
+    GatewayId::new(s).unwrap()
+}
+
+fn dev(s: &str) -> DeviceId {
+    DeviceId::new(s).unwrap()
+}
+
+fn state(online: bool) -> GatewayState {
+    serde_json::from_value(json!({"v":1,"online":online,"boot_id":"b1","software":"0.1"})).unwrap()
+}
+
+fn catalog(ids: &[&str]) -> Catalog {
+    let devices: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            json!({"id": id, "kind": "http", "methods": [
+                {"name": "status"},
+                {"name": "move", "params": {"x": {"type": "number"}}}
+            ]})
+        })
+        .collect();
+    serde_json::from_value(json!({"v":1,"devices":devices})).unwrap()
+}
+
+fn presence(entries: &[(&str, bool)]) -> DevicePresence {
+    let devices: serde_json::Map<_, _> = entries
+        .iter()
+        .map(|(id, on)| {
+            let status = if *on {
+                json!({"online": true, "since_ms": 5})
+            } else {
+                json!({"online": false, "since_ms": 6, "reason": "connection refused"})
+            };
+            (id.to_string(), status)
+        })
+        .collect();
+    serde_json::from_value(json!({"v":1,"devices":devices})).unwrap()
+}
+
+fn online_registry() -> Registry {
+    let mut reg = Registry::default();
+    reg.apply_state(&gw("g1"), &state(true), 1);
+    reg.apply_catalog(&gw("g1"), catalog(&["agv-1"]), 1);
+    reg.apply_presence(&gw("g1"), presence(&[("agv-1", true)]), 1);
+    reg
+}
+
+#[test]
+fn routes_a_call_when_everything_is_online() {
+    let reg = online_registry();
+    let route = reg.route(&dev("agv-1"), "move").unwrap();
+    assert_eq!(route.gateway, gw("g1"));
+    assert!(route.params.contains_key("x"));
+}
+
+#[test]
+fn route_checks_run_in_order() {
+    let mut reg = online_registry();
+    let e = reg.route(&dev("nope"), "status").unwrap_err();
+    assert_eq!(e.code, ErrorCode::DeviceNotFound);
+    let e = reg.route(&dev("agv-1"), "fly").unwrap_err();
+    assert_eq!(e.code, ErrorCode::MethodNotFound);
+    assert_eq!(
+        e.message,
+        "device agv-1 has no method 'fly'; it has: status, move"
+    );
+    reg.apply_presence(&gw("g1"), presence(&[("agv-1", false)]), 2);
+    let e = reg.route(&dev("agv-1"), "status").unwrap_err();
+    assert_eq!(e.code, ErrorCode::DeviceOffline);
+    assert!(e.message.contains("connection refused"), "{}", e.message);
+    assert!(reg.apply_state(&gw("g1"), &state(false), 3).went_offline);
+    let e = reg.route(&dev("agv-1"), "status").unwrap_err();
+    assert_eq!(e.code, ErrorCode::GatewayOffline);
+}
+
+#[test]
+fn presence_before_catalog_is_kept_for_the_catalog() {
+    let mut reg = Registry::default();
+    reg.apply_presence(&gw("g1"), presence(&[("agv-1", true)]), 1);
+    reg.apply_state(&gw("g1"), &state(true), 1);
+    reg.apply_catalog(&gw("g1"), catalog(&["agv-1"]), 2);
+    assert!(reg.route(&dev("agv-1"), "status").is_ok());
+}
+
+#[test]
+fn a_new_catalog_replaces_the_device_set() {
+    let mut reg = online_registry();
+    reg.apply_catalog(&gw("g1"), catalog(&["scale-1"]), 2);
+    assert!(reg.device(&dev("agv-1")).is_none());
+    assert!(reg.device(&dev("scale-1")).is_some());
+    let (_, devices) = reg.records(&gw("g1")).unwrap();
+    assert_eq!(devices.len(), 1);
+}
+
+#[test]
+fn the_newest_catalog_claiming_an_id_wins() {
+    let mut reg = online_registry();
+    reg.apply_state(&gw("g2"), &state(true), 2);
+    let taken = reg.apply_catalog(&gw("g2"), catalog(&["agv-1"]), 2);
+    assert_eq!(taken, vec![(dev("agv-1"), gw("g1"))]);
+    assert_eq!(reg.device(&dev("agv-1")).unwrap().gateway, gw("g2"));
+    let (_, g1_devices) = reg.records(&gw("g1")).unwrap();
+    assert!(g1_devices.is_empty());
+    // g2 said nothing about its presence yet, so the device is not reachable through it.
+    let e = reg.route(&dev("agv-1"), "status").unwrap_err();
+    assert_eq!(e.code, ErrorCode::DeviceOffline);
+    // g1 republishing a catalog without the device does not remove it from g2.
+    reg.apply_catalog(&gw("g1"), catalog(&[]), 3);
+    assert_eq!(reg.device(&dev("agv-1")).unwrap().gateway, gw("g2"));
+}
+
+#[test]
+fn presence_from_a_foreign_gateway_is_ignored() {
+    let mut reg = online_registry();
+    reg.apply_presence(&gw("g2"), presence(&[("agv-1", false)]), 2);
+    assert!(reg.device(&dev("agv-1")).unwrap().online);
+}
+
+#[test]
+fn offline_state_keeps_identity_fields() {
+    let mut reg = online_registry();
+    let lwt: GatewayState = serde_json::from_value(json!({"online": false})).unwrap();
+    assert!(reg.apply_state(&gw("g1"), &lwt, 9).went_offline);
+    let (record, _) = reg.records(&gw("g1")).unwrap();
+    assert_eq!(record.boot_id, "b1");
+    assert!(!record.online);
+    assert_eq!(record.last_seen_ms, 9);
+}
+
+#[test]
+fn records_round_trip_with_gateways_offline() {
+    let reg = online_registry();
+    let (g, d) = reg.records(&gw("g1")).unwrap();
+    let back = Registry::from_records(vec![g], d);
+    assert!(!back.gateway_online(&gw("g1")));
+    let e = back.route(&dev("agv-1"), "status").unwrap_err();
+    assert_eq!(e.code, ErrorCode::GatewayOffline);
+    assert!(back.device(&dev("agv-1")).unwrap().online);
+}
+
+#[test]
+fn a_new_boot_id_means_a_restart() {
+    let mut reg = online_registry();
+    let again = reg.apply_state(&gw("g1"), &state(true), 2);
+    assert_eq!(again, StateChange::default());
+    let reboot: GatewayState =
+        serde_json::from_value(json!({"online": true, "boot_id": "b2"})).unwrap();
+    assert!(reg.apply_state(&gw("g1"), &reboot, 3).restarted);
+}
+
+#[test]
+fn a_late_will_of_a_previous_run_is_ignored() {
+    let mut reg = online_registry();
+    let reboot: GatewayState =
+        serde_json::from_value(json!({"online": true, "boot_id": "b2"})).unwrap();
+    reg.apply_state(&gw("g1"), &reboot, 2);
+    let old_will: GatewayState =
+        serde_json::from_value(json!({"online": false, "boot_id": "b1"})).unwrap();
+    assert!(reg.apply_state(&gw("g1"), &old_will, 3).stale_will);
+    assert!(reg.gateway_online(&gw("g1")));
+    let own_will: GatewayState =
+        serde_json::from_value(json!({"online": false, "boot_id": "b2"})).unwrap();
+    assert!(reg.apply_state(&gw("g1"), &own_will, 4).went_offline);
+}
+
+#[test]
+fn mark_all_offline_reports_who_was_online() {
+    let mut reg = online_registry();
+    reg.apply_state(&gw("g2"), &state(false), 1);
+    assert_eq!(reg.mark_all_offline(), vec![gw("g1")]);
+    assert!(!reg.gateway_online(&gw("g1")));
+}

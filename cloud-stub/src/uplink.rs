@@ -1,0 +1,225 @@
+//! What the cloud does with each message a gateway publishes under `gw/{gateway}/up/`: update
+//! the registry, persist it, and complete or fail pending RPC calls. Synchronous and quick, so
+//! the session can run it inline between polls.
+
+use crate::calls::PendingCalls;
+use crate::registry::{self, SharedRegistry};
+use crate::store::StoreWriter;
+use gatewayd_protocol::{
+    decode, Catalog, DevicePresence, ErrorCode, GatewayId, GatewayState, RpcError, RpcResponse,
+    Topics, Up,
+};
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+
+/// Applies gateway messages to the cloud's state.
+pub struct Uplink {
+    registry: SharedRegistry,
+    calls: Arc<PendingCalls>,
+    store: StoreWriter,
+}
+
+impl Uplink {
+    /// An uplink writing into `registry`, answering `calls` and persisting through `store`.
+    pub fn new(registry: SharedRegistry, calls: Arc<PendingCalls>, store: StoreWriter) -> Self {
+        Uplink {
+            registry,
+            calls,
+            store,
+        }
+    }
+
+    /// Handles one incoming publish. Malformed topics and payloads are logged and dropped.
+    pub fn handle(&self, topic: &str, payload: &[u8], now_ms: u64) {
+        let Some((gw, kind)) = Topics::parse_up(topic) else {
+            tracing::debug!(topic, "ignoring message on a foreign topic");
+            return;
+        };
+        match kind {
+            Up::State => {
+                if let Some(state) = parse::<GatewayState>(&gw, kind, payload) {
+                    self.on_state(&gw, &state, now_ms);
+                }
+            }
+            Up::Catalog => {
+                if let Some(catalog) = parse::<Catalog>(&gw, kind, payload) {
+                    self.on_catalog(&gw, catalog, now_ms);
+                }
+            }
+            Up::Devices => {
+                if let Some(presence) = parse::<DevicePresence>(&gw, kind, payload) {
+                    registry::lock(&self.registry).apply_presence(&gw, presence, now_ms);
+                    self.persist(&gw);
+                }
+            }
+            Up::RpcResponse => {
+                if let Some(response) = parse::<RpcResponse>(&gw, kind, payload) {
+                    if !self.calls.complete(&gw, &response.id, response.outcome) {
+                        tracing::debug!(gateway = %gw, request_id = %response.id,
+                            "answer for an unknown or expired request dropped");
+                    }
+                }
+            }
+            Up::TwinReported | Up::TwinSync | Up::MessageFeedback => {
+                tracing::debug!(gateway = %gw, topic, "not handled yet");
+            }
+        }
+    }
+
+    /// Our own broker link dropped: every gateway's state is unknown until the retained
+    /// messages arrive again, and no answer can reach the calls in flight.
+    pub fn link_lost(&self) {
+        let was_online = registry::lock(&self.registry).mark_all_offline();
+        for gw in &was_online {
+            self.persist(gw);
+        }
+        let err = RpcError::new(
+            ErrorCode::GatewayOffline,
+            "cloud lost its broker connection; gateway state unknown",
+        );
+        let failed = self.calls.fail_all(&err);
+        tracing::warn!(
+            gateways = was_online.len(),
+            failed_calls = failed,
+            "broker link lost; all gateways marked offline"
+        );
+    }
+
+    fn on_state(&self, gw: &GatewayId, state: &GatewayState, now_ms: u64) {
+        let change = registry::lock(&self.registry).apply_state(gw, state, now_ms);
+        if change.stale_will {
+            tracing::info!(gateway = %gw, boot_id = %state.boot_id,
+                "ignoring the late will of a previous run");
+            return;
+        }
+        self.persist(gw);
+        tracing::info!(gateway = %gw, online = state.online, boot_id = %state.boot_id,
+            "gateway state");
+        let message = if change.went_offline {
+            format!("gateway {gw} went offline")
+        } else if change.restarted {
+            format!("gateway {gw} restarted")
+        } else {
+            return;
+        };
+        let failed = self
+            .calls
+            .fail_gateway(gw, &RpcError::new(ErrorCode::GatewayOffline, message));
+        if failed > 0 {
+            tracing::info!(gateway = %gw, failed_calls = failed, "pending calls failed");
+        }
+    }
+
+    fn on_catalog(&self, gw: &GatewayId, catalog: Catalog, now_ms: u64) {
+        let count = catalog.devices.len();
+        let taken = registry::lock(&self.registry).apply_catalog(gw, catalog, now_ms);
+        for (device, loser) in &taken {
+            tracing::warn!(device = %device, from = %loser, to = %gw,
+                "device id claimed by two gateways; the newest catalog wins");
+        }
+        self.persist(gw);
+        tracing::info!(gateway = %gw, devices = count, "gateway catalog");
+    }
+
+    fn persist(&self, gw: &GatewayId) {
+        let records = registry::lock(&self.registry).records(gw);
+        if let Some((gateway, devices)) = records {
+            self.store.save(gateway, devices);
+        }
+    }
+}
+
+fn parse<T: DeserializeOwned>(gw: &GatewayId, kind: Up, payload: &[u8]) -> Option<T> {
+    if payload.is_empty() {
+        tracing::debug!(gateway = %gw, kind = kind.suffix(), "empty payload (retained message cleared)");
+        return None;
+    }
+    match decode::<T>(payload) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::warn!(gateway = %gw, kind = kind.suffix(), error = %e, "dropping payload");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+    use crate::store::{DbLocation, Store};
+    use gatewayd_protocol::{DeviceId, RequestId, RpcOutcome};
+    use std::sync::Mutex;
+
+    fn uplink() -> (Uplink, SharedRegistry, Arc<PendingCalls>) {
+        let registry: SharedRegistry = Arc::new(Mutex::new(Registry::default()));
+        let calls = Arc::new(PendingCalls::default());
+        let (writer, _thread) = Store::open(&DbLocation::Memory)
+            .unwrap()
+            .spawn_writer()
+            .unwrap();
+        let up = Uplink::new(Arc::clone(&registry), Arc::clone(&calls), writer);
+        (up, registry, calls)
+    }
+
+    fn announce(up: &Uplink) {
+        up.handle(
+            "gw/g1/up/state",
+            br#"{"v":1,"online":true,"boot_id":"b1"}"#,
+            1,
+        );
+        let catalog = br#"{"v":1,"devices":[{"id":"d1","kind":"http","methods":[{"name":"m"}]}]}"#;
+        up.handle("gw/g1/up/catalog", catalog, 1);
+        up.handle(
+            "gw/g1/up/devices",
+            br#"{"v":1,"devices":{"d1":{"online":true}}}"#,
+            1,
+        );
+    }
+
+    #[test]
+    fn retained_messages_make_a_device_callable() {
+        let (up, registry, _) = uplink();
+        announce(&up);
+        let d1 = DeviceId::new("d1").unwrap();
+        assert!(registry::lock(&registry).route(&d1, "m").is_ok());
+    }
+
+    #[test]
+    fn malformed_payloads_and_foreign_topics_are_dropped() {
+        let (up, registry, _) = uplink();
+        up.handle("gw/g1/up/state", b"\xff not json", 1);
+        up.handle("gw/g1/up/catalog", br#"{"v":1,"devices":"nope"}"#, 1);
+        up.handle("gw/g1/up/state", br#"{"v":9,"online":true}"#, 1);
+        up.handle("gw/g1/up/state", b"", 1);
+        up.handle("other/topic", b"{}", 1);
+        up.handle("gw/g1/up/twin/reported", b"{}", 1);
+        assert_eq!(registry::lock(&registry).gateways().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn answers_complete_calls_and_going_offline_fails_them() {
+        let (up, _, calls) = uplink();
+        announce(&up);
+        let g1 = GatewayId::new("g1").unwrap();
+        let (_a, answered) = calls.register(RequestId::new("r1").unwrap(), g1.clone());
+        let (_b, abandoned) = calls.register(RequestId::new("r2").unwrap(), g1);
+        up.handle(
+            "gw/g1/up/rpc/res",
+            br#"{"v":1,"id":"r1","ok":{"status":200,"result":7}}"#,
+            2,
+        );
+        match answered.await.unwrap() {
+            RpcOutcome::Ok(s) => assert_eq!(s.result, serde_json::json!(7)),
+            other => panic!("expected success, got {other:?}"),
+        }
+        up.handle("gw/g1/up/state", br#"{"v":1,"online":false}"#, 3);
+        match abandoned.await.unwrap() {
+            RpcOutcome::Error(e) => {
+                assert_eq!(e.code, ErrorCode::GatewayOffline);
+                assert_eq!(e.message, "gateway g1 went offline");
+            }
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+}
