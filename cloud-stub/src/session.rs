@@ -118,10 +118,11 @@ pub fn spawn(
         .set_clean_session(true)
         .set_max_packet_size(MAX_MQTT_PACKET, MAX_MQTT_PACKET);
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
-    // `new()`, not `default()`: the default has a zero connect timeout. rumqttc 0.24 has no
-    // TCP_NODELAY switch (and rumqttd 0.19 sets none on accepted sockets), so Nagle plus
-    // delayed ACKs can add ~40 ms to an RPC whose gateway acks and answers back to back.
-    eventloop.set_network_options(NetworkOptions::new());
+    // `new()`, not `default()`: the default has a zero connect timeout. TCP_NODELAY on: with
+    // Nagle, each small publish waits for the delayed ACK of the previous one (~40 ms).
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
     let publisher = Publisher {
         client: client.clone(),
     };

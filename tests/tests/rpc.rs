@@ -176,6 +176,27 @@ async fn suite(env: &Env) -> Result<()> {
     await_device_online(api, "agv-2", true).await?;
     let (s, _, _) = invoke(api, "agv-2", "status", json!(null), 5).await?;
     assert_eq!(s, 200);
+
+    // At most 4 calls in flight per device: 8 calls to a device that takes 400 ms each run in
+    // two rounds, and all succeed because the wait stays within their deadline.
+    env.fleet.fault("agv-3", json!({"latency_ms": 400})).await?;
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move { invoke(&api, "agv-3", "status", json!(null), 5).await })
+        })
+        .collect();
+    for c in calls {
+        let (s, b, _) = c.await??;
+        assert_eq!(s, 200, "{b}");
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(790) && took < Duration::from_millis(2000),
+        "took {took:?}"
+    );
+    env.fleet.fault("agv-3", json!({"latency_ms": 0})).await?;
     Ok(())
 }
 
@@ -296,4 +317,23 @@ impl Drop for Mosquitto {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The cloud side vanishes (stub and its embedded broker killed) and comes back on the same
+/// port: gatewayd reconnects with backoff, re-announces itself, and serves RPCs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_reconnects_after_the_broker_restarts() -> Result<()> {
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let mut env = Env::start(Broker::Embedded(listen.clone()), 1).await?;
+    env.stub.proc.kill9().await;
+    let (s, _, _) = invoke(&env.stub.api, "agv-1", "status", json!(null), 5)
+        .await
+        .unwrap_or((0, json!(null), Duration::ZERO));
+    assert_eq!(s, 0, "the operator API is gone with the stub");
+
+    env.stub = Stub::start(env.dir.path(), &Broker::Embedded(listen), ":memory:").await?;
+    await_device_online(&env.stub.api, "agv-1", true).await?;
+    let (s, b, _) = invoke(&env.stub.api, "agv-1", "status", json!(null), 5).await?;
+    assert_eq!(s, 200, "{b}");
+    Ok(())
 }
