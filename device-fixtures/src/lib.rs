@@ -1,8 +1,12 @@
 //! Simulated legacy devices for gatewayd's tests and benchmarks, with faults on demand.
 //!
-//! [`http`] hosts a fleet of HTTP AGVs behind one control API. The caller binds every
-//! listener and passes a shutdown token, so tests run the real thing in-process.
+//! [`http`] hosts a fleet of HTTP AGVs behind one control API; [`serial`] simulates a
+//! serial temperature controller (one or several units on one line) on a pseudo-terminal.
+//! The caller binds every listener and passes a shutdown token, so tests run the real thing
+//! in-process.
 
 pub mod http;
+pub mod serial;
 
 pub use http::{run_http_fleet, HttpDeviceSpec};
+pub use serial::{SerialSim, SerialSimSpec};

@@ -2,11 +2,12 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use device_fixtures::http::DEFAULT_MAX_SPEED_LIMIT;
-use device_fixtures::{run_http_fleet, HttpDeviceSpec};
+use device_fixtures::{run_http_fleet, HttpDeviceSpec, SerialSim, SerialSimSpec};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -27,6 +28,23 @@ struct Cli {
 enum Command {
     /// Run HTTP AGVs and their shared control API; prints one JSON line with the URLs.
     Http(HttpArgs),
+    /// Run a serial temperature controller on a new pseudo-terminal; prints one JSON line with
+    /// its path and the control URL.
+    Serial(SerialArgs),
+}
+
+#[derive(Debug, Args)]
+struct SerialArgs {
+    /// Unit address on the line (RS-485); repeat for several units. Without, one unit answers
+    /// unprefixed requests.
+    #[arg(long)]
+    address: Vec<String>,
+    /// Keep a symlink at this path pointing at the current pty (it survives `disappear`).
+    #[arg(long)]
+    link: Option<PathBuf>,
+    /// Address of the control API.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    control: SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -60,7 +78,49 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Http(args) => http(args).await,
+        Command::Serial(args) => serial(args).await,
     }
+}
+
+async fn serial(args: SerialArgs) -> anyhow::Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = args.address.iter().find(|a| !seen.insert(a.as_str())) {
+        eprintln!("error: address '{dup}' given twice");
+        std::process::exit(EX_USAGE);
+    }
+    if args.address.iter().any(|a| a.is_empty()) {
+        eprintln!("error: an address must not be empty");
+        std::process::exit(EX_USAGE);
+    }
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let sim = SerialSim::open(SerialSimSpec {
+        addresses: args.address,
+        link: args.link.clone(),
+    })
+    .context("creating the pseudo-terminal")?;
+    let control = TcpListener::bind(args.control)
+        .await
+        .with_context(|| format!("binding control api on {}", args.control))?;
+    let line = json!({
+        "path": sim.path(),
+        "link": args.link.as_ref().map(|l| l.display().to_string()),
+        "control": format!("http://{}", control.local_addr()?),
+    });
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    drop(stdout);
+
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn(sim.run(control, shutdown.clone()));
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM, stopping"),
+        _ = sigint.recv() => tracing::info!("SIGINT, stopping"),
+    }
+    shutdown.cancel();
+    served.await.context("serial simulator task panicked")??;
+    Ok(())
 }
 
 async fn http(args: HttpArgs) -> anyhow::Result<()> {

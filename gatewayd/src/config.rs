@@ -2,6 +2,8 @@
 //! environment overrides (`__` separates levels, e.g. `GATEWAYD_CLOUD__BROKER`), and a
 //! validation pass that reports every problem at once with the path of the bad field.
 
+pub mod serial;
+
 use crate::template::Template;
 use figment::providers::{Env, Format, Toml};
 use figment::Figment;
@@ -10,6 +12,8 @@ use gatewayd_protocol::ParamSpec;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+pub use serial::{FieldType, SerialPortConfig};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -28,6 +32,9 @@ pub struct Config {
     /// Devices behind this gateway, by device id.
     #[serde(default)]
     pub devices: BTreeMap<String, DeviceConfig>,
+    /// Serial ports (buses) by name; serial devices name theirs with `port`.
+    #[serde(default)]
+    pub serial_ports: BTreeMap<String, SerialPortConfig>,
 }
 
 /// This gateway's identity.
@@ -106,14 +113,15 @@ impl Default for RpcConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
-    /// How the device is reached: `http`.
+    /// How the device is reached: `http` or `serial`.
     pub kind: DeviceKind,
     /// Base URL of the device's local API, e.g. `http://192.168.10.21:8080`. Every call goes
     /// to a path under it; the cloud cannot name any other host or port.
     #[serde(default)]
     pub base_url: Option<String>,
     /// Default timeout of one device call, milliseconds (a method may override it). The
-    /// effective timeout is never longer than the caller's deadline.
+    /// effective timeout is never longer than the caller's deadline. For a serial device it
+    /// includes the wait for the bus.
     #[serde(default = "default_device_timeout")]
     pub timeout_ms: u64,
     /// Calls in flight at most; defaults to `rpc.max_in_flight_per_device`.
@@ -131,6 +139,13 @@ pub struct DeviceConfig {
     /// RPC methods by name.
     #[serde(default)]
     pub methods: BTreeMap<String, ActionConfig>,
+    /// Serial devices: the name of their port in `[serial_ports]`.
+    #[serde(default)]
+    pub port: Option<String>,
+    /// Serial devices: the bus address, `{{address}}` in request templates (RS-485 units
+    /// sharing a port are told apart by it).
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 /// Kind of device link.
@@ -139,6 +154,17 @@ pub struct DeviceConfig {
 pub enum DeviceKind {
     /// A local REST API over HTTP.
     Http,
+    /// An ASCII line protocol on a serial port.
+    Serial,
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceKind::Http => "http",
+            DeviceKind::Serial => "serial",
+        })
+    }
 }
 
 /// Authentication for an HTTP device.
@@ -190,7 +216,9 @@ impl Default for HealthConfig {
 }
 
 /// One call against a device: an RPC method (and, with the same shape, a twin property or a
-/// message command). Templates use `{{name}}` placeholders filled from the params.
+/// message command). Templates use `{{name}}` placeholders filled from the params. An http
+/// device's action has a `path` (and optionally verb, query, headers, body); a serial device's
+/// has a `request` (and optionally response, fields, errors).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionConfig {
@@ -198,8 +226,9 @@ pub struct ActionConfig {
     #[serde(default = "default_verb")]
     pub verb: HttpVerb,
     /// Path template under the device's base URL, e.g. `/api/config/{{key}}`; placeholders
-    /// are percent-encoded.
-    pub path: String,
+    /// are percent-encoded. Required for http devices.
+    #[serde(default)]
+    pub path: Option<String>,
     /// Query parameters; a value that is exactly one placeholder is left out when the param
     /// is absent.
     #[serde(default)]
@@ -224,9 +253,27 @@ pub struct ActionConfig {
     /// Device statuses that mean success; default: any 2xx. Others become `device_error`.
     #[serde(default)]
     pub ok_status: Vec<u16>,
-    /// Timeout of this call, milliseconds; defaults to the device's `timeout_ms`.
+    /// Timeout of this call, milliseconds; defaults to the device's `timeout_ms`. For a serial
+    /// device it is also the response timeout (instead of the port's `timeout_ms`).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Serial: the request line template, e.g. `"{{address}}SETP {{value}}"`; the port's
+    /// request terminator is appended. Control characters in values become spaces.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// Serial: a regex the whole answer line must match, e.g. `'TEMP (?P<temp>-?[0-9.]+)'`; its
+    /// named captures become the result object. Without it, the result is the line as a string.
+    #[serde(default)]
+    pub response: Option<String>,
+    /// Serial: declared types of the response captures (`number`, `integer`, `string`,
+    /// `bool`); undeclared captures are strings.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldType>,
+    /// Serial: regexes of error answers, tried before `response`; a match is a `device_error`
+    /// with the capture `code` as device_status (0 without one) and `text` (else the line)
+    /// as detail.
+    #[serde(default)]
+    pub errors: Vec<String>,
 }
 
 /// HTTP verbs a mapping may use.
@@ -353,12 +400,22 @@ impl Config {
         if self.rpc.max_in_flight_per_device == 0 {
             p.push("rpc.max_in_flight_per_device: must be at least 1".into());
         }
+        for (name, port) in &self.serial_ports {
+            let at = format!("serial_ports.{name}");
+            if let Err(e) = validate_id(name) {
+                p.push(format!("{at}: port name {e}"));
+            }
+            port.validate(&at, &mut p);
+        }
         for (id, dev) in &self.devices {
             let at = format!("devices.{id}");
             if let Err(e) = validate_id(id) {
                 p.push(format!("{at}: device id {e}"));
             }
             dev.validate(&at, &mut p);
+            if dev.kind == DeviceKind::Serial {
+                serial::check_device(dev, &self.serial_ports, &at, &mut p);
+            }
         }
         if p.is_empty() {
             Ok(())
@@ -379,6 +436,8 @@ impl DeviceConfig {
                     }
                 }
             },
+            // Port and address: checked against `serial_ports` by `Config::validate`.
+            DeviceKind::Serial => {}
         }
         if self.timeout_ms == 0 {
             p.push(format!("{at}.timeout_ms: must be at least 1"));
@@ -400,7 +459,9 @@ impl DeviceConfig {
             ));
         }
         for (name, m) in &self.methods {
-            m.validate(&format!("{at}.methods.{name}"), &[], p);
+            let at = format!("{at}.methods.{name}");
+            m.validate(&at, &[], p);
+            m.validate_kind(self.kind, &at, p);
         }
     }
 }
@@ -423,7 +484,9 @@ impl ActionConfig {
             }
             Err(e) => p.push(format!("{field}: {e}")),
         };
-        check(format!("{at}.path"), &self.path);
+        if let Some(path) = &self.path {
+            check(format!("{at}.path"), path);
+        }
         for (k, v) in &self.query {
             check(format!("{at}.query.{k}"), v);
         }
@@ -437,7 +500,11 @@ impl ActionConfig {
                 check(format!("{at}.body"), &s);
             }
         }
-        if !self.path.starts_with('/') {
+        if self
+            .path
+            .as_deref()
+            .is_some_and(|path| !path.starts_with('/'))
+        {
             p.push(format!("{at}.path: must start with '/'"));
         }
         if let Some(ptr) = &self.result_pointer {
@@ -455,6 +522,13 @@ impl ActionConfig {
                 p.push(format!("{at}.ok_status: {s} is not an HTTP status"));
             }
         }
+        serial::check_action(self, at, builtins, p);
+    }
+
+    /// Checks that the action fits a device of `kind`: `path` for http, `request` for serial,
+    /// and no field the other kind uses.
+    pub fn validate_kind(&self, kind: DeviceKind, at: &str, p: &mut Vec<String>) {
+        serial::check_kind(self, kind, at, p);
     }
 }
 

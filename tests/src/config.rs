@@ -78,3 +78,66 @@ impl GatewayConfig<'_> {
         s
     }
 }
+
+/// The temperature controller mapping (`device-fixtures serial`), as an integrator would write
+/// it; `{{address}}` is the unit's bus address.
+pub const TC_METHODS: &str = r#"
+[devices.{id}.methods.temperature]
+request = "{{address}}TEMP?"
+response = 'TEMP (?P<temp>-?[0-9.]+)'
+fields = { temp = "number" }
+errors = ['ERR (?P<code>[0-9]+) (?P<text>.*)']
+
+[devices.{id}.methods.setpoint]
+request = "{{address}}SETP?"
+response = 'SETP (?P<setpoint>-?[0-9.]+)'
+fields = { setpoint = "number" }
+errors = ['ERR (?P<code>[0-9]+) (?P<text>.*)']
+
+[devices.{id}.methods.set_setpoint]
+request = "{{address}}SETP {{value}}"
+response = "OK"
+errors = ['ERR (?P<code>[0-9]+) (?P<text>.*)']
+params = { value = { type = "number" } }
+
+[devices.{id}.methods.identify]
+request = "{{address}}*IDN?"
+response = '(?P<vendor>[^,]+) (?P<model>[^,]+),(?P<serial>[^,]+),(?P<firmware>[^,]+)'
+"#;
+
+/// A serial port and temperature controllers on it, to append to a rendered
+/// [`GatewayConfig`].
+pub struct SerialConfig<'a> {
+    /// Port name in `[serial_ports]`.
+    pub port: &'a str,
+    /// Device path (the simulator's link).
+    pub path: &'a str,
+    /// The port's response timeout, ms.
+    pub timeout_ms: u64,
+    /// (device id, bus address).
+    pub devices: &'a [(&'a str, Option<&'a str>)],
+}
+
+impl SerialConfig<'_> {
+    /// Renders the TOML text.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = write!(
+            s,
+            "\n[serial_ports.{}]\npath = \"{}\"\nbaud = 115200\ntimeout_ms = {}\n",
+            self.port, self.path, self.timeout_ms
+        );
+        for (id, address) in self.devices {
+            let _ = write!(
+                s,
+                "\n[devices.{id}]\nkind = \"serial\"\nport = \"{}\"\n",
+                self.port
+            );
+            if let Some(a) = address {
+                let _ = writeln!(s, "address = \"{a}\"");
+            }
+            s.push_str(&TC_METHODS.replace("{id}", id));
+        }
+        s
+    }
+}

@@ -1,8 +1,9 @@
 //! Harness for end-to-end runs: starts the real `cloud-stub`, `device-fixtures` and `gatewayd`
 //! binaries on loopback ports they pick themselves, reads the addresses each prints on its
 //! first stdout line, and offers small helpers for the operator API. Used by the tests in
-//! `tests/` and by the `demo` binary.
+//! `tests/`, by the `demo` binary, and by the benchmark (the `bench` module and binary).
 
+pub mod bench;
 pub mod config;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -261,6 +262,58 @@ impl Fleet {
         let (status, body) = get(&format!("{}/_control/devices/{name}", self.control)).await?;
         if status != 200 {
             bail!("device view {name}: {status} {body}");
+        }
+        Ok(body)
+    }
+}
+
+/// A simulated serial temperature controller on a pseudo-terminal.
+pub struct SerialSim {
+    pub proc: Proc,
+    /// Control API base.
+    pub control: String,
+    /// The stable link to the current pty: the path a gateway configuration uses.
+    pub path: String,
+}
+
+impl SerialSim {
+    /// Starts units with these addresses (none: one unaddressed unit), linked at `dir/<link>`.
+    pub async fn start(dir: &Path, link: &str, addresses: &[&str]) -> Result<SerialSim> {
+        let path = dir.join(link);
+        let mut args = vec![
+            "serial".to_string(),
+            "--link".into(),
+            path.display().to_string(),
+            "--control".into(),
+            "127.0.0.1:0".into(),
+        ];
+        for a in addresses {
+            args.push("--address".into());
+            args.push(a.to_string());
+        }
+        let (proc, ready) = Proc::start("device-fixtures", &args, dir, link).await?;
+        let control = ready["control"].as_str().context("control")?.to_string();
+        Ok(SerialSim {
+            proc,
+            control,
+            path: path.display().to_string(),
+        })
+    }
+
+    /// Sets faults, e.g. `{"no_reply": true}`; answers once a `disappear` change is done.
+    pub async fn fault(&self, faults: Value) -> Result<Value> {
+        let (status, body) = post(&format!("{}/_control/faults", self.control), &faults).await?;
+        if status != 200 {
+            bail!("setting serial faults: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// Path, setpoints per unit, request count and faults.
+    pub async fn state(&self) -> Result<Value> {
+        let (status, body) = get(&format!("{}/_control/state", self.control)).await?;
+        if status != 200 {
+            bail!("serial state: {status} {body}");
         }
         Ok(body)
     }

@@ -115,6 +115,8 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
     loop {
         let outcome = match &device.driver {
             Driver::Http(d) => d.probe(&path, timeout).await,
+            // No probe: call outcomes and the port task decide (validation refuses a path).
+            Driver::Serial(_) => return,
         };
         let now = crate::clock::now_ms();
         match outcome {

@@ -56,7 +56,11 @@ impl HttpDriver {
     /// The URL an action resolves to with `vars`; only the path and query come from templates,
     /// so the scheme, host and port are always the configured ones.
     pub fn url(&self, action: &ActionConfig, vars: &Map<String, Value>) -> Result<Url, CallError> {
-        let path = Template::parse(&action.path)
+        let path = action
+            .path
+            .as_deref()
+            .ok_or_else(|| CallError::BadAnswer("the action has no path".into()))?;
+        let path = Template::parse(path)
             .map_err(|e| CallError::BadAnswer(format!("path template: {e}")))?
             .render(vars, Escape::Url);
         let mut url = self.base.clone();

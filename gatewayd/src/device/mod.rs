@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod http;
+pub mod serial;
 
 use crate::config::{ActionConfig, Config, DeviceConfig, DeviceKind};
 use gatewayd_protocol::{DeviceId, DeviceInfo, MethodInfo};
@@ -41,6 +42,7 @@ pub enum CallError {
 #[derive(Debug)]
 pub enum Driver {
     Http(http::HttpDriver),
+    Serial(serial::SerialDriver),
 }
 
 /// One configured device.
@@ -63,6 +65,7 @@ impl Device {
     ) -> Result<Answer, CallError> {
         match &self.driver {
             Driver::Http(d) => d.call(action, vars, timeout).await,
+            Driver::Serial(d) => d.call(action, vars, timeout).await,
         }
     }
 
@@ -70,9 +73,7 @@ impl Device {
     pub fn info(&self) -> DeviceInfo {
         DeviceInfo {
             id: self.id.clone(),
-            kind: match self.config.kind {
-                DeviceKind::Http => "http".into(),
-            },
+            kind: self.config.kind.to_string(),
             methods: self
                 .config
                 .methods
@@ -96,9 +97,11 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// Builds the registry from validated configuration.
+    /// Builds the registry from validated configuration. Serial ports in use get their task
+    /// here (a tokio runtime is needed then); each ends when the registry is dropped.
     pub fn from_config(config: &Config, now_ms: u64) -> Result<Devices, String> {
         let client = http::client()?;
+        let mut ports = serial::Ports::new(config);
         let mut by_id = HashMap::new();
         for (id, dc) in &config.devices {
             let id = DeviceId::new(id.clone()).map_err(|e| format!("devices.{id}: {e}"))?;
@@ -106,6 +109,7 @@ impl Devices {
                 DeviceKind::Http => {
                     Driver::Http(http::HttpDriver::new(client.clone(), id.clone(), dc)?)
                 }
+                DeviceKind::Serial => Driver::Serial(ports.driver(id.clone(), dc)?),
             };
             let limit = dc
                 .max_in_flight
@@ -121,6 +125,7 @@ impl Devices {
             );
         }
         let presence = Arc::new(Presence::new(by_id.keys().cloned(), now_ms));
+        ports.start(&presence)?;
         Ok(Devices { by_id, presence })
     }
 
