@@ -3,7 +3,6 @@
 //! first stdout line, and offers small helpers for the operator API. Used by the tests in
 //! `tests/`, by the `demo` binary, and by the benchmark (the `bench` module and binary).
 
-pub mod bench;
 pub mod config;
 
 use anyhow::{anyhow, bail, Context, Result};
