@@ -30,6 +30,12 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The peer speaks a newer protocol version.
     UnsupportedVersion,
+    /// An `If-Match` version did not match the current one.
+    PreconditionFailed,
+    /// The device's message queue is full; nothing was queued.
+    QueueFull,
+    /// No message with this id for this device.
+    MessageNotFound,
     /// Something failed inside the gateway or cloud itself.
     Internal,
 }
@@ -44,6 +50,9 @@ impl ErrorCode {
             ErrorCode::DeviceError => 502,
             ErrorCode::Timeout => 504,
             ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::PreconditionFailed => 412,
+            ErrorCode::QueueFull => 429,
+            ErrorCode::MessageNotFound => 404,
             ErrorCode::Internal => 500,
         }
     }
@@ -62,6 +71,9 @@ impl ErrorCode {
             ErrorCode::BadRequest => "bad_request",
             ErrorCode::ShuttingDown => "shutting_down",
             ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::PreconditionFailed => "precondition_failed",
+            ErrorCode::QueueFull => "queue_full",
+            ErrorCode::MessageNotFound => "message_not_found",
             ErrorCode::Internal => "internal",
         }
     }
@@ -137,6 +149,9 @@ mod tests {
             ErrorCode::BadRequest,
             ErrorCode::ShuttingDown,
             ErrorCode::UnsupportedVersion,
+            ErrorCode::PreconditionFailed,
+            ErrorCode::QueueFull,
+            ErrorCode::MessageNotFound,
             ErrorCode::Internal,
         ] {
             assert_eq!(
