@@ -29,6 +29,9 @@ pub struct Config {
     /// RPC handling.
     #[serde(default)]
     pub rpc: RpcConfig,
+    /// Cloud-to-device messages.
+    #[serde(default)]
+    pub messages: MessagesConfig,
     /// Devices behind this gateway, by device id.
     #[serde(default)]
     pub devices: BTreeMap<String, DeviceConfig>,
@@ -109,6 +112,51 @@ impl Default for RpcConfig {
     }
 }
 
+/// Cloud-to-device message handling.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagesConfig {
+    /// Messages held in the inbox (received, not yet final) at most, over all devices. When
+    /// full, a new message is not stored and gets `failed` feedback ("gateway inbox full"): the
+    /// cloud sees it at once, nothing is dropped silently.
+    #[serde(default = "default_max_inbox")]
+    pub max_inbox: usize,
+    /// First retry delay after a device could not be reached, milliseconds; doubles up to
+    /// `retry_max_ms`. Retries stop at the message's expiry.
+    #[serde(default = "default_retry_min")]
+    pub retry_min_ms: u64,
+    /// Longest retry delay, milliseconds.
+    #[serde(default = "default_retry_max")]
+    pub retry_max_ms: u64,
+    /// Field of the message payload that names the command, e.g. `{"command": "RESTART"}`.
+    #[serde(default = "default_command_field")]
+    pub command_field: String,
+}
+
+impl Default for MessagesConfig {
+    fn default() -> Self {
+        Self {
+            max_inbox: default_max_inbox(),
+            retry_min_ms: default_retry_min(),
+            retry_max_ms: default_retry_max(),
+            command_field: default_command_field(),
+        }
+    }
+}
+
+fn default_max_inbox() -> usize {
+    10_000
+}
+fn default_retry_min() -> u64 {
+    500
+}
+fn default_retry_max() -> u64 {
+    30_000
+}
+fn default_command_field() -> String {
+    "command".into()
+}
+
 /// One device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,6 +187,16 @@ pub struct DeviceConfig {
     /// RPC methods by name.
     #[serde(default)]
     pub methods: BTreeMap<String, ActionConfig>,
+    /// Desired twin properties by name: the call that applies one. `{{value}}` is the desired
+    /// value; the call's result (e.g. via `result_pointer`) is what the device now holds and
+    /// becomes the reported value (a `null` result reports the desired value as applied).
+    #[serde(default)]
+    pub twin: BTreeMap<String, ActionConfig>,
+    /// Message commands by name (the payload's `command` field): the call that executes one.
+    /// The other payload fields fill the templates as declared `params`; `{{message_id}}` is
+    /// the message id (send it as `X-Message-Id` to let the device de-duplicate too).
+    #[serde(default)]
+    pub commands: BTreeMap<String, ActionConfig>,
     /// Serial devices: the name of their port in `[serial_ports]`.
     #[serde(default)]
     pub port: Option<String>,
@@ -461,6 +519,16 @@ impl DeviceConfig {
         for (name, m) in &self.methods {
             let at = format!("{at}.methods.{name}");
             m.validate(&at, &[], p);
+            m.validate_kind(self.kind, &at, p);
+        }
+        for (name, m) in &self.twin {
+            let at = format!("{at}.twin.{name}");
+            m.validate(&at, &["value", "property"], p);
+            m.validate_kind(self.kind, &at, p);
+        }
+        for (name, m) in &self.commands {
+            let at = format!("{at}.commands.{name}");
+            m.validate(&at, &["message_id", "command"], p);
             m.validate_kind(self.kind, &at, p);
         }
     }

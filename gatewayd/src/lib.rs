@@ -6,9 +6,12 @@ pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod device;
+pub mod outbox;
 pub mod rpc;
 pub mod store;
 pub mod template;
+pub mod twin;
+pub mod twins;
 
 use config::Config;
 use std::sync::Arc;
@@ -43,8 +46,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
             shutdown.clone(),
         ));
     }
+    let twins = Arc::new(twins::Twins::new(store.clone(), &devices));
+    let outbox = outbox::Wake::default();
+    for d in devices.all() {
+        background.spawn(twins::worker(
+            d.clone(),
+            devices.clone(),
+            twins.clone(),
+            outbox.clone(),
+            shutdown.clone(),
+        ));
+    }
+    let shared = Arc::new(cloud::Shared {
+        devices: devices.clone(),
+        store: store.clone(),
+        twins,
+        outbox,
+    });
     let work = TaskTracker::new();
-    let session = cloud::Session::start(&config, devices.clone(), work.clone(), shutdown.clone())?;
+    let session = cloud::Session::start(&config, shared, work.clone(), shutdown.clone())?;
     info!(
         gateway = %config.gateway.id,
         devices = devices.len(),

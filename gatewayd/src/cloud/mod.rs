@@ -1,6 +1,9 @@
 //! The cloud link: one MQTT session carrying every device of this gateway. Only this module
-//! knows MQTT; everything else sees decoded protocol payloads.
+//! knows MQTT; everything else sees decoded protocol payloads and a `Publisher`.
 
+mod backoff;
+mod link;
 mod session;
 
-pub use session::{Session, SessionError};
+pub use link::Publisher;
+pub use session::{Session, SessionError, Shared};

@@ -1,24 +1,30 @@
-//! The MQTT session. Three tasks share one `AsyncClient`:
-//! - the poll task owns the `EventLoop`; it only forwards events and never publishes (rumqttc
-//!   requests go through a bounded channel that only `poll()` drains);
-//! - the dispatcher receives those events in one `select!`, (re)announces the gateway at every
-//!   ConnAck, acknowledges publishes and hands work to its handler;
-//! - the presence task republishes the retained device snapshot when it changes.
+//! The MQTT session. Tasks share one `AsyncClient`:
+//! - the link task (`link.rs`) owns the `EventLoop`, forwards events and is the only way
+//!   publishes enter the client;
+//! - the dispatcher receives link events in one `select!`, (re)announces the gateway at every
+//!   ConnAck, and hands each publish to its handler: RPCs are acknowledged at once and run on
+//!   the work tracker; desired twin updates are acknowledged only after they are committed;
+//! - the presence task republishes the retained device snapshot when it changes;
+//! - the outbox sender (`outbox.rs`) delivers reported patches and feedback.
 
+use super::backoff::Backoff;
+use super::link::{self, Link, LinkEvent, Publisher};
 use crate::clock::now_ms;
 use crate::config::{parse_broker, Config};
 use crate::device::Devices;
+use crate::outbox::{self, Wake};
 use crate::rpc;
+use crate::store::Store;
+use crate::twins::Twins;
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
+use gatewayd_protocol::twin::DesiredDecision;
 use gatewayd_protocol::{
-    decode, Down, ErrorCode, GatewayId, GatewayState, RpcError, RpcOutcome, RpcRequest,
-    RpcResponse, Topics, Up, PROTOCOL_VERSION,
+    decode, DesiredUpdate, DeviceId, Down, ErrorCode, GatewayId, GatewayState, RpcError,
+    RpcOutcome, RpcRequest, RpcResponse, Topics, TwinSync, Up, PROTOCOL_VERSION,
 };
 use rand::Rng;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet,
-    Publish, QoS,
-};
+use rumqttc::{AsyncClient, LastWill, MqttOptions, NetworkOptions, Publish, QoS};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,21 +40,22 @@ pub enum SessionError {
     Broker(String),
 }
 
-/// What the poll task forwards to the dispatcher.
-enum Inbound {
-    Connected { session_present: bool },
-    Disconnected,
-    Publish(Publish),
+/// What the session's handlers share with the rest of the daemon.
+pub struct Shared {
+    pub devices: Arc<Devices>,
+    pub store: Store,
+    pub twins: Arc<Twins>,
+    pub outbox: Wake,
 }
 
 /// A running session.
 pub struct Session {
-    client: AsyncClient,
+    publisher: Publisher,
     gateway: GatewayId,
     boot_id: String,
     connected: watch::Receiver<bool>,
     accepting: Arc<AtomicBool>,
-    poll_stop: CancellationToken,
+    stop: CancellationToken,
     tasks: TaskTracker,
 }
 
@@ -56,7 +63,7 @@ impl Session {
     /// Starts the session tasks; RPC work is spawned on `work`.
     pub fn start(
         config: &Config,
-        devices: Arc<Devices>,
+        shared: Arc<Shared>,
         work: TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Session, SessionError> {
@@ -70,13 +77,14 @@ impl Session {
             .clone()
             .unwrap_or_else(|| gateway.to_string());
 
+        // A clean session: what must survive an outage lives in SQLite (inbox, twin cache,
+        // outbox) and the cloud re-sends on reconnect, so the broker keeps no state for us.
         let mut opts = MqttOptions::new(client_id, host, port);
         opts.set_keep_alive(Duration::from_secs(config.cloud.keep_alive_s))
-            .set_clean_session(false)
+            .set_clean_session(true)
             .set_manual_acks(true)
             .set_max_packet_size(MAX_MQTT_PACKET, MAX_MQTT_PACKET)
             .set_inflight(500)
-            .set_request_channel_capacity(4096)
             .set_last_will(LastWill::new(
                 Topics::up(&gateway, Up::State),
                 state_payload(false, &boot_id),
@@ -89,39 +97,64 @@ impl Session {
         net.set_connection_timeout(config.cloud.connect_timeout_s);
         eventloop.set_network_options(net);
 
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (publisher, outbound) = link::channel();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (acks_tx, acks) = mpsc::unbounded_channel();
         let (connected_tx, connected) = watch::channel(false);
-        let poll_stop = CancellationToken::new();
+        let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let backoff = Backoff::new(config.cloud.reconnect_min_ms, config.cloud.reconnect_max_ms);
         tasks.spawn(
-            poll(eventloop, tx, connected_tx, backoff, poll_stop.clone())
-                .instrument(tracing::info_span!("mqtt", gateway = %gateway)),
+            Link {
+                eventloop,
+                client: client.clone(),
+                outbound,
+                events: events_tx,
+                acks: acks_tx,
+                connected: connected_tx,
+                backoff: Backoff::new(config.cloud.reconnect_min_ms, config.cloud.reconnect_max_ms),
+                stop: stop.clone(),
+            }
+            .run()
+            .instrument(tracing::info_span!("mqtt", gateway = %gateway)),
+        );
+        tasks.spawn(
+            outbox::Sender {
+                store: shared.store.clone(),
+                gateway: gateway.clone(),
+                publisher: publisher.clone(),
+                acks,
+                connected: connected.clone(),
+                wake: shared.outbox.clone(),
+                stop: stop.clone(),
+            }
+            .run(),
         );
         let accepting = Arc::new(AtomicBool::new(true));
         let dispatcher = Dispatcher {
             client: client.clone(),
+            publisher: publisher.clone(),
             gateway: gateway.clone(),
             boot_id: boot_id.clone(),
-            devices: devices.clone(),
+            shared: shared.clone(),
             work,
             accepting: accepting.clone(),
         };
-        tasks.spawn(dispatcher.run(rx, shutdown.clone()));
+        tasks.spawn(dispatcher.run(events, stop.clone()));
         tasks.spawn(publish_presence(
-            client.clone(),
+            publisher.clone(),
             gateway.clone(),
-            devices,
+            shared.devices.clone(),
             connected.clone(),
-            shutdown,
+            stop.clone(),
         ));
+        drop(shutdown);
         Ok(Session {
-            client,
+            publisher,
             gateway,
             boot_id,
             connected,
             accepting,
-            poll_stop,
+            stop,
             tasks,
         })
     }
@@ -140,20 +173,17 @@ impl Session {
     pub async fn close(self, wait: Duration) {
         self.stop_accepting();
         if *self.connected.borrow() {
-            let _ = self
-                .client
-                .publish(
+            // The link disconnects right after this publish, so nothing overtakes it.
+            self.publisher
+                .publish_then_disconnect(
                     Topics::up(&self.gateway, Up::State),
-                    QoS::AtLeastOnce,
-                    true,
                     state_payload(false, &self.boot_id),
                 )
                 .await;
-            let _ = self.client.disconnect().await;
             let mut connected = self.connected.clone();
             let _ = tokio::time::timeout(wait, connected.wait_for(|c| !*c)).await;
         }
-        self.poll_stop.cancel();
+        self.stop.cancel();
         self.tasks.close();
         let _ = tokio::time::timeout(wait, self.tasks.wait()).await;
     }
@@ -170,116 +200,34 @@ fn state_payload(online: bool, boot_id: &str) -> Vec<u8> {
     .expect("state serializes")
 }
 
-/// Capped exponential backoff with full jitter.
-struct Backoff {
-    min: u64,
-    max: u64,
-    next: u64,
-}
-
-impl Backoff {
-    fn new(min: u64, max: u64) -> Self {
-        Self {
-            min,
-            max,
-            next: min,
-        }
-    }
-    fn reset(&mut self) {
-        self.next = self.min;
-    }
-    fn delay(&mut self) -> Duration {
-        let cap = self.next;
-        self.next = (self.next * 2).min(self.max);
-        Duration::from_millis(rand::rng().random_range(cap / 2..=cap))
-    }
-}
-
-/// Owns the event loop. Cancel safety: `poll()` is cancelled only at shutdown, when losing an
-/// in-progress read no longer matters.
-async fn poll(
-    mut eventloop: EventLoop,
-    tx: mpsc::UnboundedSender<Inbound>,
-    connected: watch::Sender<bool>,
-    mut backoff: Backoff,
-    stop: CancellationToken,
-) {
-    loop {
-        let event = tokio::select! {
-            _ = stop.cancelled() => return,
-            e = eventloop.poll() => e,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                info!(
-                    session_present = ack.session_present,
-                    "connected to the cloud"
-                );
-                backoff.reset();
-                connected.send_replace(true);
-                let _ = tx.send(Inbound::Connected {
-                    session_present: ack.session_present,
-                });
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let _ = tx.send(Inbound::Publish(p));
-            }
-            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                connected.send_replace(false);
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if connected.send_replace(false) {
-                    warn!(error = %e, "cloud connection lost");
-                    let _ = tx.send(Inbound::Disconnected);
-                } else {
-                    debug!(error = %e, "cloud connection attempt failed");
-                }
-                if matches!(e, ConnectionError::RequestsDone) {
-                    return;
-                }
-                let delay = backoff.delay();
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-            }
-        }
-    }
-}
-
 struct Dispatcher {
     client: AsyncClient,
+    publisher: Publisher,
     gateway: GatewayId,
     boot_id: String,
-    devices: Arc<Devices>,
+    shared: Arc<Shared>,
     work: TaskTracker,
     accepting: Arc<AtomicBool>,
 }
 
 impl Dispatcher {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Inbound>, shutdown: CancellationToken) {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<LinkEvent>, stop: CancellationToken) {
         loop {
             // Cancel safety: `recv` loses nothing when the other branch wins.
-            let inbound = tokio::select! {
-                biased;
-                i = rx.recv() => match i { Some(i) => i, None => return },
-                _ = shutdown.cancelled(), if self.accepting.load(Ordering::SeqCst) => {
-                    self.accepting.store(false, Ordering::SeqCst);
-                    continue;
-                }
+            let event = tokio::select! {
+                e = rx.recv() => match e { Some(e) => e, None => return },
+                _ = stop.cancelled() => return,
             };
-            match inbound {
-                Inbound::Connected { session_present } => self.announce(session_present).await,
-                Inbound::Disconnected => {}
-                Inbound::Publish(p) => self.on_publish(p).await,
+            match event {
+                LinkEvent::Connected => self.announce().await,
+                LinkEvent::Disconnected => {}
+                LinkEvent::Publish(p) => self.on_publish(p).await,
             }
         }
     }
 
-    /// Subscribes and publishes birth, catalog and presence, at every (re)connect.
-    async fn announce(&self, session_present: bool) {
+    /// Subscribes and publishes catalog, presence, birth and the twin sync, at every connect.
+    async fn announce(&self) {
         let gw = &self.gateway;
         if let Err(e) = self
             .client
@@ -288,23 +236,40 @@ impl Dispatcher {
         {
             warn!(error = %e, "cannot subscribe");
         }
-        let catalog = serde_json::to_vec(&self.devices.catalog()).expect("catalog serializes");
+        let devices = &self.shared.devices;
+        let catalog = serde_json::to_vec(&devices.catalog()).expect("catalog serializes");
         let presence =
-            serde_json::to_vec(&self.devices.presence.snapshot()).expect("presence serializes");
-        for (kind, payload) in [
-            (Up::Catalog, catalog),
-            (Up::Devices, presence),
-            (Up::State, state_payload(true, &self.boot_id)),
-        ] {
-            if let Err(e) = self
-                .client
-                .publish(Topics::up(gw, kind), QoS::AtLeastOnce, true, payload)
-                .await
-            {
-                warn!(error = %e, "cannot announce");
-            }
+            serde_json::to_vec(&devices.presence.snapshot()).expect("presence serializes");
+        self.publisher
+            .publish(Topics::up(gw, Up::Catalog), catalog, true, None)
+            .await;
+        self.publisher
+            .publish(Topics::up(gw, Up::Devices), presence, true, None)
+            .await;
+        self.publisher
+            .publish(
+                Topics::up(gw, Up::State),
+                state_payload(true, &self.boot_id),
+                true,
+                None,
+            )
+            .await;
+        match self.shared.twins.held_versions().await {
+            Ok(held) => self.sync(held).await,
+            Err(e) => warn!(error = %e, "cannot read twin versions for the sync"),
         }
-        debug!(session_present, devices = self.devices.len(), "announced");
+        debug!(devices = devices.len(), "announced");
+    }
+
+    async fn sync(&self, devices: BTreeMap<DeviceId, u64>) {
+        let body = serde_json::to_vec(&TwinSync {
+            v: PROTOCOL_VERSION,
+            devices,
+        })
+        .expect("sync serializes");
+        self.publisher
+            .publish(Topics::up(&self.gateway, Up::TwinSync), body, false, None)
+            .await;
     }
 
     async fn on_publish(&self, p: Publish) {
@@ -316,7 +281,8 @@ impl Dispatcher {
                 let _ = self.client.ack(&p).await;
                 self.on_rpc(&p.payload, received_ms).await;
             }
-            Some((_, Down::TwinDesired)) | Some((_, Down::Message)) => {
+            Some((_, Down::TwinDesired)) => self.on_desired(p),
+            Some((_, Down::Message)) => {
                 let _ = self.client.ack(&p).await;
                 debug!(topic = %p.topic, "not handled by this version");
             }
@@ -325,6 +291,64 @@ impl Dispatcher {
                 warn!(topic = %p.topic, "publish on an unexpected topic dropped");
             }
         }
+    }
+
+    /// Commit, then acknowledge: a crash before the commit means the broker redelivers (or the
+    /// sync at connect catches up), never a lost change.
+    fn on_desired(&self, p: Publish) {
+        let update: DesiredUpdate = match decode(&p.payload) {
+            Ok(u) => u,
+            Err(e) => {
+                warn!(error = %e, "malformed desired update dropped");
+                let client = self.client.clone();
+                self.work.spawn(async move {
+                    let _ = client.ack(&p).await;
+                });
+                return;
+            }
+        };
+        if self.shared.devices.get(&update.device).is_none() {
+            warn!(device = %update.device, "desired update for a device this gateway does not have");
+            let client = self.client.clone();
+            self.work.spawn(async move {
+                let _ = client.ack(&p).await;
+            });
+            return;
+        }
+        let device = update.device.clone();
+        let version = update.version;
+        let committed = self.shared.twins.receive(update);
+        let client = self.client.clone();
+        let shared = self.shared.clone();
+        let publisher = self.publisher.clone();
+        let gateway = self.gateway.clone();
+        self.work.spawn(async move {
+            match committed.await {
+                Ok(Ok(decision)) => {
+                    let _ = client.ack(&p).await;
+                    match decision {
+                        DesiredDecision::Apply => {
+                            debug!(%device, version, "desired update stored");
+                            shared.twins.wake(&device);
+                        }
+                        DesiredDecision::Ignore => debug!(%device, version, "stale desired update ignored"),
+                        DesiredDecision::Resync => {
+                            info!(%device, version, "gap in desired versions: asking for a snapshot");
+                            if let Ok(held) = shared.twins.load(&device).await {
+                                let mut devices = BTreeMap::new();
+                                devices.insert(device, held.desired_version);
+                                let body = serde_json::to_vec(&TwinSync { v: PROTOCOL_VERSION, devices }).expect("sync serializes");
+                                publisher.publish(Topics::up(&gateway, Up::TwinSync), body, false, None).await;
+                            }
+                        }
+                    }
+                }
+                // Not committed: no ack, so the broker redelivers after a reconnect and the
+                // sync at connect catches up.
+                Ok(Err(e)) => warn!(%device, version, error = %e, "desired update not stored"),
+                Err(_) => warn!(%device, version, "desired update not stored: the store stopped"),
+            }
+        });
     }
 
     async fn on_rpc(&self, payload: &[u8], received_ms: u64) {
@@ -344,24 +368,27 @@ impl Dispatcher {
                         v: PROTOCOL_VERSION,
                         id,
                         outcome: RpcOutcome::Error(err),
-                    });
+                    })
+                    .await;
                 }
                 return;
             }
         };
         if !self.accepting.load(Ordering::SeqCst) {
+            let err = RpcError::new(
+                ErrorCode::ShuttingDown,
+                "gateway is shutting down and takes no new calls",
+            );
             self.respond(RpcResponse {
                 v: PROTOCOL_VERSION,
                 id: req.id,
-                outcome: RpcOutcome::Error(RpcError::new(
-                    ErrorCode::ShuttingDown,
-                    "gateway is shutting down and takes no new calls",
-                )),
-            });
+                outcome: RpcOutcome::Error(err),
+            })
+            .await;
             return;
         }
-        let devices = self.devices.clone();
-        let client = self.client.clone();
+        let devices = self.shared.devices.clone();
+        let publisher = self.publisher.clone();
         let topic = Topics::up(&self.gateway, Up::RpcResponse);
         let span =
             tracing::info_span!("rpc", id = %req.id, device = %req.device, method = %req.method);
@@ -378,69 +405,48 @@ impl Dispatcher {
                     }
                 }
                 let body = serde_json::to_vec(&resp).expect("response serializes");
-                if let Err(e) = client.publish(topic, QoS::AtLeastOnce, false, body).await {
-                    warn!(error = %e, "cannot publish RPC response");
-                }
+                publisher.publish(topic, body, false, None).await;
             }
             .instrument(span),
         );
     }
 
-    fn respond(&self, resp: RpcResponse) {
-        let client = self.client.clone();
-        let topic = Topics::up(&self.gateway, Up::RpcResponse);
+    async fn respond(&self, resp: RpcResponse) {
         let body = serde_json::to_vec(&resp).expect("response serializes");
-        self.work.spawn(async move {
-            let _ = client.publish(topic, QoS::AtLeastOnce, false, body).await;
-        });
+        self.publisher
+            .publish(
+                Topics::up(&self.gateway, Up::RpcResponse),
+                body,
+                false,
+                None,
+            )
+            .await;
     }
 }
 
 /// Republishes the retained device snapshot after each presence change while connected.
 async fn publish_presence(
-    client: AsyncClient,
+    publisher: Publisher,
     gateway: GatewayId,
     devices: Arc<Devices>,
     connected: watch::Receiver<bool>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) {
+    let mut changes = devices.presence.subscribe();
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = devices.presence.changed() => {}
+            _ = stop.cancelled() => return,
+            r = changes.changed() => { if r.is_err() { return } }
         }
         // Coalesce a burst of changes into one publish.
         tokio::time::sleep(Duration::from_millis(20)).await;
+        changes.mark_unchanged();
         if !*connected.borrow() {
             continue; // the next announce carries the current snapshot
         }
         let body = serde_json::to_vec(&devices.presence.snapshot()).expect("presence serializes");
-        if let Err(e) = client
-            .publish(
-                Topics::up(&gateway, Up::Devices),
-                QoS::AtLeastOnce,
-                true,
-                body,
-            )
-            .await
-        {
-            warn!(error = %e, "cannot publish device presence");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_and_resets() {
-        let mut b = Backoff::new(100, 1000);
-        let d: Vec<u64> = (0..6).map(|_| b.delay().as_millis() as u64).collect();
-        assert!((50..=100).contains(&d[0]), "{d:?}");
-        assert!((100..=200).contains(&d[1]), "{d:?}");
-        assert!(d[5] <= 1000 && d[5] >= 500, "{d:?}");
-        b.reset();
-        assert!(b.delay().as_millis() <= 100);
+        publisher
+            .publish(Topics::up(&gateway, Up::Devices), body, true, None)
+            .await;
     }
 }

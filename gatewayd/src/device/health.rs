@@ -6,7 +6,7 @@ use gatewayd_protocol::{DeviceId, DevicePresence, DeviceStatus, PROTOCOL_VERSION
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Presence of every device. Devices start online: the first probe runs at once, and a call
@@ -14,7 +14,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug)]
 pub struct Presence {
     table: Mutex<BTreeMap<DeviceId, DeviceStatus>>,
-    changed: Notify,
+    /// Bumped at every change; each interested task holds its own receiver.
+    generation: watch::Sender<u64>,
 }
 
 impl Presence {
@@ -34,7 +35,7 @@ impl Presence {
             .collect();
         Self {
             table: Mutex::new(table),
-            changed: Notify::new(),
+            generation: watch::Sender::new(0),
         }
     }
 
@@ -67,7 +68,7 @@ impl Presence {
         } else {
             tracing::warn!(device = %id, reason = ?self.reason(id), "device offline");
         }
-        self.changed.notify_one();
+        self.generation.send_modify(|g| *g += 1);
         true
     }
 
@@ -93,9 +94,9 @@ impl Presence {
         }
     }
 
-    /// Resolves at the next change.
-    pub async fn changed(&self) {
-        self.changed.notified().await
+    /// A receiver that sees every later change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<DeviceId, DeviceStatus>> {

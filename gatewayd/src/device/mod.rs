@@ -83,8 +83,8 @@ impl Device {
                     params: m.params.clone(),
                 })
                 .collect(),
-            twin_properties: Vec::new(),
-            commands: Vec::new(),
+            twin_properties: self.config.twin.keys().cloned().collect(),
+            commands: self.config.commands.keys().cloned().collect(),
         }
     }
 }

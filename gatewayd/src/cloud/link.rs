@@ -1,0 +1,196 @@
+//! The MQTT link: one task owns the rumqttc `EventLoop` and is the only way publishes enter the
+//! client, so it knows the order in which they are written and can tell which publish a PUBACK
+//! acknowledges. That is what lets the outbox delete a row only once the broker has it.
+//!
+//! rumqttc hands out no per-publish acknowledgement. The link records each accepted publish's
+//! tag in write order, pairs it with the packet id of the next `Outgoing::Publish` event, and
+//! reports the tag when the PUBACK for that packet id arrives. The session is clean, so at every
+//! ConnAck rumqttc has dropped whatever was unacknowledged: the link forgets its bookkeeping and
+//! the outbox sends its unacknowledged rows again (receivers de-duplicate).
+//!
+//! Publishing never happens from inside `poll()`'s caller through an awaiting send: the link uses
+//! `try_publish` and keeps what does not fit for the next turn, so it never waits on itself.
+
+use super::backoff::Backoff;
+use rumqttc::{
+    AsyncClient, ClientError, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS,
+};
+use std::collections::{HashMap, VecDeque};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// One publish to send (always QoS 1).
+#[derive(Debug)]
+pub struct Outbound {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+    /// Reported back through the ack channel once the broker acknowledged it.
+    pub tag: Option<u64>,
+    /// Disconnect cleanly right after this publish (orderly shutdown).
+    pub then_disconnect: bool,
+}
+
+/// Handle to queue publishes on the link.
+#[derive(Clone)]
+pub struct Publisher {
+    tx: mpsc::Sender<Outbound>,
+}
+
+impl Publisher {
+    /// Queues a publish. Publishes queued while the link is down are dropped: what must arrive
+    /// goes through the outbox, which sends again after every reconnect.
+    pub async fn publish(&self, topic: String, payload: Vec<u8>, retain: bool, tag: Option<u64>) {
+        let _ = self
+            .tx
+            .send(Outbound {
+                topic,
+                payload,
+                retain,
+                tag,
+                then_disconnect: false,
+            })
+            .await;
+    }
+
+    /// Queues a retained publish followed by a clean disconnect.
+    pub async fn publish_then_disconnect(&self, topic: String, payload: Vec<u8>) {
+        let _ = self
+            .tx
+            .send(Outbound {
+                topic,
+                payload,
+                retain: true,
+                tag: None,
+                then_disconnect: true,
+            })
+            .await;
+    }
+}
+
+/// What the link reports to the dispatcher.
+#[derive(Debug)]
+pub enum LinkEvent {
+    Connected,
+    Disconnected,
+    Publish(Publish),
+}
+
+/// Creates the publisher and the link task's inbox.
+pub fn channel() -> (Publisher, mpsc::Receiver<Outbound>) {
+    let (tx, rx) = mpsc::channel(4096);
+    (Publisher { tx }, rx)
+}
+
+/// The link task.
+pub struct Link {
+    pub eventloop: EventLoop,
+    pub client: AsyncClient,
+    pub outbound: mpsc::Receiver<Outbound>,
+    pub events: mpsc::UnboundedSender<LinkEvent>,
+    pub acks: mpsc::UnboundedSender<u64>,
+    pub connected: watch::Sender<bool>,
+    pub backoff: Backoff,
+    pub stop: CancellationToken,
+}
+
+impl Link {
+    /// Runs until `stop` or an orderly disconnect. Cancel safety: `poll()` keeps its state in
+    /// the event loop, and `recv()` loses nothing when another branch wins.
+    pub async fn run(mut self) {
+        let mut waiting: VecDeque<Outbound> = VecDeque::new();
+        let mut written: VecDeque<Option<u64>> = VecDeque::new();
+        let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
+        let mut up = false;
+        loop {
+            while up {
+                let Some(o) = waiting.pop_front() else { break };
+                match self.client.try_publish(
+                    o.topic.clone(),
+                    QoS::AtLeastOnce,
+                    o.retain,
+                    o.payload.clone(),
+                ) {
+                    Ok(()) => {
+                        written.push_back(o.tag);
+                        if o.then_disconnect {
+                            let _ = self.client.try_disconnect();
+                        }
+                    }
+                    Err(ClientError::TryRequest(_)) => {
+                        waiting.push_front(o);
+                        break;
+                    }
+                    Err(e) => warn!(topic = %o.topic, error = %e, "publish refused"),
+                }
+            }
+            let event = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                o = self.outbound.recv(), if waiting.len() < 1024 => {
+                    match o {
+                        Some(o) if up => waiting.push_back(o),
+                        Some(o) => debug!(topic = %o.topic, "link down: publish dropped"),
+                        None => return,
+                    }
+                    continue;
+                }
+                e = self.eventloop.poll() => e,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    info!(
+                        session_present = ack.session_present,
+                        "connected to the cloud"
+                    );
+                    self.backoff.reset();
+                    written.clear();
+                    inflight.clear();
+                    waiting.clear();
+                    up = true;
+                    self.connected.send_replace(true);
+                    let _ = self.events.send(LinkEvent::Connected);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = self.events.send(LinkEvent::Publish(p));
+                }
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    if pkid != 0 && !inflight.contains_key(&pkid) {
+                        let tag = written.pop_front().flatten();
+                        inflight.insert(pkid, tag);
+                    }
+                }
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    if let Some(Some(tag)) = inflight.remove(&ack.pkid) {
+                        let _ = self.acks.send(tag);
+                    }
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    self.connected.send_replace(false);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    up = false;
+                    written.clear();
+                    inflight.clear();
+                    waiting.clear();
+                    if self.connected.send_replace(false) {
+                        warn!(error = %e, "cloud connection lost");
+                        let _ = self.events.send(LinkEvent::Disconnected);
+                    } else {
+                        debug!(error = %e, "cloud connection attempt failed");
+                    }
+                    if matches!(e, ConnectionError::RequestsDone) {
+                        return;
+                    }
+                    let delay = self.backoff.delay();
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Device twins, I/O part. Desired updates are committed to SQLite before their MQTT
+//! acknowledgement; one worker per device applies the difference between the latest desired
+//! document and the last one applied in full, once the device is reachable, and commits the
+//! reported patch to the outbox in the same transaction as the new applied state.
+//!
+//! Crash consistency: a desired change that was acknowledged is on disk; one that was not is
+//! redelivered or recovered by the sync at connect. A `kill -9` between the device call and the
+//! commit re-applies the same final state after restart (idempotent settings), never a stale one.
+
+use crate::clock::now_ms;
+use crate::device::{CallError, Device, Devices};
+use crate::outbox::{self, Wake};
+use crate::store::{Store, StoreError};
+use crate::twin::{plan, report, Step, StepOutcome};
+use gatewayd_protocol::twin::{decide_desired, merge_patch, validate_doc, DesiredDecision};
+use gatewayd_protocol::{DesiredBody, DesiredUpdate, DeviceId};
+use rusqlite::{params, OptionalExtension};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+/// One device's twin as the gateway holds it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TwinRow {
+    pub desired: Value,
+    pub desired_version: u64,
+    pub applied: Value,
+    pub applied_version: u64,
+    pub reported: Value,
+}
+
+/// Shared twin state: the store and a wake-up per device worker.
+pub struct Twins {
+    store: Store,
+    wakers: HashMap<DeviceId, Arc<Notify>>,
+}
+
+impl Twins {
+    /// One waker per configured device.
+    pub fn new(store: Store, devices: &Devices) -> Twins {
+        let wakers = devices
+            .all()
+            .into_iter()
+            .map(|d| (d.id.clone(), Arc::new(Notify::new())))
+            .collect();
+        Twins { store, wakers }
+    }
+
+    /// Stores a desired update by the version rule. Submitted at once, so updates are stored in
+    /// receipt order; the receiver resolves after the commit.
+    pub fn receive(
+        &self,
+        update: DesiredUpdate,
+    ) -> oneshot::Receiver<Result<DesiredDecision, StoreError>> {
+        self.store.submit(move |c| {
+            let row = load_row(c, update.device.as_str())?;
+            let (is_snapshot, body) = match &update.body {
+                DesiredBody::Patch(p) => (false, p),
+                DesiredBody::Snapshot(s) => (true, s),
+            };
+            let decision = decide_desired(row.desired_version, update.version, is_snapshot);
+            if decision != DesiredDecision::Apply {
+                return Ok(decision);
+            }
+            let mut doc = if is_snapshot { json!({}) } else { row.desired };
+            merge_patch(&mut doc, body);
+            if let Err(e) = validate_doc(&doc) {
+                warn!(device = %update.device, error = %e, "desired document refused");
+                return Ok(DesiredDecision::Ignore);
+            }
+            c.execute(
+                "INSERT INTO twin (device, desired, desired_version) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(device) DO UPDATE SET desired = ?2, desired_version = ?3",
+                params![
+                    update.device.as_str(),
+                    doc.to_string(),
+                    update.version as i64
+                ],
+            )?;
+            Ok(decision)
+        })
+    }
+
+    /// Wakes the worker of `device`.
+    pub fn wake(&self, device: &DeviceId) {
+        if let Some(w) = self.wakers.get(device) {
+            w.notify_one();
+        }
+    }
+
+    /// The desired version held per configured device (0 when none), for the sync at connect.
+    pub async fn held_versions(&self) -> Result<BTreeMap<DeviceId, u64>, StoreError> {
+        let ids: Vec<DeviceId> = self.wakers.keys().cloned().collect();
+        self.store
+            .call(move |c| {
+                let mut st =
+                    c.prepare_cached("SELECT desired_version FROM twin WHERE device = ?1")?;
+                let mut out = BTreeMap::new();
+                for id in ids {
+                    let v: Option<i64> = st.query_row([id.as_str()], |r| r.get(0)).optional()?;
+                    out.insert(id, v.unwrap_or(0) as u64);
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// The row of `device` (default when none).
+    pub async fn load(&self, device: &DeviceId) -> Result<TwinRow, StoreError> {
+        let id = device.to_string();
+        self.store.call(move |c| load_row(c, &id)).await
+    }
+}
+
+fn load_row(c: &rusqlite::Connection, device: &str) -> rusqlite::Result<TwinRow> {
+    let row = c
+        .prepare_cached("SELECT desired, desired_version, applied, applied_version, reported FROM twin WHERE device = ?1")?
+        .query_row([device], |r| {
+            let parse = |s: String| serde_json::from_str(&s).unwrap_or_else(|_| json!({}));
+            Ok(TwinRow {
+                desired: parse(r.get(0)?),
+                desired_version: r.get::<_, i64>(1)? as u64,
+                applied: parse(r.get(2)?),
+                applied_version: r.get::<_, i64>(3)? as u64,
+                reported: parse(r.get(4)?),
+            })
+        })
+        .optional()?;
+    Ok(row.unwrap_or_else(|| TwinRow {
+        desired: json!({}),
+        applied: json!({}),
+        reported: json!({}),
+        ..TwinRow::default()
+    }))
+}
+
+/// Applies desired changes to one device until `stop`.
+pub async fn worker(
+    device: Arc<Device>,
+    devices: Arc<Devices>,
+    twins: Arc<Twins>,
+    outbox: Wake,
+    stop: CancellationToken,
+) {
+    let Some(wake) = twins.wakers.get(&device.id).cloned() else {
+        return;
+    };
+    let mut presence = devices.presence.subscribe();
+    let span = tracing::info_span!("twin", device = %device.id);
+    async move {
+        let mut retry = Duration::from_millis(200);
+        loop {
+            let pending = match twins.load(&device.id).await {
+                Ok(row) if row.desired_version > row.applied_version => Some(row),
+                Ok(_) => None,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the twin");
+                    None
+                }
+            };
+            let mut wait_retry = false;
+            if let Some(row) = pending {
+                if devices.presence.is_online(&device.id) {
+                    match apply_round(&device, &devices, &twins, &outbox, row).await {
+                        Ok(()) => {
+                            retry = Duration::from_millis(200);
+                            continue;
+                        }
+                        Err(why) => {
+                            debug!(%why, "twin application postponed");
+                            wait_retry = true;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = wake.notified() => {}
+                r = presence.changed() => { if r.is_err() { return } }
+                _ = tokio::time::sleep(retry), if wait_retry => {
+                    retry = (retry * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// One application of the latest desired state. Err when the device could not be reached:
+/// nothing is recorded and the round is tried again later.
+async fn apply_round(
+    device: &Device,
+    devices: &Devices,
+    twins: &Twins,
+    outbox: &Wake,
+    row: TwinRow,
+) -> Result<(), String> {
+    let steps = plan(&row.desired, &row.applied);
+    let mut results: Vec<(Step, StepOutcome)> = Vec::new();
+    for step in steps {
+        let Some(action) = device.config.twin.get(&step.property) else {
+            let reason = format!(
+                "device {} has no mapping for twin property '{}'",
+                device.id, step.property
+            );
+            results.push((step, StepOutcome::Refused { reason }));
+            continue;
+        };
+        let mut vars = Map::new();
+        vars.insert("value".into(), step.value.clone());
+        vars.insert("property".into(), Value::String(step.property.clone()));
+        let timeout = Duration::from_millis(action.timeout_ms.unwrap_or(device.config.timeout_ms));
+        let _slot = device
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| "shutting down".to_string())?;
+        let result = device.call(action, &vars, timeout).await;
+        devices.presence.observe_call(&device.id, &result, now_ms());
+        let outcome = match result {
+            Ok(answer) => StepOutcome::Accepted {
+                holds: if answer.result.is_null() {
+                    step.value.clone()
+                } else {
+                    answer.result
+                },
+            },
+            Err(CallError::Status { status, detail }) => StepOutcome::Refused {
+                reason: format!("device answered {status}: {}", detail_text(&detail)),
+            },
+            Err(CallError::BadAnswer(why)) => StepOutcome::Refused { reason: why },
+            Err(e) => return Err(format!("'{}': {e}", step.property)),
+        };
+        results.push((step, outcome));
+    }
+    let (patch, apply) = report(&results, row.desired_version, now_ms());
+    let id = device.id.to_string();
+    let version = row.desired_version;
+    let desired = row.desired.clone();
+    let applied_count = results.len();
+    twins
+        .store
+        .call(move |c| {
+            let current = load_row(c, &id)?;
+            if current.applied_version >= version {
+                return Ok(());
+            }
+            let mut reported = current.reported;
+            merge_patch(&mut reported, &patch);
+            c.execute(
+                "UPDATE twin SET applied = ?2, applied_version = ?3, reported = ?4 WHERE device = ?1",
+                params![id, desired.to_string(), version as i64, reported.to_string()],
+            )?;
+            if !(patch.as_object().is_some_and(|p| p.is_empty()) && apply.is_empty()) {
+                outbox::push(c, outbox::Kind::Reported, &id, &json!({"patch": patch, "apply": apply}))?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    outbox.wake();
+    info!(version, properties = applied_count, "desired state applied");
+    Ok(())
+}
+
+fn detail_text(detail: &Value) -> String {
+    match detail {
+        Value::String(s) => s.clone(),
+        Value::Object(m) => m
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| detail.to_string()),
+        other => other.to_string(),
+    }
+}
