@@ -184,12 +184,15 @@ impl Sender {
     }
 }
 
+/// Rows of one device's reported patches being merged: their seqs, the composed patch, and the
+/// apply statuses.
+type Pending = (Vec<i64>, Value, BTreeMap<String, ApplyStatus>);
+
 /// Turns rows into publishes: reported patches of one device merged (in `seq` order) into one
 /// update carrying the highest `seq`; feedback rows one each.
 fn coalesce(gateway: &GatewayId, rows: Vec<Row>) -> Vec<Group> {
     let mut out = Vec::new();
-    let mut reported: BTreeMap<String, (Vec<i64>, Value, BTreeMap<String, ApplyStatus>)> =
-        BTreeMap::new();
+    let mut reported: BTreeMap<String, Pending> = BTreeMap::new();
     for row in rows {
         match row.kind.as_str() {
             "reported" => {

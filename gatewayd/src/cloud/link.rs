@@ -104,8 +104,7 @@ impl Link {
         let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
         let mut up = false;
         loop {
-            while up {
-                let Some(o) = waiting.pop_front() else { break };
+            while let Some(o) = waiting.pop_front().filter(|_| up) {
                 match self.client.try_publish(
                     o.topic.clone(),
                     QoS::AtLeastOnce,
