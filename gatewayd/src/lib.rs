@@ -6,6 +6,7 @@ pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod device;
+pub mod inbox;
 pub mod outbox;
 pub mod rpc;
 pub mod store;
@@ -57,10 +58,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Gate
             shutdown.clone(),
         ));
     }
+    let inbox = Arc::new(inbox::Inbox::new(
+        store.clone(),
+        config.messages.clone(),
+        devices.clone(),
+        outbox.clone(),
+    ));
+    let recovered = inbox.recover().await?;
+    if recovered > 0 {
+        tracing::warn!(
+            messages = recovered,
+            "messages interrupted by a restart during their device call ended failed"
+        );
+    }
+    for d in devices.all() {
+        background.spawn(inbox::worker(d.clone(), inbox.clone(), shutdown.clone()));
+    }
     let shared = Arc::new(cloud::Shared {
         devices: devices.clone(),
         store: store.clone(),
         twins,
+        inbox,
         outbox,
     });
     let work = TaskTracker::new();

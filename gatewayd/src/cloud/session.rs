@@ -12,6 +12,7 @@ use super::link::{self, Link, LinkEvent, Publisher};
 use crate::clock::now_ms;
 use crate::config::{parse_broker, Config};
 use crate::device::Devices;
+use crate::inbox::{Inbox, Receipt};
 use crate::outbox::{self, Wake};
 use crate::rpc;
 use crate::store::Store;
@@ -19,8 +20,8 @@ use crate::twins::Twins;
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
 use gatewayd_protocol::twin::DesiredDecision;
 use gatewayd_protocol::{
-    decode, DesiredUpdate, DeviceId, Down, ErrorCode, GatewayId, GatewayState, RpcError,
-    RpcOutcome, RpcRequest, RpcResponse, Topics, TwinSync, Up, PROTOCOL_VERSION,
+    decode, C2dMessage, DesiredUpdate, DeviceId, Down, ErrorCode, GatewayId, GatewayState,
+    RpcError, RpcOutcome, RpcRequest, RpcResponse, Topics, TwinSync, Up, PROTOCOL_VERSION,
 };
 use rand::Rng;
 use rumqttc::{AsyncClient, LastWill, MqttOptions, NetworkOptions, Publish, QoS};
@@ -45,6 +46,7 @@ pub struct Shared {
     pub devices: Arc<Devices>,
     pub store: Store,
     pub twins: Arc<Twins>,
+    pub inbox: Arc<Inbox>,
     pub outbox: Wake,
 }
 
@@ -282,10 +284,7 @@ impl Dispatcher {
                 self.on_rpc(&p.payload, received_ms).await;
             }
             Some((_, Down::TwinDesired)) => self.on_desired(p),
-            Some((_, Down::Message)) => {
-                let _ = self.client.ack(&p).await;
-                debug!(topic = %p.topic, "not handled by this version");
-            }
+            Some((_, Down::Message)) => self.on_message(p, received_ms),
             None => {
                 let _ = self.client.ack(&p).await;
                 warn!(topic = %p.topic, "publish on an unexpected topic dropped");
@@ -347,6 +346,46 @@ impl Dispatcher {
                 // sync at connect catches up.
                 Ok(Err(e)) => warn!(%device, version, error = %e, "desired update not stored"),
                 Err(_) => warn!(%device, version, "desired update not stored: the store stopped"),
+            }
+        });
+    }
+
+    /// Commit (inbox row and `received` feedback), then acknowledge; a redelivered id is
+    /// acknowledged again and nothing else happens.
+    fn on_message(&self, p: Publish, received_ms: u64) {
+        let msg: C2dMessage = match decode(&p.payload) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(error = %e, "malformed message dropped");
+                let client = self.client.clone();
+                self.work.spawn(async move {
+                    let _ = client.ack(&p).await;
+                });
+                return;
+            }
+        };
+        let (id, device) = (msg.id.clone(), msg.device.clone());
+        let committed = self.shared.inbox.receive(msg, received_ms);
+        let client = self.client.clone();
+        let shared = self.shared.clone();
+        self.work.spawn(async move {
+            match committed.await {
+                Ok(Ok(receipt)) => {
+                    let _ = client.ack(&p).await;
+                    match receipt {
+                        Receipt::Queued => shared.inbox.wake(&device),
+                        Receipt::Finished(outcome) => {
+                            info!(message = %id, %device, ?outcome, "message ended on receipt");
+                            shared.outbox.wake();
+                        }
+                        Receipt::Duplicate => {
+                            debug!(message = %id, "redelivered message acknowledged again")
+                        }
+                    }
+                }
+                // Not committed: no ack; the cloud sends it again.
+                Ok(Err(e)) => warn!(message = %id, error = %e, "message not stored"),
+                Err(_) => warn!(message = %id, "message not stored: the store stopped"),
             }
         });
     }

@@ -1,0 +1,506 @@
+//! Cloud-to-device messages, gateway side. A message is written to the SQLite inbox and
+//! committed before its MQTT acknowledgement, together with its `received` feedback in the
+//! outbox; a redelivered id is recognised and acknowledged without running again. One worker
+//! per device executes its messages in FIFO order.
+//!
+//! At most once: a message is marked `running` (committed) before its device call and final
+//! after it. A `running` message found at start-up may have reached the device before a crash,
+//! so it ends `failed` and is never called again. For the same reason only a call that provably
+//! did not reach the device (connection refused, device offline) is retried, with backoff, until
+//! the TTL; a 5xx answer or a timeout is final (`failed`), a 4xx is `rejected`. A message whose
+//! TTL passed is `expired` and never executed late.
+
+use crate::clock::now_ms;
+use crate::config::MessagesConfig;
+use crate::device::{CallError, Device, Devices};
+use crate::outbox::{self, Wake};
+use crate::store::{Store, StoreError};
+use gatewayd_protocol::message::FeedbackOutcome;
+use gatewayd_protocol::{validate_params, C2dMessage, DeviceId, Feedback, PROTOCOL_VERSION};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+/// Finished messages are kept this long to recognise redeliveries (longer than the longest TTL).
+const KEEP_FINISHED_MS: u64 = 3 * 24 * 3600 * 1000;
+
+/// What became of a received message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Receipt {
+    /// New, queued for its device.
+    Queued,
+    /// New, but ended at once (rejected, expired, or the inbox was full).
+    Finished(FeedbackOutcome),
+    /// Seen before: not stored or executed again.
+    Duplicate,
+}
+
+/// Shared inbox state.
+pub struct Inbox {
+    store: Store,
+    config: MessagesConfig,
+    devices: Arc<Devices>,
+    wakers: HashMap<DeviceId, Arc<Notify>>,
+    outbox: Wake,
+}
+
+impl Inbox {
+    /// One worker wake-up per configured device.
+    pub fn new(store: Store, config: MessagesConfig, devices: Arc<Devices>, outbox: Wake) -> Inbox {
+        let wakers = devices
+            .all()
+            .into_iter()
+            .map(|d| (d.id.clone(), Arc::new(Notify::new())))
+            .collect();
+        Inbox {
+            store,
+            config,
+            devices,
+            wakers,
+            outbox,
+        }
+    }
+
+    /// Stores a received message (in receipt order); resolves after the commit, when the MQTT
+    /// acknowledgement may be sent.
+    pub fn receive(
+        &self,
+        msg: C2dMessage,
+        now: u64,
+    ) -> oneshot::Receiver<Result<Receipt, StoreError>> {
+        let verdict = self.check(&msg, now);
+        let max_inbox = self.config.max_inbox;
+        self.store.submit(move |c| {
+            let seen: Option<String> = c
+                .prepare_cached("SELECT state FROM inbox WHERE id = ?1")?
+                .query_row([msg.id.as_str()], |r| r.get(0))
+                .optional()?;
+            if seen.is_some() {
+                return Ok(Receipt::Duplicate);
+            }
+            let verdict = match verdict {
+                None => {
+                    let waiting: i64 = c
+                        .prepare_cached(
+                            "SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'running')",
+                        )?
+                        .query_row([], |r| r.get(0))?;
+                    if waiting as usize >= max_inbox {
+                        Some((
+                            FeedbackOutcome::Failed,
+                            format!("gateway inbox full ({max_inbox} messages waiting)"),
+                        ))
+                    } else {
+                        None
+                    }
+                }
+                some => some,
+            };
+            let state = match &verdict {
+                None => "pending",
+                Some((outcome, _)) => outcome_state(*outcome),
+            };
+            c.execute(
+                "INSERT INTO inbox (id, device, payload, expires_at_ms, received_at_ms, state, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT IFNULL(MAX(seq), 0) + 1 FROM inbox))",
+                params![
+                    msg.id.as_str(),
+                    msg.device.as_str(),
+                    msg.payload.to_string(),
+                    msg.expires_at_ms as i64,
+                    now as i64,
+                    state
+                ],
+            )?;
+            match verdict {
+                None => {
+                    push_feedback(
+                        c,
+                        msg.id.as_str(),
+                        msg.device.as_str(),
+                        FeedbackOutcome::Received,
+                        None,
+                        None,
+                        now,
+                    )?;
+                    Ok(Receipt::Queued)
+                }
+                Some((outcome, reason)) => {
+                    push_feedback(
+                        c,
+                        msg.id.as_str(),
+                        msg.device.as_str(),
+                        outcome,
+                        Some(reason),
+                        None,
+                        now,
+                    )?;
+                    Ok(Receipt::Finished(outcome))
+                }
+            }
+        })
+    }
+
+    /// Checks that need no database: unknown device, expired, unmapped command.
+    fn check(&self, msg: &C2dMessage, now: u64) -> Option<(FeedbackOutcome, String)> {
+        let Some(device) = self.devices.get(&msg.device) else {
+            return Some((
+                FeedbackOutcome::Rejected,
+                format!("this gateway has no device '{}'", msg.device),
+            ));
+        };
+        if now >= msg.expires_at_ms {
+            return Some((
+                FeedbackOutcome::Expired,
+                "ttl passed before the gateway received it".into(),
+            ));
+        }
+        match command_of(&msg.payload, &self.config.command_field) {
+            Err(why) => Some((FeedbackOutcome::Rejected, why)),
+            Ok(cmd) => match device.config.commands.get(cmd) {
+                None => Some((
+                    FeedbackOutcome::Rejected,
+                    format!(
+                        "device {} has no mapping for command '{cmd}'; it has: {}",
+                        msg.device,
+                        device
+                            .config
+                            .commands
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )),
+                Some(action) => {
+                    let args = args_of(&msg.payload, &self.config.command_field);
+                    validate_params(&action.params, &Value::Object(args))
+                        .err()
+                        .map(|e| (FeedbackOutcome::Rejected, format!("command '{cmd}': {e}")))
+                }
+            },
+        }
+    }
+
+    /// Wakes the worker of `device`.
+    pub fn wake(&self, device: &DeviceId) {
+        if let Some(w) = self.wakers.get(device) {
+            w.notify_one();
+        }
+        self.outbox.wake();
+    }
+
+    /// At start-up: messages caught `running` by a crash end `failed` (they may have reached
+    /// the device); finished messages past the redelivery window are forgotten.
+    pub async fn recover(&self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        self.store
+            .call(move |c| {
+                let running: Vec<(String, String)> = c
+                    .prepare("SELECT id, device FROM inbox WHERE state = 'running'")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                for (id, device) in &running {
+                    let reason = "gateway restarted while the device call was in progress; not retried (at most once)";
+                    finish(c, id, device, FeedbackOutcome::Failed, Some(reason.into()), None, now)?;
+                }
+                c.execute(
+                    "DELETE FROM inbox WHERE state NOT IN ('pending', 'running') AND received_at_ms < ?1",
+                    [now.saturating_sub(KEEP_FINISHED_MS) as i64],
+                )?;
+                Ok(running.len())
+            })
+            .await
+    }
+}
+
+fn outcome_state(o: FeedbackOutcome) -> &'static str {
+    match o {
+        FeedbackOutcome::Received => "pending",
+        FeedbackOutcome::Completed => "completed",
+        FeedbackOutcome::Rejected => "rejected",
+        FeedbackOutcome::Expired => "expired",
+        FeedbackOutcome::Failed => "failed",
+    }
+}
+
+fn command_of<'a>(payload: &'a Value, field: &str) -> Result<&'a str, String> {
+    payload
+        .get(field)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("payload has no string '{field}' naming the command"))
+}
+
+fn args_of(payload: &Value, field: &str) -> Map<String, Value> {
+    let mut args = payload.as_object().cloned().unwrap_or_default();
+    args.remove(field);
+    args
+}
+
+fn push_feedback(
+    c: &Connection,
+    id: &str,
+    device: &str,
+    outcome: FeedbackOutcome,
+    reason: Option<String>,
+    device_status: Option<i64>,
+    now: u64,
+) -> rusqlite::Result<()> {
+    let (Ok(id), Ok(device)) = (gatewayd_protocol::MessageId::new(id), DeviceId::new(device))
+    else {
+        return Ok(());
+    };
+    let fb = Feedback {
+        v: PROTOCOL_VERSION,
+        id,
+        device,
+        outcome,
+        reason,
+        device_status,
+        at_ms: now,
+    };
+    let body = serde_json::to_value(&fb).expect("feedback serializes");
+    outbox::push(c, outbox::Kind::Feedback, fb.id.as_str(), &body).map(|_| ())
+}
+
+fn finish(
+    c: &Connection,
+    id: &str,
+    device: &str,
+    outcome: FeedbackOutcome,
+    reason: Option<String>,
+    device_status: Option<i64>,
+    now: u64,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "UPDATE inbox SET state = ?2 WHERE id = ?1",
+        params![id, outcome_state(outcome)],
+    )?;
+    push_feedback(c, id, device, outcome, reason, device_status, now)
+}
+
+struct Next {
+    id: String,
+    payload: Value,
+    expires_at_ms: u64,
+}
+
+/// Executes one device's messages in order until `stop`.
+pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationToken) {
+    let Some(wake) = inbox.wakers.get(&device.id).cloned() else {
+        return;
+    };
+    let mut presence = inbox.devices.presence.subscribe();
+    let span = tracing::info_span!("messages", device = %device.id);
+    async move {
+        let mut retry = Duration::from_millis(inbox.config.retry_min_ms);
+        loop {
+            let id = device.id.to_string();
+            let next = inbox
+                .store
+                .call(move |c| {
+                    c.prepare_cached(
+                        "SELECT id, payload, expires_at_ms FROM inbox WHERE device = ?1 AND state = 'pending' ORDER BY seq LIMIT 1",
+                    )?
+                    .query_row([id], |r| {
+                        Ok(Next {
+                            id: r.get(0)?,
+                            payload: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or(Value::Null),
+                            expires_at_ms: r.get::<_, i64>(2)? as u64,
+                        })
+                    })
+                    .optional()
+                })
+                .await;
+            let next = match next {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the inbox");
+                    None
+                }
+            };
+            let mut sleep_for = None;
+            if let Some(msg) = next {
+                let now = now_ms();
+                if now >= msg.expires_at_ms {
+                    inbox.end(&device, &msg.id, FeedbackOutcome::Expired, Some("ttl passed before the device could be reached".into()), None).await;
+                    continue;
+                }
+                let until_expiry = Duration::from_millis(msg.expires_at_ms - now);
+                if inbox.devices.presence.is_online(&device.id) {
+                    match execute(&device, &inbox, &msg).await {
+                        Attempt::Done => {
+                            retry = Duration::from_millis(inbox.config.retry_min_ms);
+                            continue;
+                        }
+                        Attempt::NotSent(why) => {
+                            debug!(message = %msg.id, %why, "device not reached; retrying");
+                            sleep_for = Some(retry.min(until_expiry));
+                            retry = (retry * 2).min(Duration::from_millis(inbox.config.retry_max_ms));
+                        }
+                    }
+                } else {
+                    sleep_for = Some(until_expiry);
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = wake.notified() => {}
+                r = presence.changed() => { if r.is_err() { return } }
+                _ = tokio::time::sleep(sleep_for.unwrap_or_default()), if sleep_for.is_some() => {}
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+enum Attempt {
+    /// The message reached a final state.
+    Done,
+    /// The call provably did not reach the device; the message stays pending.
+    NotSent(String),
+}
+
+async fn execute(device: &Device, inbox: &Inbox, msg: &Next) -> Attempt {
+    let field = &inbox.config.command_field;
+    let Ok(cmd) = command_of(&msg.payload, field) else {
+        inbox
+            .end(
+                device,
+                &msg.id,
+                FeedbackOutcome::Rejected,
+                Some(format!("payload has no string '{field}'")),
+                None,
+            )
+            .await;
+        return Attempt::Done;
+    };
+    let Some(action) = device.config.commands.get(cmd) else {
+        inbox
+            .end(
+                device,
+                &msg.id,
+                FeedbackOutcome::Rejected,
+                Some(format!("no mapping for command '{cmd}'")),
+                None,
+            )
+            .await;
+        return Attempt::Done;
+    };
+    let Ok(_slot) = device.slots.acquire().await else {
+        return Attempt::NotSent("shutting down".into());
+    };
+    let now = now_ms();
+    if now >= msg.expires_at_ms {
+        inbox
+            .end(
+                device,
+                &msg.id,
+                FeedbackOutcome::Expired,
+                Some("ttl passed before the device could be reached".into()),
+                None,
+            )
+            .await;
+        return Attempt::Done;
+    }
+    // Committed before the call: a crash from here on can never lead to a second call.
+    let id = msg.id.clone();
+    if let Err(e) = inbox
+        .store
+        .call(move |c| {
+            c.execute(
+                "UPDATE inbox SET state = 'running', attempts = attempts + 1 WHERE id = ?1",
+                [id],
+            )
+        })
+        .await
+    {
+        warn!(error = %e, "cannot mark the message running");
+        return Attempt::NotSent(e.to_string());
+    }
+    let mut vars = args_of(&msg.payload, field);
+    vars.insert("message_id".into(), Value::String(msg.id.clone()));
+    vars.insert("command".into(), Value::String(cmd.to_string()));
+    vars.insert("params".into(), Value::Object(args_of(&msg.payload, field)));
+    let configured = Duration::from_millis(action.timeout_ms.unwrap_or(device.config.timeout_ms));
+    let timeout = configured.min(Duration::from_millis(
+        msg.expires_at_ms.saturating_sub(now).max(1),
+    ));
+    let result = device.call(action, &vars, timeout).await;
+    inbox
+        .devices
+        .presence
+        .observe_call(&device.id, &result, now_ms());
+    let (outcome, reason, status) = match result {
+        Ok(_) => (FeedbackOutcome::Completed, None, None),
+        Err(CallError::Unreachable(why)) => {
+            // Nothing reached the device: back to pending, retried until the TTL.
+            let id = msg.id.clone();
+            let _ = inbox
+                .store
+                .call(move |c| c.execute("UPDATE inbox SET state = 'pending' WHERE id = ?1", [id]))
+                .await;
+            return Attempt::NotSent(why);
+        }
+        Err(CallError::Status { status, detail }) if (400..500).contains(&status) => (
+            FeedbackOutcome::Rejected,
+            Some(format!("device answered {status}: {}", text(&detail))),
+            Some(status),
+        ),
+        Err(CallError::Status { status, detail }) => (
+            FeedbackOutcome::Failed,
+            Some(format!(
+                "device answered {status}: {}; not retried (at most once)",
+                text(&detail)
+            )),
+            Some(status),
+        ),
+        Err(e) => (
+            FeedbackOutcome::Failed,
+            Some(format!("{e}; not retried (at most once)")),
+            None,
+        ),
+    };
+    inbox.end(device, &msg.id, outcome, reason, status).await;
+    Attempt::Done
+}
+
+impl Inbox {
+    async fn end(
+        &self,
+        device: &Device,
+        id: &str,
+        outcome: FeedbackOutcome,
+        reason: Option<String>,
+        status: Option<i64>,
+    ) {
+        let (id, dev) = (id.to_string(), device.id.to_string());
+        info!(message = %id, outcome = ?outcome, reason = reason.as_deref().unwrap_or(""), "message finished");
+        let r = self
+            .store
+            .call(move |c| finish(c, &id, &dev, outcome, reason, status, now_ms()))
+            .await;
+        if let Err(e) = r {
+            warn!(error = %e, "cannot record the message outcome");
+        }
+        self.outbox.wake();
+    }
+}
+
+fn text(detail: &Value) -> String {
+    match detail {
+        Value::String(s) => s.clone(),
+        Value::Object(m) => m
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| detail.to_string()),
+        other => other.to_string(),
+    }
+}
