@@ -1,6 +1,6 @@
 //! The cloud side of gatewayd for development and tests: an embedded MQTT broker (or an
-//! external one), an operator HTTP API, and a SQLite store. This version covers the gateway
-//! and device registry, presence, and synchronous RPC.
+//! external one), an operator HTTP API, and a SQLite store. It covers the gateway and device
+//! registry, presence, synchronous RPC, device twins and cloud-to-device messages.
 //!
 //! [`run`] takes an already bound API listener and a shutdown token, so tests run the real
 //! thing in-process on `127.0.0.1:0`. The broker is separate ([`start_embedded_broker`]) because
@@ -9,13 +9,17 @@
 pub mod api;
 pub mod broker;
 pub mod calls;
+pub mod clock;
 mod error;
+pub mod messages;
 pub mod registry;
 pub mod session;
 pub mod store;
+pub mod twins;
 pub mod uplink;
 
 pub use broker::{resolve_listen, start_embedded_broker, wait_until_accepting};
+pub use clock::now_ms;
 pub use error::StubError;
 pub use session::{MqttTarget, TargetError};
 pub use store::DbLocation;
@@ -23,6 +27,7 @@ pub use store::DbLocation;
 use axum::serve::ListenerExt;
 use calls::PendingCalls;
 use gatewayd_protocol::{ErrorCode, RpcError};
+use messages::Outbox;
 use registry::Registry;
 use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
@@ -30,10 +35,15 @@ use std::time::Duration;
 use store::Store;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use twins::Twins;
 use uplink::Uplink;
 
 /// MQTT client id of the stub unless told otherwise.
 pub const DEFAULT_CLIENT_ID: &str = "cloud-stub";
+/// Open (queued or delivered) messages allowed per device unless told otherwise.
+pub const DEFAULT_MAX_QUEUE: usize = 50;
+/// Messages published to a gateway and not yet acknowledged, at most, unless told otherwise.
+pub const DEFAULT_SEND_WINDOW: usize = 200;
 
 /// How long calls in flight may still finish after shutdown begins.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -47,59 +57,100 @@ pub struct StubConfig {
     pub db: DbLocation,
     /// The stub's MQTT client id.
     pub client_id: String,
+    /// Open (queued or delivered) messages allowed per device; more are refused with
+    /// `queue_full`.
+    pub max_queue: usize,
+    /// Messages published to one gateway and not yet acknowledged (`received`), at most.
+    pub send_window: usize,
 }
 
 impl StubConfig {
-    /// A config with the default client id.
+    /// A config with the default client id and limits.
     pub fn new(mqtt: MqttTarget, db: DbLocation) -> Self {
         StubConfig {
             mqtt,
             db,
             client_id: DEFAULT_CLIENT_ID.to_string(),
+            max_queue: DEFAULT_MAX_QUEUE,
+            send_window: DEFAULT_SEND_WINDOW,
         }
     }
 }
 
-/// Runs the stub until `shutdown` is cancelled: loads the store, starts the MQTT session and
-/// serves the operator API on `api`. On shutdown it stops taking connections, gives calls in
-/// flight a short grace period, fails the rest with `shutting_down`, disconnects from the
-/// broker and waits for the last store write.
+/// Runs the stub until `shutdown` is cancelled: loads the store, starts the MQTT session, the
+/// message sender and expiry tasks and the twin publisher, and serves the operator API on
+/// `api`. On shutdown it stops taking connections, gives calls in flight a short grace period,
+/// fails the rest with `shutting_down`, stops the tasks, disconnects from the broker and waits
+/// for the last store write.
 pub async fn run(
     config: StubConfig,
     api: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StubError> {
     let db = config.db.clone();
-    let (store, (gateways, devices)) = tokio::task::spawn_blocking(move || {
+    let (store, (gateways, devices), known, open) = tokio::task::spawn_blocking(move || {
         let store = Store::open(&db)?;
-        let loaded = store.load()?;
-        Ok::<_, store::StoreError>((store, loaded))
+        let registry = store.load()?;
+        let known = store.load_known_devices()?;
+        let open = store.load_open_messages()?;
+        Ok::<_, store::StoreError>((store, registry, known, open))
     })
     .await
     .map_err(|e| task_failed("store open", e))??;
     tracing::info!(
         gateways = gateways.len(),
         devices = devices.len(),
-        "registry loaded"
+        twins = known.len(),
+        open_messages = open.len(),
+        "store loaded"
     );
-    let registry = Arc::new(Mutex::new(Registry::from_records(gateways, devices)));
-    let (writer, writer_thread) = store.spawn_writer()?;
+    let mut registry = Registry::from_records(gateways, devices);
+    registry.remember(known);
+    let registry = Arc::new(Mutex::new(registry));
+    let (store, store_thread) = store.spawn()?;
     let calls = Arc::new(PendingCalls::default());
-
-    let session_stop = CancellationToken::new();
-    let uplink = Uplink::new(Arc::clone(&registry), Arc::clone(&calls), writer);
-    let (publisher, session) = session::spawn(
-        &config.mqtt,
-        &config.client_id,
-        uplink,
-        session_stop.clone(),
+    let (twins, desired_out) = Twins::new(store.clone());
+    let outbox = Outbox::new(
+        store.clone(),
+        Arc::clone(&registry),
+        config.max_queue,
+        config.send_window,
+        open,
     );
+
+    let tasks_stop = CancellationToken::new();
+    let uplink = Uplink::new(
+        Arc::clone(&registry),
+        Arc::clone(&calls),
+        store.clone(),
+        twins.clone(),
+        Arc::clone(&outbox),
+    );
+    let (publisher, session) =
+        session::spawn(&config.mqtt, &config.client_id, uplink, tasks_stop.clone());
+    let sender = tokio::spawn(messages::sender::run(
+        Arc::clone(&outbox),
+        publisher.clone(),
+        tasks_stop.clone(),
+    ));
+    let expiry = tokio::spawn(messages::expiry::run(
+        Arc::clone(&outbox),
+        tasks_stop.clone(),
+    ));
+    let twin_publisher = tokio::spawn(twins::run_publisher(
+        desired_out,
+        Arc::clone(&registry),
+        publisher.clone(),
+        tasks_stop.clone(),
+    ));
 
     let app = api::router(api::AppState {
         registry,
         calls: Arc::clone(&calls),
         publisher,
         shutdown: shutdown.clone(),
+        twins,
+        outbox,
     });
     tracing::info!(addr = %api.local_addr()?, "operator api listening");
     let api = api.tap_io(|tcp| {
@@ -131,28 +182,38 @@ pub async fn run(
             );
         }
     }
-    session_stop.cancel();
+    // The API drains first (its requests may wait on the store), then the tasks stop, then the
+    // store finishes what is queued.
     let served = match early {
         Some(r) => r,
         None => server.await,
     };
+    tasks_stop.cancel();
     let session_done = session.await;
-    // The session owned the last store writer; once it is gone the writer thread drains and ends.
-    let writer_done = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    let tasks_done = [
+        ("message sender", sender.await),
+        ("message expiry", expiry.await),
+        ("twin publisher", twin_publisher.await),
+    ];
+    store.stop();
+    let store_done = tokio::task::spawn_blocking(move || store_thread.join()).await;
 
     served
         .map_err(|e| task_failed("api server", e))?
         .map_err(StubError::Api)?;
     session_done.map_err(|e| task_failed("mqtt session", e))?;
-    match writer_done {
+    for (name, done) in tasks_done {
+        done.map_err(|e| task_failed(name, e))?;
+    }
+    match store_done {
         Ok(Ok(())) => {}
         Ok(Err(_)) => {
             return Err(StubError::Task {
-                name: "store writer",
+                name: "store",
                 reason: "panicked".into(),
             })
         }
-        Err(e) => return Err(task_failed("store writer", e)),
+        Err(e) => return Err(task_failed("store", e)),
     }
     tracing::info!("stopped");
     Ok(())
@@ -163,11 +224,4 @@ fn task_failed(name: &'static str, e: tokio::task::JoinError) -> StubError {
         name,
         reason: e.to_string(),
     }
-}
-
-/// Current wall clock, unix milliseconds (the cloud's clock for deadlines and last-seen times).
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

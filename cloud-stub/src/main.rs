@@ -32,6 +32,15 @@ struct Cli {
     /// SQLite database file, or `:memory:`.
     #[arg(long, default_value = "cloud-stub.db", value_name = "PATH")]
     db: String,
+    /// Messages per device that may be open (queued or delivered) at once; more are refused
+    /// with 429 queue_full.
+    #[arg(long, default_value_t = cloud_stub::DEFAULT_MAX_QUEUE as u32, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_queue: u32,
+    /// Messages published to one gateway and not yet acknowledged, at most.
+    #[arg(long, default_value_t = cloud_stub::DEFAULT_SEND_WINDOW as u32, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    send_window: u32,
 }
 
 fn main() {
@@ -108,7 +117,10 @@ async fn serve(cli: Cli) -> anyhow::Result<()> {
         ":memory:" => DbLocation::Memory,
         path => DbLocation::Path(PathBuf::from(path)),
     };
-    cloud_stub::run(StubConfig::new(mqtt, db), api, shutdown).await?;
+    let mut config = StubConfig::new(mqtt, db);
+    config.max_queue = cli.max_queue as usize;
+    config.send_window = cli.send_window as usize;
+    cloud_stub::run(config, api, shutdown).await?;
     Ok(())
 }
 

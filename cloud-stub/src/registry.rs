@@ -61,6 +61,9 @@ pub struct Device {
 pub struct StateChange {
     /// It was online and now is not.
     pub went_offline: bool,
+    /// It is online now and was not, or it restarted: a new birth. Messages published to it
+    /// and not yet acknowledged are sent again.
+    pub came_online: bool,
     /// Its boot id changed: gatewayd restarted, and calls it had in flight are lost.
     pub restarted: bool,
     /// A late will of a previous run, ignored.
@@ -81,6 +84,9 @@ pub struct Route {
 pub struct Registry {
     gateways: BTreeMap<GatewayId, Gateway>,
     devices: BTreeMap<DeviceId, Device>,
+    /// Every device any catalog ever declared, including those no catalog declares any more:
+    /// their twins and messages stay addressable.
+    known: BTreeSet<DeviceId>,
 }
 
 impl Registry {
@@ -99,6 +105,7 @@ impl Registry {
                 continue;
             };
             gw.devices.insert(d.info.id.clone());
+            reg.known.insert(d.info.id.clone());
             reg.devices.insert(
                 d.info.id.clone(),
                 Device {
@@ -133,6 +140,7 @@ impl Registry {
         }
         let change = StateChange {
             went_offline: gw.online && !state.online,
+            came_online: state.online && (!gw.online || other_boot),
             restarted: other_boot,
             stale_will: false,
         };
@@ -164,6 +172,7 @@ impl Registry {
         for info in catalog.devices {
             let dev_id = info.id.clone();
             declared.insert(dev_id.clone());
+            self.known.insert(dev_id.clone());
             match self.devices.get_mut(&dev_id) {
                 Some(dev) if &dev.gateway == id => dev.info = info,
                 existing => {
@@ -274,6 +283,29 @@ impl Registry {
             gateway: dev.gateway.clone(),
             params: m.params.clone(),
         })
+    }
+
+    /// Adds devices to those ever declared (loaded from the store at start).
+    pub fn remember(&mut self, devices: impl IntoIterator<Item = DeviceId>) {
+        self.known.extend(devices);
+    }
+
+    /// Whether any catalog ever declared this device.
+    pub fn is_known(&self, device: &DeviceId) -> bool {
+        self.known.contains(device)
+    }
+
+    /// The gateway whose catalog declares the device now, and whether it is online.
+    pub fn owner(&self, device: &DeviceId) -> Option<(&GatewayId, bool)> {
+        self.devices
+            .get(device)
+            .map(|d| (&d.gateway, self.gateway_online(&d.gateway)))
+    }
+
+    /// The gateway of the device when that gateway is online.
+    pub fn online_owner(&self, device: &DeviceId) -> Option<&GatewayId> {
+        self.owner(device)
+            .and_then(|(gw, online)| online.then_some(gw))
     }
 
     /// Whether the gateway is known and online.

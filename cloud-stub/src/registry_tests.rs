@@ -151,7 +151,33 @@ fn a_new_boot_id_means_a_restart() {
     assert_eq!(again, StateChange::default());
     let reboot: GatewayState =
         serde_json::from_value(json!({"online": true, "boot_id": "b2"})).unwrap();
-    assert!(reg.apply_state(&gw("g1"), &reboot, 3).restarted);
+    let change = reg.apply_state(&gw("g1"), &reboot, 3);
+    assert!(change.restarted && change.came_online);
+}
+
+#[test]
+fn a_birth_after_an_absence_is_a_new_birth() {
+    let mut reg = Registry::default();
+    assert!(reg.apply_state(&gw("g1"), &state(true), 1).came_online);
+    assert!(!reg.apply_state(&gw("g1"), &state(true), 2).came_online);
+    reg.apply_state(&gw("g1"), &state(false), 3);
+    assert!(reg.apply_state(&gw("g1"), &state(true), 4).came_online);
+    reg.mark_all_offline();
+    assert!(reg.apply_state(&gw("g1"), &state(true), 5).came_online);
+}
+
+#[test]
+fn a_device_dropped_from_its_catalog_stays_known() {
+    let mut reg = online_registry();
+    assert!(reg.is_known(&dev("agv-1")));
+    assert_eq!(reg.online_owner(&dev("agv-1")), Some(&gw("g1")));
+    reg.apply_catalog(&gw("g1"), catalog(&[]), 2);
+    assert!(reg.device(&dev("agv-1")).is_none());
+    assert!(reg.is_known(&dev("agv-1")));
+    assert_eq!(reg.owner(&dev("agv-1")), None);
+    assert!(!reg.is_known(&dev("agv-9")));
+    reg.remember([dev("agv-9")]);
+    assert!(reg.is_known(&dev("agv-9")));
 }
 
 #[test]

@@ -1,13 +1,16 @@
 //! What the cloud does with each message a gateway publishes under `gw/{gateway}/up/`: update
-//! the registry, persist it, and complete or fail pending RPC calls. Synchronous and quick, so
-//! the session can run it inline between polls.
+//! the registry, persist it, complete or fail pending RPC calls, and hand twin and message
+//! traffic to [`Twins`] and [`Outbox`]. Synchronous and quick (store work is queued, never
+//! awaited), so the session can run it inline between polls.
 
 use crate::calls::PendingCalls;
+use crate::messages::Outbox;
 use crate::registry::{self, SharedRegistry};
-use crate::store::StoreWriter;
+use crate::store::StoreHandle;
+use crate::twins::Twins;
 use gatewayd_protocol::{
-    decode, Catalog, DevicePresence, ErrorCode, GatewayId, GatewayState, RpcError, RpcResponse,
-    Topics, Up,
+    decode, Catalog, DevicePresence, ErrorCode, Feedback, GatewayId, GatewayState, ReportedUpdate,
+    RpcError, RpcResponse, Topics, TwinSync, Up,
 };
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
@@ -16,16 +19,27 @@ use std::sync::Arc;
 pub struct Uplink {
     registry: SharedRegistry,
     calls: Arc<PendingCalls>,
-    store: StoreWriter,
+    store: StoreHandle,
+    twins: Twins,
+    outbox: Arc<Outbox>,
 }
 
 impl Uplink {
-    /// An uplink writing into `registry`, answering `calls` and persisting through `store`.
-    pub fn new(registry: SharedRegistry, calls: Arc<PendingCalls>, store: StoreWriter) -> Self {
+    /// An uplink writing into `registry`, answering `calls`, persisting through `store`, and
+    /// passing twin and message traffic on.
+    pub fn new(
+        registry: SharedRegistry,
+        calls: Arc<PendingCalls>,
+        store: StoreHandle,
+        twins: Twins,
+        outbox: Arc<Outbox>,
+    ) -> Self {
         Uplink {
             registry,
             calls,
             store,
+            twins,
+            outbox,
         }
     }
 
@@ -60,8 +74,20 @@ impl Uplink {
                     }
                 }
             }
-            Up::TwinReported | Up::TwinSync | Up::MessageFeedback => {
-                tracing::debug!(gateway = %gw, topic, "not handled yet");
+            Up::TwinReported => {
+                if let Some(update) = parse::<ReportedUpdate>(&gw, kind, payload) {
+                    self.on_reported(gw, update, now_ms);
+                }
+            }
+            Up::TwinSync => {
+                if let Some(sync) = parse::<TwinSync>(&gw, kind, payload) {
+                    self.on_sync(gw, sync);
+                }
+            }
+            Up::MessageFeedback => {
+                if let Some(feedback) = parse::<Feedback>(&gw, kind, payload) {
+                    self.outbox.on_feedback(&gw, &feedback, now_ms);
+                }
             }
         }
     }
@@ -95,6 +121,9 @@ impl Uplink {
         self.persist(gw);
         tracing::info!(gateway = %gw, online = state.online, boot_id = %state.boot_id,
             "gateway state");
+        if change.came_online {
+            self.outbox.gateway_online(gw);
+        }
         let message = if change.went_offline {
             format!("gateway {gw} went offline")
         } else if change.restarted {
@@ -112,7 +141,10 @@ impl Uplink {
 
     fn on_catalog(&self, gw: &GatewayId, catalog: Catalog, now_ms: u64) {
         let count = catalog.devices.len();
+        let declared = catalog.devices.iter().map(|d| d.id.clone()).collect();
         let taken = registry::lock(&self.registry).apply_catalog(gw, catalog, now_ms);
+        self.store.remember_devices(declared);
+        self.outbox.wake();
         for (device, loser) in &taken {
             tracing::warn!(device = %device, from = %loser, to = %gw,
                 "device id claimed by two gateways; the newest catalog wins");
@@ -121,10 +153,42 @@ impl Uplink {
         tracing::info!(gateway = %gw, devices = count, "gateway catalog");
     }
 
+    fn on_reported(&self, gw: GatewayId, update: ReportedUpdate, now_ms: u64) {
+        let owner = registry::lock(&self.registry)
+            .owner(&update.device)
+            .map(|(owner, _)| owner.clone());
+        if owner.as_ref() != Some(&gw) {
+            tracing::debug!(gateway = %gw, device = %update.device, owner = ?owner,
+                "reported patch for a device this gateway does not own ignored");
+            return;
+        }
+        self.twins.on_reported(gw, update, now_ms);
+    }
+
+    fn on_sync(&self, gw: GatewayId, sync: TwinSync) {
+        let held: Vec<_> = {
+            let reg = registry::lock(&self.registry);
+            sync.devices
+                .into_iter()
+                .filter(|(device, _)| {
+                    let owned = reg.owner(device).is_some_and(|(owner, _)| owner == &gw);
+                    if !owned {
+                        tracing::debug!(gateway = %gw, device = %device,
+                            "twin sync for a device this gateway does not own ignored");
+                    }
+                    owned
+                })
+                .collect()
+        };
+        if !held.is_empty() {
+            self.twins.on_sync(gw, held);
+        }
+    }
+
     fn persist(&self, gw: &GatewayId) {
         let records = registry::lock(&self.registry).records(gw);
         if let Some((gateway, devices)) = records {
-            self.store.save(gateway, devices);
+            self.store.save_gateway(gateway, devices);
         }
     }
 }
@@ -154,11 +218,16 @@ mod tests {
     fn uplink() -> (Uplink, SharedRegistry, Arc<PendingCalls>) {
         let registry: SharedRegistry = Arc::new(Mutex::new(Registry::default()));
         let calls = Arc::new(PendingCalls::default());
-        let (writer, _thread) = Store::open(&DbLocation::Memory)
-            .unwrap()
-            .spawn_writer()
-            .unwrap();
-        let up = Uplink::new(Arc::clone(&registry), Arc::clone(&calls), writer);
+        let (store, _thread) = Store::open(&DbLocation::Memory).unwrap().spawn().unwrap();
+        let (twins, _rx) = Twins::new(store.clone());
+        let outbox = Outbox::new(store.clone(), Arc::clone(&registry), 50, 200, Vec::new());
+        let up = Uplink::new(
+            Arc::clone(&registry),
+            Arc::clone(&calls),
+            store,
+            twins,
+            outbox,
+        );
         (up, registry, calls)
     }
 

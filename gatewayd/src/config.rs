@@ -315,6 +315,14 @@ pub struct ActionConfig {
     /// device it is also the response timeout (instead of the port's `timeout_ms`).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// Twin properties only: a method of this device called after the property was applied,
+    /// whose result is what the device now holds (instead of this call's own result). For
+    /// devices that answer a write with a bare `OK`.
+    #[serde(default)]
+    pub read_back: Option<String>,
+    /// Twin properties only: a JSON pointer into the `read_back` result, e.g. `/setpoint`.
+    #[serde(default)]
+    pub read_back_pointer: Option<String>,
     /// Serial: the request line template, e.g. `"{{address}}SETP {{value}}"`; the port's
     /// request terminator is appended. Control characters in values become spaces.
     #[serde(default)]
@@ -525,6 +533,20 @@ impl DeviceConfig {
             let at = format!("{at}.twin.{name}");
             m.validate(&at, &["value", "property"], p);
             m.validate_kind(self.kind, &at, p);
+            if let Some(method) = &m.read_back {
+                if !self.methods.contains_key(method) {
+                    p.push(format!(
+                        "{at}.read_back: names no method of this device ('{method}')"
+                    ));
+                }
+            }
+        }
+        for (name, m) in self.methods.iter().chain(&self.commands) {
+            if m.read_back.is_some() || m.read_back_pointer.is_some() {
+                p.push(format!(
+                    "{at}.{name}: read_back is for twin properties only"
+                ));
+            }
         }
         for (name, m) in &self.commands {
             let at = format!("{at}.commands.{name}");

@@ -76,11 +76,15 @@ impl Inbox {
         let verdict = self.check(&msg, now);
         let max_inbox = self.config.max_inbox;
         self.store.submit(move |c| {
-            let seen: Option<String> = c
-                .prepare_cached("SELECT state FROM inbox WHERE id = ?1")?
-                .query_row([msg.id.as_str()], |r| r.get(0))
+            let seen: Option<(String, String, Option<String>, Option<i64>)> = c
+                .prepare_cached("SELECT state, device, reason, device_status FROM inbox WHERE id = ?1")?
+                .query_row([msg.id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
                 .optional()?;
-            if seen.is_some() {
+            if let Some((state, device, reason, status)) = seen {
+                // The cloud has not seen our feedback (or it would not send again): repeat the
+                // latest one, final outcome included.
+                let outcome = state_outcome(&state);
+                push_feedback(c, msg.id.as_str(), &device, outcome, reason, status, now)?;
                 return Ok(Receipt::Duplicate);
             }
             let verdict = match verdict {
@@ -106,15 +110,16 @@ impl Inbox {
                 Some((outcome, _)) => outcome_state(*outcome),
             };
             c.execute(
-                "INSERT INTO inbox (id, device, payload, expires_at_ms, received_at_ms, state, seq)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT IFNULL(MAX(seq), 0) + 1 FROM inbox))",
+                "INSERT INTO inbox (id, device, payload, expires_at_ms, received_at_ms, state, seq, reason)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT IFNULL(MAX(seq), 0) + 1 FROM inbox), ?7)",
                 params![
                     msg.id.as_str(),
                     msg.device.as_str(),
                     msg.payload.to_string(),
                     msg.expires_at_ms as i64,
                     now as i64,
-                    state
+                    state,
+                    verdict.as_ref().map(|(_, r)| r.clone())
                 ],
             )?;
             match verdict {
@@ -219,6 +224,16 @@ impl Inbox {
     }
 }
 
+fn state_outcome(state: &str) -> FeedbackOutcome {
+    match state {
+        "completed" => FeedbackOutcome::Completed,
+        "rejected" => FeedbackOutcome::Rejected,
+        "expired" => FeedbackOutcome::Expired,
+        "failed" => FeedbackOutcome::Failed,
+        _ => FeedbackOutcome::Received,
+    }
+}
+
 fn outcome_state(o: FeedbackOutcome) -> &'static str {
     match o {
         FeedbackOutcome::Received => "pending",
@@ -278,8 +293,8 @@ fn finish(
     now: u64,
 ) -> rusqlite::Result<()> {
     c.execute(
-        "UPDATE inbox SET state = ?2 WHERE id = ?1",
-        params![id, outcome_state(outcome)],
+        "UPDATE inbox SET state = ?2, reason = ?3, device_status = ?4 WHERE id = ?1",
+        params![id, outcome_state(outcome), reason, device_status],
     )?;
     push_feedback(c, id, device, outcome, reason, device_status, now)
 }

@@ -44,6 +44,9 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: the desired document last applied in full, so only what changed since is applied.
     "ALTER TABLE twin ADD COLUMN applied TEXT NOT NULL DEFAULT '{}';",
+    // 3: a message's final reason and device status, to repeat its feedback on redelivery.
+    "ALTER TABLE inbox ADD COLUMN reason TEXT;
+     ALTER TABLE inbox ADD COLUMN device_status INTEGER;",
 ];
 
 /// Why the store failed.

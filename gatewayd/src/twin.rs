@@ -2,6 +2,7 @@
 //! device answer becomes a reported value and an apply status. No I/O; the caller passes the
 //! documents in and performs the calls.
 
+use gatewayd_protocol::twin::same_value;
 use gatewayd_protocol::{ApplyState, ApplyStatus};
 use serde_json::{Map, Value};
 
@@ -22,7 +23,10 @@ pub fn plan(desired: &Value, applied: &Value) -> Vec<Step> {
     let a = applied.as_object();
     let mut steps: Vec<Step> = d
         .iter()
-        .filter(|(k, v)| a.and_then(|a| a.get(*k)) != Some(v))
+        .filter(|(k, v)| {
+            !a.and_then(|a| a.get(*k))
+                .is_some_and(|av| same_value(av, v))
+        })
         .map(|(k, v)| Step {
             property: k.clone(),
             value: v.clone(),
@@ -54,7 +58,7 @@ pub fn report(
         let (state, reason) = match outcome {
             StepOutcome::Accepted { holds } => {
                 patch.insert(step.property.clone(), holds.clone());
-                if *holds == step.value {
+                if same_value(holds, &step.value) {
                     (ApplyState::Applied, None)
                 } else {
                     (

@@ -222,9 +222,15 @@ async fn apply_round(
             .map_err(|_| "shutting down".to_string())?;
         let result = device.call(action, &vars, timeout).await;
         devices.presence.observe_call(&device.id, &result, now_ms());
+        let result = match (result, &action.read_back) {
+            (Ok(_), Some(method)) => {
+                read_back(device, method, action.read_back_pointer.as_deref(), timeout).await
+            }
+            (other, _) => other,
+        };
         let outcome = match result {
             Ok(answer) => StepOutcome::Accepted {
-                holds: if answer.result.is_null() {
+                holds: if answer.result.is_null() || answer.result == json!({}) {
                     step.value.clone()
                 } else {
                     answer.result
@@ -266,6 +272,25 @@ async fn apply_round(
     outbox.wake();
     info!(version, properties = applied_count, "desired state applied");
     Ok(())
+}
+
+/// Calls the `read_back` method and picks the value it reports.
+async fn read_back(
+    device: &Device,
+    method: &str,
+    pointer: Option<&str>,
+    timeout: Duration,
+) -> Result<crate::device::Answer, CallError> {
+    let action = device.config.methods.get(method).ok_or_else(|| {
+        CallError::BadAnswer(format!("read_back method '{method}' is not configured"))
+    })?;
+    let mut answer = device.call(action, &Map::new(), timeout).await?;
+    if let Some(ptr) = pointer.filter(|p| !p.is_empty()) {
+        answer.result = answer.result.pointer(ptr).cloned().ok_or_else(|| {
+            CallError::BadAnswer(format!("read_back answer has no value at {ptr}"))
+        })?;
+    }
+    Ok(answer)
 }
 
 fn detail_text(detail: &Value) -> String {

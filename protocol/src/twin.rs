@@ -113,6 +113,26 @@ fn check_key(k: &str) -> Result<(), TwinDocError> {
     Ok(())
 }
 
+/// JSON equality where numbers compare by value, so `30` and `30.0` (a device that answers in
+/// floats) are the same setting.
+pub fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => match (x.as_f64(), y.as_f64()) {
+            (Some(x), Some(y)) => x == y,
+            _ => x == y,
+        },
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(a, b)| same_value(a, b))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_value(v, w)))
+        }
+        _ => a == b,
+    }
+}
+
 /// Top-level desired properties whose reported value differs or is missing, sorted.
 pub fn delta(desired: &Value, reported: &Value) -> Vec<String> {
     let Some(d) = desired.as_object() else {
@@ -121,7 +141,10 @@ pub fn delta(desired: &Value, reported: &Value) -> Vec<String> {
     let r = reported.as_object();
     let mut out: Vec<String> = d
         .iter()
-        .filter(|(k, v)| r.and_then(|r| r.get(*k)) != Some(v))
+        .filter(|(k, v)| {
+            !r.and_then(|r| r.get(*k))
+                .is_some_and(|rv| same_value(rv, v))
+        })
         .map(|(k, _)| k.clone())
         .collect();
     out.sort();
@@ -225,6 +248,12 @@ mod tests {
         let r = json!({"maxSpeed": 20, "led": true});
         assert_eq!(delta(&d, &r), vec!["maxSpeed", "mode"]);
         assert!(delta(&d, &d).is_empty());
+        assert!(
+            delta(&json!({"t": 30}), &json!({"t": 30.0})).is_empty(),
+            "30 and 30.0 agree"
+        );
+        assert!(same_value(&json!({"a": [1, 2.0]}), &json!({"a": [1.0, 2]})));
+        assert!(!same_value(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
     }
 
     #[test]

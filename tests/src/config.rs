@@ -54,6 +54,44 @@ query = { tag = "{{tag}}" }
 headers = { X-Request-Tag = "{{tag}}" }
 body = "{{params}}"
 params = { tag = { type = "string" }, n = { type = "integer", required = false } }
+
+[devices.{id}.twin.maxSpeed]
+verb = "PUT"
+path = "/api/config/maxSpeed"
+body = { value = "{{value}}" }
+result_pointer = "/value"
+
+[devices.{id}.twin.mode]
+verb = "PUT"
+path = "/api/config/mode"
+body = { value = "{{value}}" }
+result_pointer = "/value"
+
+[devices.{id}.twin.led]
+verb = "PUT"
+path = "/api/config/led"
+body = { value = "{{value}}" }
+result_pointer = "/value"
+
+[devices.{id}.commands.RESTART]
+verb = "POST"
+path = "/api/restart"
+headers = { X-Message-Id = "{{message_id}}" }
+result = "none"
+
+[devices.{id}.commands.MOVE]
+verb = "POST"
+path = "/api/move"
+headers = { X-Message-Id = "{{message_id}}" }
+body = { x = "{{x}}", y = "{{y}}", speed = "{{speed}}" }
+params = { x = { type = "number" }, y = { type = "number" }, speed = { type = "number", required = false } }
+
+[devices.{id}.commands.BEEP]
+verb = "POST"
+path = "/api/commands"
+headers = { X-Message-Id = "{{message_id}}" }
+body = "{{params}}"
+params = { n = { type = "integer", required = false } }
 "#;
 
 impl GatewayConfig<'_> {
@@ -62,7 +100,7 @@ impl GatewayConfig<'_> {
         let mut s = String::new();
         let _ = write!(
             s,
-            "[gateway]\nid = \"{}\"\n\n[cloud]\nbroker = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\n[store]\npath = \"{}\"\n\n[rpc]\nshutdown_grace_ms = 5000\n",
+            "[gateway]\nid = \"{}\"\n\n[cloud]\nbroker = \"{}\"\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\n[store]\npath = \"{}\"\n\n[rpc]\nshutdown_grace_ms = 5000\n\n[messages]\nretry_min_ms = 100\nretry_max_ms = 500\n",
             self.gateway_id,
             self.broker,
             self.store.display()
@@ -103,6 +141,19 @@ params = { value = { type = "number" } }
 [devices.{id}.methods.identify]
 request = "{{address}}*IDN?"
 response = '(?P<vendor>[^,]+) (?P<model>[^,]+),(?P<serial>[^,]+),(?P<firmware>[^,]+)'
+
+[devices.{id}.twin.setpoint]
+request = "{{address}}SETP {{value}}"
+response = "OK"
+errors = ['ERR (?P<code>[0-9]+) (?P<text>.*)']
+read_back = "setpoint"
+read_back_pointer = "/setpoint"
+
+[devices.{id}.commands.SETP]
+request = "{{address}}SETP {{value}}"
+response = "OK"
+errors = ['ERR (?P<code>[0-9]+) (?P<text>.*)']
+params = { value = { type = "number" } }
 "#;
 
 /// A serial port and temperature controllers on it, to append to a rendered

@@ -3,6 +3,7 @@
 //! first stdout line, and offers small helpers for the operator API. Used by the tests in
 //! `tests/`, by the `demo` binary, and by the benchmark (the `bench` module and binary).
 
+pub mod bench;
 pub mod config;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -463,4 +464,207 @@ pub fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// `PATCH url` with a JSON body and an optional `If-Match` -> (status, JSON body).
+pub async fn patch(url: &str, body: &Value, if_match: Option<&str>) -> Result<(u16, Value)> {
+    let mut req = client().patch(url).json(body);
+    if let Some(v) = if_match {
+        req = req.header("if-match", v);
+    }
+    read(req.send().await?).await
+}
+
+/// `DELETE url` -> (status, JSON body).
+pub async fn delete(url: &str) -> Result<(u16, Value)> {
+    read(client().delete(url).send().await?).await
+}
+
+/// A whole site on loopback: the cloud stub, `n` simulated AGVs (`agv-1..`) and gatewayd
+/// configured for them, all started and the devices online.
+pub struct Site {
+    pub gateway: Gateway,
+    pub fleet: Fleet,
+    pub stub: Stub,
+    /// Broker the stub was started with (to restart it on the same port).
+    pub broker: Broker,
+    pub stub_db: String,
+    /// Field order is drop order: processes first, their log directory last.
+    pub dir: tempfile::TempDir,
+}
+
+/// Gateway id used by [`Site`].
+pub const SITE_GATEWAY: &str = "site-1";
+
+impl Site {
+    /// Starts a site whose stub keeps its SQLite file in the site directory and whose embedded
+    /// broker listens on a port that stays the same across stub restarts.
+    pub async fn start(n: usize) -> Result<Site> {
+        let dir = tempfile::tempdir()?;
+        let broker = Broker::Embedded(format!("127.0.0.1:{}", free_port()?));
+        let stub_db = dir.path().join("cloud-stub.db").display().to_string();
+        let stub = Stub::start(dir.path(), &broker, &stub_db).await?;
+        let fleet = Fleet::start(dir.path(), "agv", n).await?;
+        let store = dir.path().join("gatewayd.db");
+        let text = config::GatewayConfig {
+            gateway_id: SITE_GATEWAY,
+            broker: &stub.mqtt,
+            store: &store,
+            devices: &fleet.devices,
+            probe_interval_ms: 100,
+        }
+        .render();
+        let config_path = dir.path().join("gatewayd.toml");
+        std::fs::write(&config_path, text)?;
+        let gateway = Self::gatewayd(dir.path(), &config_path)?;
+        for (name, _) in &fleet.devices {
+            await_device_online(&stub.api, name, true).await?;
+        }
+        Ok(Site {
+            gateway,
+            fleet,
+            stub,
+            broker,
+            stub_db,
+            dir,
+        })
+    }
+
+    fn gatewayd(dir: &Path, config_path: &Path) -> Result<Gateway> {
+        let args = vec![
+            "run".to_string(),
+            "--config".into(),
+            config_path.display().to_string(),
+        ];
+        let (proc, ()) = Proc::spawn(
+            "gatewayd",
+            &args,
+            dir,
+            "gatewayd",
+            &[("RUST_LOG", "info,gatewayd=debug")],
+        )?;
+        Ok(Gateway {
+            proc,
+            config_path: config_path.to_path_buf(),
+        })
+    }
+
+    /// Starts gatewayd again (after a stop or kill) and waits until the gateway is online.
+    pub async fn restart_gatewayd(&mut self) -> Result<()> {
+        self.gateway = Self::gatewayd(self.dir.path(), &self.gateway.config_path.clone())?;
+        await_gateway_online(&self.stub.api, SITE_GATEWAY, true).await
+    }
+
+    /// Stops gatewayd with SIGTERM and waits until the stub shows the gateway offline.
+    pub async fn stop_gatewayd(&mut self) -> Result<()> {
+        let code = self.gateway.proc.terminate().await?;
+        anyhow::ensure!(code == Some(0), "gatewayd exited with {code:?}");
+        await_gateway_online(&self.stub.api, SITE_GATEWAY, false).await
+    }
+
+    /// Kills gatewayd with SIGKILL and waits until the stub shows the gateway offline.
+    pub async fn kill_gatewayd(&mut self) -> Result<()> {
+        self.gateway.proc.kill9().await;
+        await_gateway_online(&self.stub.api, SITE_GATEWAY, false).await
+    }
+
+    /// Kills the stub (and its embedded broker) and starts it again on the same port and file.
+    pub async fn restart_stub(&mut self) -> Result<()> {
+        self.stub.proc.kill9().await;
+        self.stub = Stub::start(self.dir.path(), &self.broker, &self.stub_db).await?;
+        Ok(())
+    }
+
+    /// Waits until gatewayd's log contains `needle` (debug logging is on for gatewayd).
+    pub async fn await_log(&self, needle: &str) -> Result<()> {
+        let log = self.gateway.proc.log.clone();
+        eventually(
+            &format!("gatewayd log line containing {needle:?}"),
+            Duration::from_secs(20),
+            || {
+                let log = log.clone();
+                let needle = needle.to_string();
+                async move {
+                    Ok(std::fs::read_to_string(&log)?
+                        .contains(&needle)
+                        .then_some(()))
+                }
+            },
+        )
+        .await
+    }
+
+    /// `GET /api/v1/devices/{device}/twin`.
+    pub async fn twin(&self, device: &str) -> Result<Value> {
+        let (s, b) = get(&format!("{}/api/v1/devices/{device}/twin", self.stub.api)).await?;
+        anyhow::ensure!(s == 200, "twin of {device}: {s} {b}");
+        Ok(b)
+    }
+
+    /// `PATCH /api/v1/devices/{device}/twin/desired`.
+    pub async fn patch_desired(
+        &self,
+        device: &str,
+        patch_body: Value,
+        if_match: Option<&str>,
+    ) -> Result<(u16, Value)> {
+        patch(
+            &format!("{}/api/v1/devices/{device}/twin/desired", self.stub.api),
+            &patch_body,
+            if_match,
+        )
+        .await
+    }
+
+    /// Waits until the reported half of `device` satisfies `check`.
+    pub async fn await_twin<F>(&self, device: &str, what: &str, check: F) -> Result<Value>
+    where
+        F: Fn(&Value) -> bool,
+    {
+        let url = format!("{}/api/v1/devices/{device}/twin", self.stub.api);
+        let check = &check;
+        eventually(what, Duration::from_secs(20), || {
+            let url = url.clone();
+            async move {
+                let (s, b) = get(&url).await?;
+                Ok((s == 200 && check(&b)).then_some(b))
+            }
+        })
+        .await
+    }
+
+    /// `POST /api/v1/devices/{device}/messages`.
+    pub async fn send(
+        &self,
+        device: &str,
+        payload: Value,
+        ttl_seconds: u64,
+    ) -> Result<(u16, Value)> {
+        post(
+            &format!("{}/api/v1/devices/{device}/messages", self.stub.api),
+            &serde_json::json!({"payload": payload, "ttl_seconds": ttl_seconds}),
+        )
+        .await
+    }
+
+    /// `GET /api/v1/devices/{device}/messages/{id}`.
+    pub async fn message(&self, device: &str, id: &str) -> Result<Value> {
+        let (s, b) = get(&format!(
+            "{}/api/v1/devices/{device}/messages/{id}",
+            self.stub.api
+        ))
+        .await?;
+        anyhow::ensure!(s == 200, "message {id}: {s} {b}");
+        Ok(b)
+    }
+
+    /// Waits until message `id` has a final status, and returns it.
+    pub async fn await_final(&self, device: &str, id: &str, within: Duration) -> Result<Value> {
+        eventually(&format!("message {id} final"), within, || async move {
+            let m = self.message(device, id).await?;
+            let done = !matches!(m["status"].as_str(), Some("queued") | Some("delivered"));
+            Ok(done.then_some(m))
+        })
+        .await
+    }
 }

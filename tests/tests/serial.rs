@@ -303,3 +303,75 @@ fn check_config_reports_a_bad_regex() -> Result<()> {
     );
     Ok(())
 }
+
+/// A twin property applied by a serial command and read back, a refused value reported with
+/// the device's reason, and a message mapped to a serial command.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twins_and_messages_reach_serial_devices() -> Result<()> {
+    let env = Env::start(&[], &[("tc-1", None)]).await?;
+    let api = &env.stub.api;
+    let twin_url = format!("{api}/api/v1/devices/tc-1/twin");
+    let (s, b) = patch(
+        &format!("{twin_url}/desired"),
+        &json!({"setpoint": 30}),
+        None,
+    )
+    .await?;
+    assert_eq!(s, 200, "{b}");
+    let twin = eventually("reported setpoint 30", Duration::from_secs(20), || {
+        let url = twin_url.clone();
+        async move {
+            let (_, t) = get(&url).await?;
+            Ok((t["reported"]["setpoint"] == json!(30.0)).then_some(t))
+        }
+    })
+    .await?;
+    assert_eq!(twin["apply"]["setpoint"]["state"], "applied", "{twin}");
+    assert_eq!(twin["delta"], json!([]), "{twin}");
+
+    // Out of the controller's range: refused with its own error text, reported unchanged.
+    patch(
+        &format!("{twin_url}/desired"),
+        &json!({"setpoint": 150}),
+        None,
+    )
+    .await?;
+    let twin = eventually("setpoint refused", Duration::from_secs(20), || {
+        let url = twin_url.clone();
+        async move {
+            let (_, t) = get(&url).await?;
+            Ok((t["apply"]["setpoint"]["state"] == "refused").then_some(t))
+        }
+    })
+    .await?;
+    let reason = twin["apply"]["setpoint"]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("OUT OF RANGE"), "{twin}");
+    assert_eq!(twin["reported"]["setpoint"], json!(30.0));
+    assert_eq!(twin["delta"], json!(["setpoint"]));
+
+    // A message mapped to a serial command.
+    let (s, b) = post(
+        &format!("{api}/api/v1/devices/tc-1/messages"),
+        &json!({"payload": {"command": "SETP", "value": 42}, "ttl_seconds": 60}),
+    )
+    .await?;
+    assert_eq!(s, 202, "{b}");
+    let id = b["id"].as_str().unwrap_or_default().to_string();
+    let url = format!("{api}/api/v1/devices/tc-1/messages/{id}");
+    let m = eventually("message completed", Duration::from_secs(20), || {
+        let url = url.clone();
+        async move {
+            let (_, m) = get(&url).await?;
+            Ok((m["status"] == "completed").then_some(m))
+        }
+    })
+    .await?;
+    assert_eq!(m["status"], "completed");
+    let (s, b, _) = env.call("tc-1", "setpoint", json!(null), 5).await?;
+    assert_eq!(
+        (s, b["result"].clone()),
+        (200, json!({"setpoint": 42.0})),
+        "{b}"
+    );
+    Ok(())
+}

@@ -32,6 +32,12 @@ impl ApiError {
         }
     }
 
+    /// A store failure: 500 `internal`.
+    pub fn store(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "store failure answered as internal");
+        ApiError::new(ErrorCode::Internal, format!("store: {e}"))
+    }
+
     /// The coded error.
     pub fn error(&self) -> &RpcError {
         &self.error

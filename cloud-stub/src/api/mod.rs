@@ -3,18 +3,22 @@
 
 mod devices;
 mod error;
+mod messages;
 mod rpc;
+mod twin;
 
 pub use error::ApiError;
 
 use crate::calls::PendingCalls;
-use crate::registry::SharedRegistry;
+use crate::messages::Outbox;
+use crate::registry::{self, SharedRegistry};
 use crate::session::Publisher;
+use crate::twins::Twins;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, Uri};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
-use gatewayd_protocol::{ErrorCode, RpcError};
+use gatewayd_protocol::{DeviceId, ErrorCode, RpcError};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -32,6 +36,10 @@ pub struct AppState {
     pub publisher: Publisher,
     /// Cancelled when the stub shuts down; new calls are then refused.
     pub shutdown: CancellationToken,
+    /// Twin reads and desired patches.
+    pub twins: Twins,
+    /// Cloud-to-device messages.
+    pub outbox: Arc<Outbox>,
 }
 
 /// The API's routes.
@@ -42,10 +50,39 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices", get(devices::list_devices))
         .route("/api/v1/devices/{id}", get(devices::get_device))
         .route("/api/v1/devices/{id}/methods/{method}", post(rpc::invoke))
+        .route("/api/v1/devices/{id}/twin", get(twin::get_twin))
+        .route(
+            "/api/v1/devices/{id}/twin/desired",
+            patch(twin::patch_desired),
+        )
+        .route(
+            "/api/v1/devices/{id}/messages",
+            post(messages::send)
+                .get(messages::list)
+                .delete(messages::purge),
+        )
+        .route(
+            "/api/v1/devices/{id}/messages/{msg_id}",
+            get(messages::get_one),
+        )
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(state)
+}
+
+/// The device named in the path, if any catalog ever declared it; else 404
+/// `device_not_found`. Twins and messages outlive a device's presence in catalogs.
+fn known_device(app: &AppState, id: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::new(id)
+        .ok()
+        .filter(|d| registry::lock(&app.registry).is_known(d))
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::DeviceNotFound,
+                format!("no gateway declares device {id}"),
+            )
+        })
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -1,0 +1,306 @@
+//! Cloud-to-device messages: the [`Outbox`] ties the in-memory [`queue::Queue`] to the store,
+//! and two tasks drive it: [`sender`] publishes waiting messages (never from the MQTT poll
+//! task, never from an API handler) and [`expiry`] expires those whose TTL passed in the cloud.
+//!
+//! Invariants:
+//! - the queue lock is never held across an await; store writes are queued (not awaited) while
+//!   it is held, so they reach SQLite in the order the queue decided them;
+//! - a message is published only after its row is committed, and only within its TTL;
+//! - the operator gets `202` only after the row is committed.
+
+pub mod expiry;
+pub mod queue;
+pub mod sender;
+
+use crate::registry::{self, SharedRegistry};
+use crate::store::{self, MessageRecord, StoreError, StoreHandle};
+use gatewayd_protocol::message::MessageStatus;
+use gatewayd_protocol::{C2dMessage, DeviceId, Feedback, GatewayId, MessageId, PROTOCOL_VERSION};
+use queue::{Publish, Queue, QueueFull};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{oneshot, Notify};
+
+/// What the operator gets back for an accepted message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Accepted {
+    pub id: MessageId,
+    pub enqueued_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+/// Why a message was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum EnqueueError {
+    /// The device has as many open messages as allowed.
+    #[error("device {device} has {waiting} messages waiting (the limit)")]
+    QueueFull { device: DeviceId, waiting: usize },
+    /// The message could not be encoded or stored.
+    #[error("cannot store the message: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// The messages side of the cloud. Shared by the API, the uplink and the two tasks.
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    store: StoreHandle,
+    registry: SharedRegistry,
+    wake_sender: Notify,
+    wake_expiry: Notify,
+    /// The deadline the expiry task sleeps until (`u64::MAX`: none), so an enqueue only wakes
+    /// it for an earlier one.
+    armed_expiry: AtomicU64,
+}
+
+impl Outbox {
+    /// An outbox allowing `max_queue` open messages per device and `window` unacknowledged
+    /// ones per gateway, holding the `open` messages loaded from the store.
+    pub fn new(
+        store: StoreHandle,
+        registry: SharedRegistry,
+        max_queue: usize,
+        window: usize,
+        open: Vec<MessageRecord>,
+    ) -> Arc<Outbox> {
+        let mut queue = Queue::new(max_queue, window);
+        for record in &open {
+            match encode(
+                &record.id,
+                &record.device,
+                &record.payload,
+                record.expires_at_ms,
+            ) {
+                Ok(body) => queue.restore(record, body),
+                Err(e) => {
+                    tracing::error!(message = %record.id, error = %e, "cannot restore message")
+                }
+            }
+        }
+        Arc::new(Outbox {
+            queue: Mutex::new(queue),
+            store,
+            registry,
+            wake_sender: Notify::new(),
+            wake_expiry: Notify::new(),
+            armed_expiry: AtomicU64::new(0),
+        })
+    }
+
+    /// Queues a message for `device` (already checked to be known), and returns once it is
+    /// committed.
+    pub async fn enqueue(
+        self: &Arc<Self>,
+        device: DeviceId,
+        payload: Value,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<Accepted, EnqueueError> {
+        let id = new_message_id();
+        let expires_at_ms = now_ms + ttl_ms;
+        let body = encode(&id, &device, &payload, expires_at_ms)?;
+        let record = MessageRecord {
+            id: id.clone(),
+            device: device.clone(),
+            payload,
+            status: MessageStatus::Queued,
+            reason: None,
+            device_status: None,
+            gateway: None,
+            enqueued_at_ms: now_ms,
+            expires_at_ms,
+            sent_at_ms: None,
+            delivered_at_ms: None,
+            finished_at_ms: None,
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self.lock();
+            q.enqueue(id.clone(), device.clone(), body, expires_at_ms)
+                .map_err(|QueueFull { waiting }| EnqueueError::QueueFull {
+                    device: device.clone(),
+                    waiting,
+                })?;
+            // Submitted under the lock: the row is written before anything the queue decides
+            // about it later.
+            let outbox = Arc::clone(self);
+            let committed_id = id.clone();
+            self.store.submit(
+                move |conn| record.insert(conn),
+                move |result| {
+                    let sendable = {
+                        let mut q = outbox.lock();
+                        match &result {
+                            Ok(()) => q.committed(&committed_id),
+                            Err(_) => {
+                                q.abandon(&committed_id);
+                                false
+                            }
+                        }
+                    };
+                    if sendable {
+                        outbox.wake_sender.notify_one();
+                    }
+                    let _ = tx.send(result);
+                },
+            );
+        }
+        if expires_at_ms < self.armed_expiry.load(Ordering::Relaxed) {
+            self.wake_expiry.notify_one();
+        }
+        rx.await.unwrap_or(Err(StoreError::Gone))?;
+        Ok(Accepted {
+            id,
+            enqueued_at_ms: now_ms,
+            expires_at_ms,
+        })
+    }
+
+    /// Applies feedback from gateway `from`; what does not apply is logged at debug level.
+    pub fn on_feedback(&self, from: &GatewayId, fb: &Feedback, now_ms: u64) {
+        let owner = registry::lock(&self.registry)
+            .owner(&fb.device)
+            .map(|(gw, _)| gw.clone());
+        let mut q = self.lock();
+        match q.feedback(from, owner.as_ref(), fb, now_ms) {
+            Ok(applied) => {
+                self.store.write_messages(vec![applied.write]);
+                drop(q);
+                tracing::debug!(gateway = %from, message = %fb.id, status = applied.status.as_str(),
+                    "message feedback");
+                if applied.freed_window {
+                    self.wake_sender.notify_one();
+                }
+            }
+            Err(why) => {
+                drop(q);
+                tracing::debug!(gateway = %from, message = %fb.id, device = %fb.device,
+                    outcome = ?fb.outcome, why = ?why, "message feedback ignored");
+            }
+        }
+    }
+
+    /// A new birth of `gateway`: resend what it has not acknowledged.
+    pub fn gateway_online(&self, gateway: &GatewayId) {
+        let again = self.lock().gateway_online(gateway);
+        if again > 0 {
+            tracing::info!(gateway = %gateway, messages = again, "resending unacknowledged messages");
+        }
+        self.wake_sender.notify_one();
+    }
+
+    /// Something changed that may let the sender send (a catalog moved devices).
+    pub fn wake(&self) {
+        self.wake_sender.notify_one();
+    }
+
+    /// Purges every open message of `device`; returns how many, once committed.
+    pub async fn purge(&self, device: &DeviceId, now_ms: u64) -> Result<usize, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self.lock();
+            let writes = q.purge(device, now_ms);
+            let n = writes.len();
+            self.store.submit(
+                move |conn| store::apply_message_writes(conn, &writes),
+                move |r| {
+                    let _ = tx.send(r.map(|()| n));
+                },
+            );
+        }
+        rx.await.unwrap_or(Err(StoreError::Gone))
+    }
+
+    /// One message of `device`, from the store.
+    pub async fn get(
+        &self,
+        device: DeviceId,
+        id: MessageId,
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        self.store
+            .call(move |conn| MessageRecord::get(conn, &device, &id))
+            .await
+    }
+
+    /// The device's messages in enqueue order, from the store.
+    pub async fn list(
+        &self,
+        device: DeviceId,
+        status: Option<MessageStatus>,
+    ) -> Result<Vec<MessageRecord>, StoreError> {
+        self.store
+            .call(move |conn| MessageRecord::list(conn, &device, status))
+            .await
+    }
+
+    /// Takes the next messages to publish (see [`Queue::take_sends`]) and queues their writes.
+    fn take_sends(&self, now_ms: u64, max: usize) -> Vec<Publish> {
+        let ready = self.lock().ready_devices();
+        if ready.is_empty() {
+            return Vec::new();
+        }
+        let routes: HashMap<DeviceId, GatewayId> = {
+            let reg = registry::lock(&self.registry);
+            ready
+                .into_iter()
+                .filter_map(|d| reg.online_owner(&d).cloned().map(|gw| (d, gw)))
+                .collect()
+        };
+        if routes.is_empty() {
+            return Vec::new();
+        }
+        let mut q = self.lock();
+        let (sends, writes) = q.take_sends(&routes, now_ms, max);
+        self.store.write_messages(writes);
+        sends
+    }
+
+    /// Expires what is due and returns the next deadline.
+    fn expire_due(&self, now_ms: u64) -> Option<u64> {
+        let mut q = self.lock();
+        let writes = q.expire_due(now_ms);
+        let next = q.next_deadline();
+        if !writes.is_empty() {
+            tracing::info!(
+                expired = writes.len(),
+                "messages expired in the cloud queue"
+            );
+        }
+        self.store.write_messages(writes);
+        self.armed_expiry
+            .store(next.unwrap_or(u64::MAX), Ordering::Relaxed);
+        next
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The wire form of a message, encoded once and published as is (again on resend).
+fn encode(
+    id: &MessageId,
+    device: &DeviceId,
+    payload: &Value,
+    expires_at_ms: u64,
+) -> Result<Arc<Vec<u8>>, StoreError> {
+    let message = C2dMessage {
+        v: PROTOCOL_VERSION,
+        id: id.clone(),
+        device: device.clone(),
+        payload: payload.clone(),
+        expires_at_ms,
+    };
+    serde_json::to_vec(&message)
+        .map(Arc::new)
+        .map_err(|source| StoreError::Encode {
+            what: format!("message {id}"),
+            source,
+        })
+}
+
+/// 32 random hex digits.
+pub fn new_message_id() -> MessageId {
+    MessageId::new(format!("{:032x}", rand::random::<u128>())).expect("hex digits are a valid id")
+}

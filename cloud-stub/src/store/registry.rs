@@ -1,0 +1,137 @@
+//! Registry rows: gateways and the devices their newest catalog declares.
+
+use super::{to_json, u64_of, StoreError};
+use gatewayd_protocol::{DeviceInfo, GatewayId};
+use rusqlite::{params, Connection};
+
+/// One persisted gateway.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayRecord {
+    pub id: GatewayId,
+    pub online: bool,
+    pub boot_id: String,
+    pub software: String,
+    pub last_seen_ms: u64,
+}
+
+/// One persisted device; its id is `info.id`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRecord {
+    pub gateway: GatewayId,
+    pub info: DeviceInfo,
+    pub online: bool,
+    pub since_ms: u64,
+    pub reason: Option<String>,
+    pub last_seen_ms: u64,
+}
+
+/// Every persisted gateway and device. Rows that no longer parse are skipped with a warning.
+pub(super) fn load(
+    conn: &Connection,
+) -> Result<(Vec<GatewayRecord>, Vec<DeviceRecord>), StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT id, online, boot_id, software, last_seen_ms FROM gateways ORDER BY id")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, bool>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+        ))
+    })?;
+    let mut gateways = Vec::new();
+    for row in rows {
+        let (id, online, boot_id, software, last_seen_ms) = row?;
+        match GatewayId::new(&id) {
+            Ok(id) => gateways.push(GatewayRecord {
+                id,
+                online,
+                boot_id,
+                software,
+                last_seen_ms: u64_of(last_seen_ms),
+            }),
+            Err(e) => tracing::warn!(gateway = %id, error = %e, "skipping stored gateway"),
+        }
+    }
+    let mut stmt = conn.prepare(
+        "SELECT id, gateway_id, info_json, online, since_ms, reason, last_seen_ms
+         FROM devices ORDER BY id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, bool>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, i64>(6)?,
+        ))
+    })?;
+    let mut devices = Vec::new();
+    for row in rows {
+        let (id, gw, info, online, since_ms, reason, last_seen_ms) = row?;
+        let parsed = GatewayId::new(&gw)
+            .map_err(|e| e.to_string())
+            .and_then(|gw| {
+                serde_json::from_str::<DeviceInfo>(&info)
+                    .map(|info| (gw, info))
+                    .map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok((gateway, info)) => devices.push(DeviceRecord {
+                gateway,
+                info,
+                online,
+                since_ms: u64_of(since_ms),
+                reason,
+                last_seen_ms: u64_of(last_seen_ms),
+            }),
+            Err(e) => tracing::warn!(device = %id, error = %e, "skipping stored device"),
+        }
+    }
+    Ok((gateways, devices))
+}
+
+/// Replaces one gateway and its whole device set. A device row another gateway held moves to
+/// this one. The caller provides the transaction, so a crash leaves either the old or the new
+/// catalog, never a mix.
+pub(super) fn save_gateway(
+    conn: &Connection,
+    gateway: &GatewayRecord,
+    devices: &[DeviceRecord],
+) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO gateways (id, online, boot_id, software, last_seen_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        gateway.id.as_str(),
+        gateway.online,
+        gateway.boot_id,
+        gateway.software,
+        gateway.last_seen_ms as i64
+    ])?;
+    conn.prepare_cached("DELETE FROM devices WHERE gateway_id = ?1")?
+        .execute([gateway.id.as_str()])?;
+    let mut insert = conn.prepare_cached(
+        "INSERT OR REPLACE INTO devices
+         (id, gateway_id, kind, info_json, online, since_ms, reason, last_seen_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    for d in devices {
+        let info = to_json(|| format!("device {}", d.info.id), &d.info)?;
+        insert.execute(params![
+            d.info.id.as_str(),
+            d.gateway.as_str(),
+            d.info.kind,
+            info,
+            d.online,
+            d.since_ms as i64,
+            d.reason,
+            d.last_seen_ms as i64
+        ])?;
+    }
+    Ok(())
+}

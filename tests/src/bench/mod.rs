@@ -1,0 +1,156 @@
+//! The benchmark behind the `bench` binary: starts the cloud stub, simulated devices and
+//! gatewayd through the harness, drives them over MQTT as the cloud does, and measures RPC
+//! latency against baselines taken in the same run, RPC throughput, and gatewayd's idle
+//! footprint.
+//!
+//! - `cloud`: the bench's own MQTT sessions (cloud side and echo);
+//! - `rig`: a gatewayd and its devices on the stub;
+//! - `latency`, `throughput`, `footprint`: one phase each;
+//! - `procfs`, `stats`: measuring helpers; `report`: targets, verdicts, table and JSON.
+
+pub mod cloud;
+pub mod footprint;
+pub mod latency;
+pub mod procfs;
+pub mod report;
+pub mod rig;
+pub mod stats;
+pub mod throughput;
+
+use crate::{Broker, Stub};
+use anyhow::{Context, Result};
+use cloud::{Cloud, Echo};
+use report::{Report, Settings};
+use rig::Rig;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Probe interval of the RPC phases: long, so probes stay out of the figures.
+pub const RPC_PROBE_INTERVAL_MS: u64 = 60_000;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Devices behind the gateway for the RPC phases.
+    pub devices: usize,
+    /// Recorded sequential rounds (each: direct HTTP, MQTT echo, RPC).
+    pub samples: usize,
+    /// Unrecorded sequential rounds before them.
+    pub warmup: usize,
+    /// Calls kept in flight in the throughput phase.
+    pub in_flight: usize,
+    /// Length of the throughput phase.
+    pub duration: Duration,
+    /// Devices of the footprint phase; `None` skips it.
+    pub footprint_devices: Option<usize>,
+    /// Idle window of the footprint phase.
+    pub idle: Duration,
+    /// Where logs and stores go (emptied first).
+    pub dir: PathBuf,
+}
+
+/// Runs every phase and returns the report.
+pub async fn run(opts: &Options) -> Result<Report> {
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let loadavg_at_start = loadavg
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let _ = std::fs::remove_dir_all(&opts.dir);
+    std::fs::create_dir_all(&opts.dir)?;
+    let embedded = Broker::Embedded("127.0.0.1:0".into());
+    let stub = Stub::start(&opts.dir, &embedded, ":memory:").await?;
+    let stub_pid = stub.proc.child.id().context("cloud-stub has exited")?;
+    eprintln!(
+        "bench: cloud stub up (api {}, broker {})",
+        stub.api, stub.mqtt
+    );
+
+    let rig = Rig::start(
+        &stub,
+        &opts.dir.join("rpc"),
+        "bench-gw",
+        "agv",
+        opts.devices,
+        RPC_PROBE_INTERVAL_MS,
+    )
+    .await?;
+    eprintln!(
+        "bench: gatewayd up with {} devices, all online after {:.1} s",
+        opts.devices,
+        rig.ready_after.as_secs_f64()
+    );
+    let echo = Echo::start(&stub.mqtt).await?;
+    let cloud = Arc::new(Cloud::connect(&stub.mqtt).await?);
+
+    eprintln!("bench: 1. sequential latency, {} rounds", opts.samples);
+    let latency = latency::measure(
+        &cloud,
+        &rig.gateway_id,
+        &rig.fleet.devices[0],
+        opts.warmup,
+        opts.samples,
+    )
+    .await?;
+
+    eprintln!(
+        "bench: 2. throughput, {} in flight for {} s",
+        opts.in_flight,
+        opts.duration.as_secs()
+    );
+    let names: Vec<String> = rig.fleet.devices.iter().map(|(n, _)| n.clone()).collect();
+    let pids = [
+        ("gatewayd", rig.gateway_pid()?),
+        ("cloud-stub", stub_pid),
+        ("device-fixtures", rig.fleet_pid()?),
+        ("bench", std::process::id()),
+    ];
+    let throughput = throughput::measure(
+        cloud.clone(),
+        &rig.gateway_id,
+        &names,
+        opts.in_flight,
+        opts.duration,
+        &pids,
+    )
+    .await?;
+    if let Ok(cloud) = Arc::try_unwrap(cloud) {
+        cloud.close().await;
+    }
+    echo.close().await;
+    rig.stop().await?;
+
+    let footprint = match opts.footprint_devices {
+        Some(n) => {
+            eprintln!(
+                "bench: 5. footprint, {n} devices, then {} s idle",
+                opts.idle.as_secs()
+            );
+            let dir = opts.dir.join("footprint");
+            Some(footprint::measure(&stub, &dir, n, opts.idle).await?)
+        }
+        None => None,
+    };
+
+    let settings = Settings {
+        profile: if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        },
+        cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        devices: opts.devices,
+        samples: opts.samples,
+        in_flight: opts.in_flight,
+        duration_s: opts.duration.as_secs(),
+        probe_interval_ms: RPC_PROBE_INTERVAL_MS,
+        footprint_devices: opts.footprint_devices,
+        footprint_probe_interval_ms: footprint::PROBE_INTERVAL_MS,
+        idle_s: opts.idle.as_secs(),
+        loadavg_at_start,
+        logs: opts.dir.display().to_string(),
+    };
+    Ok(Report::new(settings, latency, throughput, footprint))
+}

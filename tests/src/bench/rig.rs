@@ -1,0 +1,100 @@
+//! The system under test: a fleet of simulated devices and a gatewayd configured for them,
+//! attached to a running cloud stub, started through the harness.
+
+use crate::config::GatewayConfig;
+use crate::{get, Fleet, Gateway, Stub};
+use anyhow::{bail, Context, Result};
+use gatewayd_protocol::GatewayId;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// A gatewayd and its devices. Field order is drop order: the gateway goes first.
+pub struct Rig {
+    pub gateway: Gateway,
+    pub fleet: Fleet,
+    pub gateway_id: GatewayId,
+    /// From start until the stub showed every device online.
+    pub ready_after: Duration,
+}
+
+impl Rig {
+    /// Starts `n` devices named `{prefix}-1..` and a gatewayd `gateway_id` for them (logs and
+    /// store under `dir`), and waits until the stub shows every device online.
+    pub async fn start(
+        stub: &Stub,
+        dir: &Path,
+        gateway_id: &str,
+        prefix: &str,
+        n: usize,
+        probe_interval_ms: u64,
+    ) -> Result<Rig> {
+        std::fs::create_dir_all(dir)?;
+        let started = Instant::now();
+        let fleet = Fleet::start(dir, prefix, n).await?;
+        let store = dir.join("gatewayd.db");
+        let config = GatewayConfig {
+            gateway_id,
+            broker: &stub.mqtt,
+            store: &store,
+            devices: &fleet.devices,
+            probe_interval_ms,
+        }
+        .render();
+        let gateway = Gateway::start(dir, &config).await?;
+        let within = Duration::from_secs(30 + n as u64 / 20);
+        await_all_online(&stub.api, gateway_id, n, within)
+            .await
+            .with_context(|| format!("see {}", gateway.proc.log.display()))?;
+        Ok(Rig {
+            gateway,
+            fleet,
+            gateway_id: GatewayId::new(gateway_id)?,
+            ready_after: started.elapsed(),
+        })
+    }
+
+    /// gatewayd's process id.
+    pub fn gateway_pid(&self) -> Result<u32> {
+        self.gateway.proc.child.id().context("gatewayd has exited")
+    }
+
+    /// The devices' process id.
+    pub fn fleet_pid(&self) -> Result<u32> {
+        self.fleet
+            .proc
+            .child
+            .id()
+            .context("device-fixtures has exited")
+    }
+
+    /// Stops gatewayd (SIGTERM, so it leaves the broker cleanly) and then the devices.
+    pub async fn stop(mut self) -> Result<()> {
+        self.gateway.proc.terminate().await?;
+        self.fleet.proc.kill9().await;
+        Ok(())
+    }
+}
+
+/// Waits until the stub's device list shows `n` devices of `gateway` online. Polls every
+/// 50 ms: the list of a big gateway is large, and this runs while the gateway starts.
+pub async fn await_all_online(api: &str, gateway: &str, n: usize, within: Duration) -> Result<()> {
+    let url = format!("{api}/api/v1/devices");
+    let deadline = Instant::now() + within;
+    let mut online = 0;
+    loop {
+        if let Ok((200, list)) = get(&url).await {
+            online = list.as_array().map_or(0, |a| {
+                a.iter()
+                    .filter(|d| d["gateway"] == gateway && d["online"] == true)
+                    .count()
+            });
+            if online >= n {
+                return Ok(());
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("the stub shows {online} of {n} devices of {gateway} online after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

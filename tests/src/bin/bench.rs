@@ -1,0 +1,100 @@
+//! `bench`: how much gatewayd adds to a device call and how little of a small box it takes.
+//! Builds the workspace binaries (release when this is a release build), starts the cloud
+//! stub, simulated devices and gatewayd on loopback, and prints one table; see `e2e::bench`.
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use e2e::bench::{self, Options};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    about = "Benchmark gatewayd against direct HTTP and MQTT baselines measured in the same run"
+)]
+struct Cli {
+    /// Seconds of the throughput phase.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Devices behind the gateway in the RPC phases.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// RPCs kept in flight in the throughput phase.
+    #[arg(long, default_value_t = 64)]
+    in_flight: usize,
+    /// Recorded sequential rounds (each: direct HTTP, MQTT round trip, RPC).
+    #[arg(long, default_value_t = 2000)]
+    samples: usize,
+    /// Seconds gatewayd is watched idle in the footprint phase.
+    #[arg(long, default_value_t = 30)]
+    idle_seconds: u64,
+    /// Devices configured in the footprint phase.
+    #[arg(long, default_value_t = 1000)]
+    footprint_devices: usize,
+    /// Skip the footprint phase.
+    #[arg(long)]
+    skip_footprint: bool,
+    /// Also write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// Do not run `cargo build` first (the binaries next to this one must be current).
+    #[arg(long)]
+    no_build: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    anyhow::ensure!(
+        cli.devices > 0 && cli.in_flight > 0 && cli.samples > 0,
+        "--devices, --in-flight and --samples must be at least 1"
+    );
+    if !cli.no_build {
+        build_binaries()?;
+    }
+    if cfg!(debug_assertions) {
+        eprintln!(
+            "bench: this is a debug build; use `cargo run --release --bin bench` for real figures"
+        );
+    }
+    let exe = std::env::current_exe()?;
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("executable has no target dir")?;
+    let opts = Options {
+        devices: cli.devices,
+        samples: cli.samples,
+        warmup: (cli.samples / 10).max(100),
+        in_flight: cli.in_flight,
+        duration: Duration::from_secs(cli.duration),
+        footprint_devices: (!cli.skip_footprint).then_some(cli.footprint_devices),
+        idle: Duration::from_secs(cli.idle_seconds),
+        dir: target.join("bench"),
+    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    let report = runtime.block_on(bench::run(&opts))?;
+    println!("{}", report.table());
+    if let Some(path) = &cli.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("JSON: {}", path.display());
+    }
+    Ok(())
+}
+
+/// Makes the daemon, stub and fixture binaries current, in the profile of this build.
+fn build_binaries() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(workspace)
+        .args(["build", "--workspace", "--bins"]);
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().context("cannot run cargo")?;
+    anyhow::ensure!(status.success(), "building the workspace failed");
+    Ok(())
+}
