@@ -32,6 +32,10 @@ pub struct Config {
     /// Cloud-to-device messages.
     #[serde(default)]
     pub messages: MessagesConfig,
+    /// Reusable action sets by name, for many devices of one model: a device names one with
+    /// `profile` instead of repeating its methods, twin properties and commands.
+    #[serde(default)]
+    pub profiles: BTreeMap<String, ProfileConfig>,
     /// Devices behind this gateway, by device id.
     #[serde(default)]
     pub devices: BTreeMap<String, DeviceConfig>,
@@ -157,6 +161,24 @@ fn default_command_field() -> String {
     "command".into()
 }
 
+/// Methods, twin properties and commands shared by every device that names this profile. A
+/// device may add its own entries; on a name clash the device's entry wins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// The kind of device these actions are written for; devices using the profile must match.
+    pub kind: DeviceKind,
+    /// RPC methods by name.
+    #[serde(default)]
+    pub methods: BTreeMap<String, ActionConfig>,
+    /// Desired twin properties by name.
+    #[serde(default)]
+    pub twin: BTreeMap<String, ActionConfig>,
+    /// Message commands by name.
+    #[serde(default)]
+    pub commands: BTreeMap<String, ActionConfig>,
+}
+
 /// One device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,6 +206,10 @@ pub struct DeviceConfig {
     /// Health probe.
     #[serde(default)]
     pub health: HealthConfig,
+    /// A profile from `[profiles]` whose methods, twin properties and commands this device
+    /// has (its own entries are added, and win on a name clash).
+    #[serde(default)]
+    pub profile: Option<String>,
     /// RPC methods by name.
     #[serde(default)]
     pub methods: BTreeMap<String, ActionConfig>,
@@ -473,12 +499,39 @@ impl Config {
             }
             port.validate(&at, &mut p);
         }
+        for (name, profile) in &self.profiles {
+            let at = format!("profiles.{name}");
+            validate_actions(
+                profile.kind,
+                [&profile.methods, &profile.twin, &profile.commands],
+                &profile.methods,
+                &at,
+                &mut p,
+            );
+        }
         for (id, dev) in &self.devices {
             let at = format!("devices.{id}");
             if let Err(e) = validate_id(id) {
                 p.push(format!("{at}: device id {e}"));
             }
-            dev.validate(&at, &mut p);
+            let profile = match &dev.profile {
+                None => None,
+                Some(name) => match self.profiles.get(name) {
+                    None => {
+                        p.push(format!("{at}.profile: no profile named '{name}'"));
+                        None
+                    }
+                    Some(pr) if pr.kind != dev.kind => {
+                        p.push(format!(
+                            "{at}.profile: profile '{name}' is for {} devices, this one is {}",
+                            pr.kind, dev.kind
+                        ));
+                        None
+                    }
+                    Some(pr) => Some(pr),
+                },
+            };
+            dev.validate(&at, profile, &mut p);
             if dev.kind == DeviceKind::Serial {
                 serial::check_device(dev, &self.serial_ports, &at, &mut p);
             }
@@ -492,7 +545,7 @@ impl Config {
 }
 
 impl DeviceConfig {
-    fn validate(&self, at: &str, p: &mut Vec<String>) {
+    fn validate(&self, at: &str, profile: Option<&ProfileConfig>, p: &mut Vec<String>) {
         match self.kind {
             DeviceKind::Http => match &self.base_url {
                 None => p.push(format!("{at}.base_url: required for an http device")),
@@ -524,35 +577,55 @@ impl DeviceConfig {
                 "{at}.health.failures_before_offline: must be at least 1"
             ));
         }
-        for (name, m) in &self.methods {
-            let at = format!("{at}.methods.{name}");
-            m.validate(&at, &[], p);
-            m.validate_kind(self.kind, &at, p);
-        }
-        for (name, m) in &self.twin {
-            let at = format!("{at}.twin.{name}");
-            m.validate(&at, &["value", "property"], p);
-            m.validate_kind(self.kind, &at, p);
-            if let Some(method) = &m.read_back {
-                if !self.methods.contains_key(method) {
-                    p.push(format!(
-                        "{at}.read_back: names no method of this device ('{method}')"
-                    ));
-                }
-            }
-        }
-        for (name, m) in self.methods.iter().chain(&self.commands) {
-            if m.read_back.is_some() || m.read_back_pointer.is_some() {
+        let mut methods = profile.map(|p| p.methods.clone()).unwrap_or_default();
+        methods.extend(self.methods.iter().map(|(k, v)| (k.clone(), v.clone())));
+        validate_actions(
+            self.kind,
+            [&self.methods, &self.twin, &self.commands],
+            &methods,
+            at,
+            p,
+        );
+    }
+}
+
+/// Checks methods, twin properties and commands of one device kind; `methods` are all the
+/// methods the device ends up with (for `read_back`).
+fn validate_actions(
+    kind: DeviceKind,
+    [own_methods, twin, commands]: [&BTreeMap<String, ActionConfig>; 3],
+    methods: &BTreeMap<String, ActionConfig>,
+    at: &str,
+    p: &mut Vec<String>,
+) {
+    for (name, m) in own_methods {
+        let at = format!("{at}.methods.{name}");
+        m.validate(&at, &[], p);
+        m.validate_kind(kind, &at, p);
+    }
+    for (name, m) in twin {
+        let at = format!("{at}.twin.{name}");
+        m.validate(&at, &["value", "property"], p);
+        m.validate_kind(kind, &at, p);
+        if let Some(method) = &m.read_back {
+            if !methods.contains_key(method) {
                 p.push(format!(
-                    "{at}.{name}: read_back is for twin properties only"
+                    "{at}.read_back: names no method of this device ('{method}')"
                 ));
             }
         }
-        for (name, m) in &self.commands {
-            let at = format!("{at}.commands.{name}");
-            m.validate(&at, &["message_id", "command"], p);
-            m.validate_kind(self.kind, &at, p);
+    }
+    for (name, m) in own_methods.iter().chain(commands) {
+        if m.read_back.is_some() || m.read_back_pointer.is_some() {
+            p.push(format!(
+                "{at}.{name}: read_back is for twin properties only"
+            ));
         }
+    }
+    for (name, m) in commands {
+        let at = format!("{at}.commands.{name}");
+        m.validate(&at, &["message_id", "command"], p);
+        m.validate_kind(kind, &at, p);
     }
 }
 
@@ -724,6 +797,44 @@ mod tests {
         let all = err.problems.join("\n");
         assert!(all.contains("devices.agv-1"), "{all}");
         assert!(all.contains("base_ulr"), "{all}");
+    }
+
+    #[test]
+    fn profiles_are_checked_and_must_fit_the_device() {
+        let text = r#"
+            [gateway]
+            id = "site-1"
+            [cloud]
+            broker = "mqtt://127.0.0.1:1883"
+            [profiles.scale]
+            kind = "http"
+            [profiles.scale.methods.weight]
+            path = "/api/{{unit}}"
+            [devices.s1]
+            kind = "http"
+            base_url = "http://127.0.0.1:1"
+            profile = "scale"
+            [devices.s2]
+            kind = "http"
+            base_url = "http://127.0.0.1:2"
+            profile = "nope"
+        "#;
+        let all = load(text).unwrap_err().problems.join("\n");
+        assert!(
+            all.contains("profiles.scale.methods.weight.path: placeholder '{{unit}}' names no declared param"),
+            "{all}"
+        );
+        assert!(
+            all.contains("devices.s2.profile: no profile named 'nope'"),
+            "{all}"
+        );
+        let ok = load(
+            &text
+                .replace("/api/{{unit}}", "/api/weight")
+                .replace("\"nope\"", "\"scale\""),
+        )
+        .unwrap();
+        assert_eq!(ok.profiles["scale"].methods.len(), 1);
     }
 
     #[test]

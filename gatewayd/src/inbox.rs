@@ -167,7 +167,7 @@ impl Inbox {
         }
         match command_of(&msg.payload, &self.config.command_field) {
             Err(why) => Some((FeedbackOutcome::Rejected, why)),
-            Ok(cmd) => match device.config.commands.get(cmd) {
+            Ok(cmd) => match device.actions.commands.get(cmd) {
                 None => Some((
                     FeedbackOutcome::Rejected,
                     format!(
@@ -396,7 +396,7 @@ async fn execute(device: &Device, inbox: &Inbox, msg: &Next) -> Attempt {
             .await;
         return Attempt::Done;
     };
-    let Some(action) = device.config.commands.get(cmd) else {
+    let Some(action) = device.actions.commands.get(cmd) else {
         inbox
             .end(
                 device,

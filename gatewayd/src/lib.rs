@@ -34,10 +34,11 @@ pub enum GatewayError {
 
 /// Runs the daemon until `shutdown` is cancelled, then drains: no new RPCs, in-flight ones get
 /// `rpc.shutdown_grace_ms`, offline presence is published, the session closes.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
     let store = store::Store::open(&config.store.path)?;
     let devices = Arc::new(
-        device::Devices::from_config(&config, clock::now_ms()).map_err(GatewayError::Devices)?,
+        device::Devices::from_config(&mut config, clock::now_ms())
+            .map_err(GatewayError::Devices)?,
     );
     let background = TaskTracker::new();
     for d in devices.all() {

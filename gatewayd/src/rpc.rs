@@ -51,14 +51,14 @@ async fn call(
             format!("this gateway has no device '{}'", req.device),
         )
     })?;
-    let action = device.config.methods.get(&req.method).ok_or_else(|| {
+    let action = device.actions.methods.get(&req.method).ok_or_else(|| {
         RpcError::new(
             ErrorCode::MethodNotFound,
             format!(
                 "device {} has no method '{}'; it has: {}",
                 req.device,
                 req.method,
-                method_names(&device.config.methods)
+                method_names(&device.actions.methods)
             ),
         )
     })?;

@@ -203,7 +203,7 @@ async fn apply_round(
     let steps = plan(&row.desired, &row.applied);
     let mut results: Vec<(Step, StepOutcome)> = Vec::new();
     for step in steps {
-        let Some(action) = device.config.twin.get(&step.property) else {
+        let Some(action) = device.actions.twin.get(&step.property) else {
             let reason = format!(
                 "device {} has no mapping for twin property '{}'",
                 device.id, step.property
@@ -281,7 +281,7 @@ async fn read_back(
     pointer: Option<&str>,
     timeout: Duration,
 ) -> Result<crate::device::Answer, CallError> {
-    let action = device.config.methods.get(method).ok_or_else(|| {
+    let action = device.actions.methods.get(method).ok_or_else(|| {
         CallError::BadAnswer(format!("read_back method '{method}' is not configured"))
     })?;
     let mut answer = device.call(action, &Map::new(), timeout).await?;

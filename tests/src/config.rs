@@ -105,13 +105,17 @@ impl GatewayConfig<'_> {
             self.broker,
             self.store.display()
         );
+        // One profile carries the AGV mapping; every device names it.
+        if !self.devices.is_empty() {
+            s.push_str("\n[profiles.agv]\nkind = \"http\"\n");
+            s.push_str(&AGV_METHODS.replace("devices.{id}", "profiles.agv"));
+        }
         for (id, base) in self.devices {
             let _ = write!(
                 s,
-                "\n[devices.{id}]\nkind = \"http\"\nbase_url = \"{base}\"\ntimeout_ms = 10000\nauth = {{ bearer = {{ token = \"demo-token\" }} }}\n\n[devices.{id}.health]\npath = \"/health\"\ninterval_ms = {}\ntimeout_ms = 500\nfailures_before_offline = 1\n",
+                "\n[devices.{id}]\nkind = \"http\"\nprofile = \"agv\"\nbase_url = \"{base}\"\ntimeout_ms = 10000\nauth = {{ bearer = {{ token = \"demo-token\" }} }}\n\n[devices.{id}.health]\npath = \"/health\"\ninterval_ms = {}\ntimeout_ms = 500\nfailures_before_offline = 1\n",
                 self.probe_interval_ms
             );
-            s.push_str(&AGV_METHODS.replace("{id}", id));
         }
         s
     }

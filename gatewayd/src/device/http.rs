@@ -21,10 +21,22 @@ pub fn client() -> Result<Client, String> {
         .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
+/// The client for health probes: no idle connections kept, so a thousand probed devices do
+/// not hold a thousand sockets and their buffers between probe rounds.
+pub fn probe_client() -> Result<Client, String> {
+    Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(0)
+        .build()
+        .map_err(|e| format!("cannot build the HTTP probe client: {e}"))
+}
+
 /// One HTTP device.
 #[derive(Debug)]
 pub struct HttpDriver {
     client: Client,
+    probe_client: Client,
     id: DeviceId,
     base: Url,
     auth: Option<AuthConfig>,
@@ -33,7 +45,12 @@ pub struct HttpDriver {
 
 impl HttpDriver {
     /// A driver for `config`, which must be a validated http device.
-    pub fn new(client: Client, id: DeviceId, config: &DeviceConfig) -> Result<Self, String> {
+    pub fn new(
+        client: Client,
+        probe_client: Client,
+        id: DeviceId,
+        config: &DeviceConfig,
+    ) -> Result<Self, String> {
         let base = config
             .base_url
             .as_deref()
@@ -42,6 +59,7 @@ impl HttpDriver {
             .map_err(|e| format!("device {id}: bad base_url: {e}"))?;
         Ok(Self {
             client,
+            probe_client,
             id,
             base,
             auth: config.auth.clone(),
@@ -168,7 +186,7 @@ impl HttpDriver {
             self.base.path().trim_end_matches('/'),
             path
         ));
-        let mut req = self.client.get(url).timeout(timeout);
+        let mut req = self.probe_client.get(url).timeout(timeout);
         req = match &self.auth {
             Some(AuthConfig::Basic { username, password }) => {
                 req.basic_auth(username, Some(password))
@@ -211,7 +229,13 @@ mod tests {
     fn driver(base: &str) -> HttpDriver {
         let dc: DeviceConfig =
             serde_json::from_value(json!({"kind": "http", "base_url": base})).unwrap();
-        HttpDriver::new(client().unwrap(), DeviceId::new("d").unwrap(), &dc).unwrap()
+        HttpDriver::new(
+            client().unwrap(),
+            probe_client().unwrap(),
+            DeviceId::new("d").unwrap(),
+            &dc,
+        )
+        .unwrap()
     }
 
     fn action(v: Value) -> ActionConfig {

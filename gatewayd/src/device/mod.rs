@@ -45,11 +45,23 @@ pub enum Driver {
     Serial(serial::SerialDriver),
 }
 
+/// What the cloud may ask of a device: methods, twin properties, commands. Devices that name
+/// the same profile (and add nothing) share one copy.
+#[derive(Debug, Default)]
+pub struct Actions {
+    pub methods: BTreeMap<String, ActionConfig>,
+    pub twin: BTreeMap<String, ActionConfig>,
+    pub commands: BTreeMap<String, ActionConfig>,
+}
+
 /// One configured device.
 #[derive(Debug)]
 pub struct Device {
     pub id: DeviceId,
+    /// Link settings; its `methods`, `twin` and `commands` are moved into `actions`.
     pub config: DeviceConfig,
+    /// Everything the cloud may ask of this device.
+    pub actions: Arc<Actions>,
     pub driver: Driver,
     /// Calls in flight at most.
     pub slots: Semaphore,
@@ -75,7 +87,7 @@ impl Device {
             id: self.id.clone(),
             kind: self.config.kind.to_string(),
             methods: self
-                .config
+                .actions
                 .methods
                 .iter()
                 .map(|(name, m)| MethodInfo {
@@ -83,8 +95,8 @@ impl Device {
                     params: m.params.clone(),
                 })
                 .collect(),
-            twin_properties: self.config.twin.keys().cloned().collect(),
-            commands: self.config.commands.keys().cloned().collect(),
+            twin_properties: self.actions.twin.keys().cloned().collect(),
+            commands: self.actions.commands.keys().cloned().collect(),
         }
     }
 }
@@ -97,19 +109,61 @@ pub struct Devices {
 }
 
 impl Devices {
-    /// Builds the registry from validated configuration. Serial ports in use get their task
-    /// here (a tokio runtime is needed then); each ends when the registry is dropped.
-    pub fn from_config(config: &Config, now_ms: u64) -> Result<Devices, String> {
+    /// Builds the registry from validated configuration, taking the device entries out of it
+    /// (one copy of each device's configuration lives on, in its `Device`). Serial ports in use
+    /// get their task here (a tokio runtime is needed then); each ends when the registry is
+    /// dropped.
+    pub fn from_config(config: &mut Config, now_ms: u64) -> Result<Devices, String> {
         let client = http::client()?;
+        let probe_client = http::probe_client()?;
         let mut ports = serial::Ports::new(config);
+        let profiles: BTreeMap<String, Arc<Actions>> = std::mem::take(&mut config.profiles)
+            .into_iter()
+            .map(|(name, p)| {
+                let actions = Actions {
+                    methods: p.methods,
+                    twin: p.twin,
+                    commands: p.commands,
+                };
+                (name, Arc::new(actions))
+            })
+            .collect();
         let mut by_id = HashMap::new();
-        for (id, dc) in &config.devices {
+        for (id, mut dc) in std::mem::take(&mut config.devices) {
+            let own = Actions {
+                methods: std::mem::take(&mut dc.methods),
+                twin: std::mem::take(&mut dc.twin),
+                commands: std::mem::take(&mut dc.commands),
+            };
+            let profile = dc.profile.as_ref().and_then(|name| profiles.get(name));
+            let actions = match profile {
+                Some(shared)
+                    if own.methods.is_empty() && own.twin.is_empty() && own.commands.is_empty() =>
+                {
+                    shared.clone()
+                }
+                Some(shared) => {
+                    let mut merged = Actions {
+                        methods: shared.methods.clone(),
+                        twin: shared.twin.clone(),
+                        commands: shared.commands.clone(),
+                    };
+                    merged.methods.extend(own.methods);
+                    merged.twin.extend(own.twin);
+                    merged.commands.extend(own.commands);
+                    Arc::new(merged)
+                }
+                None => Arc::new(own),
+            };
             let id = DeviceId::new(id.clone()).map_err(|e| format!("devices.{id}: {e}"))?;
             let driver = match dc.kind {
-                DeviceKind::Http => {
-                    Driver::Http(http::HttpDriver::new(client.clone(), id.clone(), dc)?)
-                }
-                DeviceKind::Serial => Driver::Serial(ports.driver(id.clone(), dc)?),
+                DeviceKind::Http => Driver::Http(http::HttpDriver::new(
+                    client.clone(),
+                    probe_client.clone(),
+                    id.clone(),
+                    &dc,
+                )?),
+                DeviceKind::Serial => Driver::Serial(ports.driver(id.clone(), &dc)?),
             };
             let limit = dc
                 .max_in_flight
@@ -118,7 +172,8 @@ impl Devices {
                 id.clone(),
                 Arc::new(Device {
                     id,
-                    config: dc.clone(),
+                    config: dc,
+                    actions,
                     driver,
                     slots: Semaphore::new(limit),
                 }),
