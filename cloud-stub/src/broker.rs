@@ -3,19 +3,65 @@
 //! rumqttd's `Broker::start()` blocks its thread forever and cannot report the port it bound,
 //! so the caller resolves port 0 to a concrete free port first ([`resolve_listen`]) and then
 //! waits until that port accepts TCP connections ([`wait_until_accepting`]).
+//!
+//! Open (development) or secured: secured, it checks logins on the plain listener, can add a
+//! TLS listener that requires client certificates, and applies the topic ACL of
+//! [`crate::security`] through the hook the vendored rumqttd gained for it.
 
 use crate::error::StubError;
+use crate::security::BrokerSecurity;
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
-use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings, TlsConfig};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-/// Starts rumqttd listening on `listen` (a concrete port; see [`resolve_listen`]) on a dedicated
-/// thread and returns at once. The broker lives until the process exits. A failure to bind is
-/// only visible as the port never accepting; use [`wait_until_accepting`].
+/// What the embedded broker serves.
+#[derive(Debug, Clone)]
+pub struct EmbeddedBroker {
+    /// The plain MQTT listener (the stub's own client always uses it).
+    pub listen: SocketAddr,
+    /// A TLS listener requiring client certificates.
+    pub tls: Option<TlsListener>,
+    /// Logins and ACL; `None` is an open broker (development): no login, no ACL.
+    pub security: Option<BrokerSecurity>,
+}
+
+/// A TLS listener: the broker's certificate and key, and the CA that client certificates
+/// must chain to (rumqttd uses the first certificate of that file). A client's certificate
+/// common name must equal its MQTT client id.
+#[derive(Debug, Clone)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl EmbeddedBroker {
+    /// An open broker with one plain listener.
+    pub fn open(listen: SocketAddr) -> Self {
+        EmbeddedBroker {
+            listen,
+            tls: None,
+            security: None,
+        }
+    }
+}
+
+/// Starts an open rumqttd listening on `listen` (a concrete port; see [`resolve_listen`]) on a
+/// dedicated thread and returns at once. See [`start_broker`].
 pub fn start_embedded_broker(listen: SocketAddr) -> Result<(), StubError> {
-    let config = broker_config(listen);
+    start_broker(&EmbeddedBroker::open(listen))
+}
+
+/// Starts rumqttd as described on a dedicated thread and returns at once. The broker lives
+/// until the process exits. A failure to bind is only visible as the port never accepting;
+/// use [`wait_until_accepting`].
+pub fn start_broker(broker: &EmbeddedBroker) -> Result<(), StubError> {
+    let config = broker_config(broker);
+    let listen = broker.listen;
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -75,23 +121,46 @@ fn probe_address(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, addr.port())
 }
 
-/// The broker configuration: one plain MQTT 3.1.1 listener, no auth, packets up to
-/// [`MAX_MQTT_PACKET`].
-pub fn broker_config(listen: SocketAddr) -> Config {
-    let server = ServerSettings {
-        name: "v4".into(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 1,
-        connections: ConnectionSettings {
-            connection_timeout_ms: 60_000,
-            max_payload_size: MAX_MQTT_PACKET,
-            max_inflight_count: 500,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
+/// The broker configuration: MQTT 3.1.1 listeners with packets up to [`MAX_MQTT_PACKET`]; a
+/// plain one (with the login check when secured) and optionally a TLS one (client
+/// certificates required, the certificate is the login), and the ACL when secured.
+pub fn broker_config(broker: &EmbeddedBroker) -> Config {
+    let connections = |external_auth| ConnectionSettings {
+        connection_timeout_ms: 60_000,
+        max_payload_size: MAX_MQTT_PACKET,
+        max_inflight_count: 500,
+        auth: None,
+        external_auth,
+        dynamic_filters: true,
     };
+    let login = broker.security.as_ref().map(BrokerSecurity::login_check);
+    let mut servers = HashMap::from([(
+        "v4".to_string(),
+        ServerSettings {
+            name: "v4".into(),
+            listen: broker.listen,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections: connections(login),
+        },
+    )]);
+    if let Some(tls) = &broker.tls {
+        let path = |p: &PathBuf| p.display().to_string();
+        servers.insert(
+            "v4-tls".to_string(),
+            ServerSettings {
+                name: "v4-tls".into(),
+                listen: tls.listen,
+                tls: Some(TlsConfig::Rustls {
+                    capath: Some(path(&tls.client_ca)),
+                    certpath: path(&tls.cert),
+                    keypath: path(&tls.key),
+                }),
+                next_connection_delay_ms: 1,
+                connections: connections(None),
+            },
+        );
+    }
     Config {
         id: 0,
         router: RouterConfig {
@@ -99,10 +168,33 @@ pub fn broker_config(listen: SocketAddr) -> Config {
             max_outgoing_packet_count: 200,
             max_segment_size: 104_857_600,
             max_segment_count: 10,
+            acl: broker.security.as_ref().map(BrokerSecurity::acl),
             ..RouterConfig::default()
         },
-        v4: Some(HashMap::from([("v4".to_string(), server)])),
+        v4: Some(servers),
         ..Config::default()
+    }
+}
+
+/// Checks that each TLS file can be read and holds PEM, so a typo fails at start rather than
+/// at every handshake (rumqttd reads the files for each connection).
+pub fn check_tls_files(tls: &TlsListener) -> Result<(), String> {
+    let mut problems = Vec::new();
+    for (flag, path) in [
+        ("--tls-cert", &tls.cert),
+        ("--tls-key", &tls.key),
+        ("--tls-client-ca", &tls.client_ca),
+    ] {
+        match std::fs::read_to_string(path) {
+            Ok(text) if text.contains("-----BEGIN ") => {}
+            Ok(_) => problems.push(format!("{flag}: {} holds no PEM data", path.display())),
+            Err(e) => problems.push(format!("{flag}: cannot read {}: {e}", path.display())),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
     }
 }
 
@@ -121,12 +213,40 @@ mod tests {
     #[test]
     fn config_has_one_v4_listener_with_the_packet_limit() {
         let addr: SocketAddr = "127.0.0.1:1999".parse().unwrap();
-        let config = broker_config(addr);
+        let config = broker_config(&EmbeddedBroker::open(addr));
         let v4 = config.v4.unwrap();
         assert_eq!(v4.len(), 1);
         assert_eq!(v4["v4"].listen, addr);
         assert_eq!(v4["v4"].connections.max_payload_size, MAX_MQTT_PACKET);
+        assert!(v4["v4"].connections.external_auth.is_none());
+        assert!(config.router.acl.is_none());
         assert!(config.v5.is_none());
+    }
+
+    #[test]
+    fn a_secured_broker_checks_logins_and_applies_the_acl() {
+        let addr: SocketAddr = "127.0.0.1:1999".parse().unwrap();
+        let tls_addr: SocketAddr = "127.0.0.1:1998".parse().unwrap();
+        let config = broker_config(&EmbeddedBroker {
+            listen: addr,
+            tls: Some(TlsListener {
+                listen: tls_addr,
+                cert: "c.pem".into(),
+                key: "k.pem".into(),
+                client_ca: "ca.pem".into(),
+            }),
+            security: Some(BrokerSecurity {
+                cloud_user: "cloud-stub".into(),
+                cloud_password: crate::security::Secret::new("pw"),
+                gateways: None,
+            }),
+        });
+        let v4 = config.v4.unwrap();
+        assert!(v4["v4"].connections.external_auth.is_some());
+        assert_eq!(v4["v4-tls"].listen, tls_addr);
+        assert!(v4["v4-tls"].tls.is_some());
+        let acl = config.router.acl.unwrap();
+        assert!(!acl.allows("site-1", rumqttd::AclAction::Publish, "gw/site-2/up/state"));
     }
 
     #[test]

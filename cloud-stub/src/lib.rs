@@ -13,12 +13,16 @@ pub mod clock;
 mod error;
 pub mod messages;
 pub mod registry;
+pub mod security;
 pub mod session;
 pub mod store;
 pub mod twins;
 pub mod uplink;
 
-pub use broker::{resolve_listen, start_embedded_broker, wait_until_accepting};
+pub use broker::{
+    check_tls_files, resolve_listen, start_broker, start_embedded_broker, wait_until_accepting,
+    EmbeddedBroker, TlsListener,
+};
 pub use clock::now_ms;
 pub use error::StubError;
 pub use session::{MqttTarget, TargetError};
@@ -55,8 +59,12 @@ pub struct StubConfig {
     pub mqtt: MqttTarget,
     /// Where the SQLite database lives.
     pub db: DbLocation,
-    /// The stub's MQTT client id.
+    /// The stub's MQTT client id; also its user name when it has a password.
     pub client_id: String,
+    /// The password of the stub's MQTT login (user name = `client_id`); none: no login.
+    pub password: Option<security::Secret>,
+    /// Bearer token the operator API requires (`/healthz` excepted); none: open API.
+    pub api_token: Option<security::Secret>,
     /// Open (queued or delivered) messages allowed per device; more are refused with
     /// `queue_full`.
     pub max_queue: usize,
@@ -71,6 +79,8 @@ impl StubConfig {
             mqtt,
             db,
             client_id: DEFAULT_CLIENT_ID.to_string(),
+            password: None,
+            api_token: None,
             max_queue: DEFAULT_MAX_QUEUE,
             send_window: DEFAULT_SEND_WINDOW,
         }
@@ -126,8 +136,13 @@ pub async fn run(
         twins.clone(),
         Arc::clone(&outbox),
     );
-    let (publisher, session) =
-        session::spawn(&config.mqtt, &config.client_id, uplink, tasks_stop.clone());
+    let (publisher, session) = session::spawn(
+        &config.mqtt,
+        &config.client_id,
+        config.password.as_ref(),
+        uplink,
+        tasks_stop.clone(),
+    );
     let sender = tokio::spawn(messages::sender::run(
         Arc::clone(&outbox),
         publisher.clone(),
@@ -151,6 +166,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
         twins,
         outbox,
+        api_token: config.api_token.clone().map(Arc::new),
     });
     tracing::info!(addr = %api.local_addr()?, "operator api listening");
     let api = api.tap_io(|tcp| {

@@ -3,6 +3,7 @@
 //! (subscribe, RPC requests) goes through the client's bounded request channel, which only
 //! `poll()` drains, so the polling task never waits on itself.
 
+use crate::security::Secret;
 use crate::uplink::Uplink;
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
 use gatewayd_protocol::Topics;
@@ -105,10 +106,12 @@ impl Publisher {
     }
 }
 
-/// Connects to `target` as `client_id` and polls until `stop` is cancelled, then disconnects.
+/// Connects to `target` as `client_id` (logging in as user `client_id` with `password`, if
+/// any) and polls until `stop` is cancelled, then disconnects.
 pub fn spawn(
     target: &MqttTarget,
     client_id: &str,
+    password: Option<&Secret>,
     uplink: Uplink,
     stop: CancellationToken,
 ) -> (Publisher, JoinHandle<()>) {
@@ -117,6 +120,9 @@ pub fn spawn(
         .set_keep_alive(KEEP_ALIVE)
         .set_clean_session(true)
         .set_max_packet_size(MAX_MQTT_PACKET, MAX_MQTT_PACKET);
+    if let Some(password) = password {
+        options.set_credentials(client_id, password.expose());
+    }
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
     // `new()`, not `default()`: the default has a zero connect timeout. TCP_NODELAY on: with
     // Nagle, each small publish waits for the delayed ACK of the previous one (~40 ms).

@@ -2,6 +2,8 @@
 //! environment overrides (`__` separates levels, e.g. `GATEWAYD_CLOUD__BROKER`), and a
 //! validation pass that reports every problem at once with the path of the bad field.
 
+pub mod admin;
+pub mod cloud;
 pub mod serial;
 
 use crate::template::Template;
@@ -13,6 +15,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+pub use admin::AdminConfig;
+pub use cloud::{parse_broker, Broker, CloudConfig, CloudSecurity, Secret};
 pub use serial::{FieldType, SerialPortConfig};
 
 /// The whole configuration.
@@ -32,6 +36,9 @@ pub struct Config {
     /// Cloud-to-device messages.
     #[serde(default)]
     pub messages: MessagesConfig,
+    /// The local admin HTTP API: health, readiness, metrics, read-only views.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Reusable action sets by name, for many devices of one model: a device names one with
     /// `profile` instead of repeating its methods, twin properties and commands.
     #[serde(default)]
@@ -51,30 +58,6 @@ pub struct GatewayConfig {
     /// Gateway id, unique in the cloud; becomes the topic prefix `gw/{id}/`. Letters, digits,
     /// `-`, `_`, `.`; at most 64 characters.
     pub id: String,
-}
-
-/// The cloud (MQTT) connection.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CloudConfig {
-    /// Broker URL, `mqtt://host:port` (port defaults to 1883).
-    pub broker: String,
-    /// MQTT client id; defaults to the gateway id. Must be stable: the broker keeps the
-    /// persistent session under it.
-    #[serde(default)]
-    pub client_id: Option<String>,
-    /// MQTT keep-alive, seconds (5..=600).
-    #[serde(default = "default_keep_alive")]
-    pub keep_alive_s: u64,
-    /// First reconnect delay, milliseconds; doubles (with jitter) up to `reconnect_max_ms`.
-    #[serde(default = "default_reconnect_min")]
-    pub reconnect_min_ms: u64,
-    /// Longest reconnect delay, milliseconds.
-    #[serde(default = "default_reconnect_max")]
-    pub reconnect_max_ms: u64,
-    /// TCP connect timeout, seconds.
-    #[serde(default = "default_connect_timeout")]
-    pub connect_timeout_s: u64,
 }
 
 /// The local SQLite store.
@@ -179,6 +162,19 @@ pub struct ProfileConfig {
     pub commands: BTreeMap<String, ActionConfig>,
 }
 
+/// Polling of reported properties.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollConfig {
+    /// A method of the device, called without params.
+    pub method: String,
+    /// Time between polls, milliseconds (at least 1000).
+    pub interval_ms: u64,
+    /// A JSON pointer into the result selecting the object to report, e.g. `/config`.
+    #[serde(default)]
+    pub pointer: Option<String>,
+}
+
 /// One device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -223,6 +219,10 @@ pub struct DeviceConfig {
     /// the message id (send it as `X-Message-Id` to let the device de-duplicate too).
     #[serde(default)]
     pub commands: BTreeMap<String, ActionConfig>,
+    /// Optional polling of reported properties: a method called on an interval whose result
+    /// object (or the object at `pointer`) is merged into the reported half when it changed.
+    #[serde(default)]
+    pub reported_poll: Option<PollConfig>,
     /// Serial devices: the name of their port in `[serial_ports]`.
     #[serde(default)]
     pub port: Option<String>,
@@ -392,18 +392,6 @@ pub enum ResultMode {
     None,
 }
 
-fn default_keep_alive() -> u64 {
-    10
-}
-fn default_reconnect_min() -> u64 {
-    200
-}
-fn default_reconnect_max() -> u64 {
-    30_000
-}
-fn default_connect_timeout() -> u64 {
-    5
-}
 fn default_store_path() -> PathBuf {
     PathBuf::from("/var/lib/gatewayd/gatewayd.db")
 }
@@ -475,20 +463,8 @@ impl Config {
         if let Err(e) = validate_id(&self.gateway.id) {
             p.push(format!("gateway.id: {e}"));
         }
-        if let Err(e) = parse_broker(&self.cloud.broker) {
-            p.push(format!("cloud.broker: {e}"));
-        }
-        if !(5..=600).contains(&self.cloud.keep_alive_s) {
-            p.push("cloud.keep_alive_s: must be between 5 and 600".into());
-        }
-        if self.cloud.reconnect_min_ms == 0
-            || self.cloud.reconnect_min_ms > self.cloud.reconnect_max_ms
-        {
-            p.push(
-                "cloud.reconnect_min_ms: must be at least 1 and at most cloud.reconnect_max_ms"
-                    .into(),
-            );
-        }
+        self.cloud.validate(&mut p);
+        self.admin.validate(&mut p);
         if self.rpc.max_in_flight_per_device == 0 {
             p.push("rpc.max_in_flight_per_device: must be at least 1".into());
         }
@@ -579,6 +555,19 @@ impl DeviceConfig {
         }
         let mut methods = profile.map(|p| p.methods.clone()).unwrap_or_default();
         methods.extend(self.methods.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(poll) = &self.reported_poll {
+            if !methods.contains_key(&poll.method) {
+                p.push(format!(
+                    "{at}.reported_poll.method: names no method of this device ('{}')",
+                    poll.method
+                ));
+            }
+            if poll.interval_ms < 1000 {
+                p.push(format!(
+                    "{at}.reported_poll.interval_ms: must be at least 1000"
+                ));
+            }
+        }
         validate_actions(
             self.kind,
             [&self.methods, &self.twin, &self.commands],
@@ -670,6 +659,13 @@ impl ActionConfig {
         {
             p.push(format!("{at}.path: must start with '/'"));
         }
+        if self
+            .path
+            .as_deref()
+            .is_some_and(|path| path.split('/').any(|s| s == "." || s == ".."))
+        {
+            p.push(format!("{at}.path: must not have '.' or '..' segments"));
+        }
         if let Some(ptr) = &self.result_pointer {
             if !ptr.is_empty() && !ptr.starts_with('/') {
                 p.push(format!(
@@ -702,26 +698,6 @@ fn collect_strings(v: &serde_json::Value, out: &mut Vec<String>) {
         serde_json::Value::Object(m) => m.values().for_each(|v| collect_strings(v, out)),
         _ => {}
     }
-}
-
-/// Splits `mqtt://host[:port]` into host and port.
-pub fn parse_broker(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| format!("'{url}' must start with mqtt://"))?;
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| format!("'{p}' is not a port number"))?,
-        ),
-        None => (rest, 1883),
-    };
-    if host.is_empty() {
-        return Err(format!("'{url}' names no host"));
-    }
-    Ok((host.to_string(), port))
 }
 
 fn check_base_url(url: &str) -> Result<(), String> {
@@ -844,12 +820,5 @@ mod tests {
             err.problems,
             vec!["/nonexistent/gatewayd.toml: no such file"]
         );
-    }
-
-    #[test]
-    fn broker_urls() {
-        assert_eq!(parse_broker("mqtt://h:1"), Ok(("h".into(), 1)));
-        assert_eq!(parse_broker("mqtt://h"), Ok(("h".into(), 1883)));
-        assert!(parse_broker("mqtt://:1").is_err());
     }
 }

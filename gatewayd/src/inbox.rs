@@ -13,6 +13,7 @@
 use crate::clock::now_ms;
 use crate::config::MessagesConfig;
 use crate::device::{CallError, Device, Devices};
+use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::store::{Store, StoreError};
 use gatewayd_protocol::message::FeedbackOutcome;
@@ -47,11 +48,18 @@ pub struct Inbox {
     devices: Arc<Devices>,
     wakers: HashMap<DeviceId, Arc<Notify>>,
     outbox: Wake,
+    metrics: Arc<Metrics>,
 }
 
 impl Inbox {
     /// One worker wake-up per configured device.
-    pub fn new(store: Store, config: MessagesConfig, devices: Arc<Devices>, outbox: Wake) -> Inbox {
+    pub fn new(
+        store: Store,
+        config: MessagesConfig,
+        devices: Arc<Devices>,
+        outbox: Wake,
+        metrics: Arc<Metrics>,
+    ) -> Inbox {
         let wakers = devices
             .all()
             .into_iter()
@@ -63,6 +71,7 @@ impl Inbox {
             devices,
             wakers,
             outbox,
+            metrics,
         }
     }
 
@@ -204,7 +213,8 @@ impl Inbox {
     /// the device); finished messages past the redelivery window are forgotten.
     pub async fn recover(&self) -> Result<usize, StoreError> {
         let now = now_ms();
-        self.store
+        let failed = self
+            .store
             .call(move |c| {
                 let running: Vec<(String, String)> = c
                     .prepare("SELECT id, device FROM inbox WHERE state = 'running'")?
@@ -220,7 +230,9 @@ impl Inbox {
                 )?;
                 Ok(running.len())
             })
-            .await
+            .await?;
+        self.metrics.messages(FeedbackOutcome::Failed, failed);
+        Ok(failed)
     }
 }
 
@@ -501,8 +513,9 @@ impl Inbox {
             .store
             .call(move |c| finish(c, &id, &dev, outcome, reason, status, now_ms()))
             .await;
-        if let Err(e) = r {
-            warn!(error = %e, "cannot record the message outcome");
+        match r {
+            Ok(()) => self.metrics.message(outcome),
+            Err(e) => warn!(error = %e, "cannot record the message outcome"),
         }
         self.outbox.wake();
     }

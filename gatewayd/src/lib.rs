@@ -2,12 +2,16 @@
 //! local APIs of the devices named in its configuration. `run` is the whole daemon; the binary
 //! only parses arguments, loads configuration and installs logging and signals.
 
+pub mod admin;
 pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod device;
 pub mod inbox;
+pub mod metrics;
+pub mod notify;
 pub mod outbox;
+pub mod reload;
 pub mod rpc;
 pub mod store;
 pub mod template;
@@ -30,11 +34,30 @@ pub enum GatewayError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Session(#[from] cloud::SessionError),
+    #[error("admin listener: {0}")]
+    Admin(std::io::Error),
+}
+
+/// What the binary hands the daemon besides its configuration: the admin listener it bound
+/// from `admin.listen` (none when `admin.enabled = false`) and the service manager notifier.
+#[derive(Debug, Default)]
+pub struct Operations {
+    /// The admin HTTP listener; `admin.address_file` receives its address.
+    pub admin: Option<std::net::TcpListener>,
+    /// systemd notifications (`notify.rs`); the default sends nothing.
+    pub notifier: notify::Notifier,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then drains: no new RPCs, in-flight ones get
-/// `rpc.shutdown_grace_ms`, offline presence is published, the session closes.
-pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), GatewayError> {
+/// `rpc.shutdown_grace_ms`, offline presence is published, the session closes. `ops` carries
+/// the admin listener and the systemd notifier.
+pub async fn run(
+    mut config: Config,
+    ops: Operations,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let notifier = ops.notifier;
+    let metrics = Arc::new(metrics::Metrics::default());
     let store = store::Store::open(&config.store.path)?;
     let devices = Arc::new(
         device::Devices::from_config(&mut config, clock::now_ms())
@@ -48,10 +71,17 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
             shutdown.clone(),
         ));
     }
-    let twins = Arc::new(twins::Twins::new(store.clone(), &devices));
+    let twins = Arc::new(twins::Twins::new(store.clone(), &devices, metrics.clone()));
     let outbox = outbox::Wake::default();
     for d in devices.all() {
         background.spawn(twins::worker(
+            d.clone(),
+            devices.clone(),
+            twins.clone(),
+            outbox.clone(),
+            shutdown.clone(),
+        ));
+        background.spawn(twins::poll_reported(
             d.clone(),
             devices.clone(),
             twins.clone(),
@@ -64,6 +94,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         config.messages.clone(),
         devices.clone(),
         outbox.clone(),
+        metrics.clone(),
     ));
     let recovered = inbox.recover().await?;
     if recovered > 0 {
@@ -81,9 +112,55 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
         twins,
         inbox,
         outbox,
+        metrics: metrics.clone(),
     });
     let work = TaskTracker::new();
     let session = cloud::Session::start(&config, shared, work.clone(), shutdown.clone())?;
+    // Admin API, status and watchdog run until the very end, through the drain.
+    let ops_stop = CancellationToken::new();
+    let ops_tasks = TaskTracker::new();
+    if let Some(listener) = ops.admin {
+        let state = Arc::new(admin::AdminState {
+            devices: devices.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            connected: session.connected(),
+            shutdown: shutdown.clone(),
+        });
+        match admin::serve(
+            listener,
+            state,
+            config.admin.address_file.as_deref(),
+            ops_stop.clone(),
+        ) {
+            Ok(server) => {
+                ops_tasks.spawn(server);
+            }
+            Err(e) => {
+                session.close(Duration::from_secs(2)).await;
+                return Err(GatewayError::Admin(e));
+            }
+        }
+    }
+    // Configuration valid, store open, first connection attempt under way.
+    notifier.ready(&notify::status_line(
+        *session.connected().borrow(),
+        &devices,
+    ));
+    ops_tasks.spawn(notify::status_loop(
+        notifier.clone(),
+        devices.clone(),
+        session.connected(),
+        ops_stop.clone(),
+    ));
+    if let Some(period) = notifier.watchdog_period() {
+        ops_tasks.spawn(notify::watchdog(
+            notifier.clone(),
+            store.clone(),
+            period,
+            ops_stop.clone(),
+        ));
+    }
     info!(
         gateway = %config.gateway.id,
         devices = devices.len(),
@@ -93,6 +170,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
 
     shutdown.cancelled().await;
     info!("shutting down: draining in-flight calls");
+    notifier.stopping("shutting down: draining in-flight calls");
     session.stop_accepting();
     work.close();
     let grace = Duration::from_millis(config.rpc.shutdown_grace_ms);
@@ -105,6 +183,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> Result<(), 
     session.close(Duration::from_secs(2)).await;
     background.close();
     background.wait().await;
+    ops_stop.cancel();
+    ops_tasks.close();
+    ops_tasks.wait().await;
     drop(store);
     info!("stopped");
     Ok(())

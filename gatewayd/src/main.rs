@@ -3,7 +3,10 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use gatewayd::config::Config;
-use std::path::PathBuf;
+use gatewayd::notify::Notifier;
+use gatewayd::reload::{self, Fingerprint};
+use gatewayd::Operations;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
@@ -71,7 +74,21 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(cli.log_format);
+            // What SIGHUP compares a re-read file with; taken before `run` consumes the config.
+            let fingerprint = Fingerprint::of(&config);
             release_freed_memory();
+            let notifier = Notifier::from_vars(|k| std::env::var(k).ok(), std::process::id())
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "NOTIFY_SOCKET unusable; no service manager notifications");
+                    Notifier::default()
+                });
+            let admin = match bind_admin(&config) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start");
+                    return ExitCode::FAILURE;
+                }
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -84,8 +101,14 @@ fn main() -> ExitCode {
             };
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
-                tokio::spawn(signals(shutdown.clone()));
-                match gatewayd::run(config, shutdown).await {
+                tokio::spawn(signals(
+                    shutdown.clone(),
+                    path.clone(),
+                    fingerprint,
+                    notifier.clone(),
+                ));
+                let ops = Operations { admin, notifier };
+                match gatewayd::run(config, ops, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!(error = %e, "gatewayd stopped");
@@ -110,8 +133,10 @@ fn release_freed_memory() {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: the journal and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -119,18 +144,66 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-async fn signals(shutdown: CancellationToken) {
+/// Binds the admin listener from `admin.listen` (nothing when `admin.enabled = false`). Done
+/// here, not in the library, so tests and embedders hand `run` their own listener.
+fn bind_admin(config: &Config) -> Result<Option<std::net::TcpListener>, String> {
+    if !config.admin.enabled {
+        return Ok(None);
+    }
+    let addr = config
+        .admin
+        .listen_addr()
+        .map_err(|e| format!("admin.listen: {e}"))?;
+    std::net::TcpListener::bind(addr).map(Some).map_err(|e| {
+        format!("admin.listen: cannot listen on {addr}: {e}; choose another address or set admin.enabled = false")
+    })
+}
+
+/// SIGTERM and SIGINT cancel `shutdown`; SIGHUP re-reads and checks the configuration file
+/// (see `gatewayd::reload`) and never stops the daemon.
+async fn signals(
+    shutdown: CancellationToken,
+    path: PathBuf,
+    running: Fingerprint,
+    notifier: Notifier,
+) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); break }
+            _ = int.recv() => { tracing::info!("SIGINT received"); break }
+            _ = hup.recv() => {
+                tracing::info!(config = %path.display(), "SIGHUP received: re-reading the configuration");
+                notifier.reloading();
+                recheck(&path, &running).await;
+                notifier.reloaded();
+            }
+        }
     }
     shutdown.cancel();
+}
+
+/// Loads and validates the file off the runtime, compares it with the running configuration
+/// and logs the verdict; the running daemon is left untouched.
+async fn recheck(path: &Path, running: &Fingerprint) {
+    let file = path.to_path_buf();
+    let running = running.clone();
+    let verdict = tokio::task::spawn_blocking(move || {
+        let verdict = reload::judge(&running, Config::load(&file, Config::env()));
+        release_freed_memory();
+        verdict
+    })
+    .await;
+    match verdict {
+        Ok(v) => reload::log(&v, path),
+        Err(e) => tracing::error!(error = %e, "configuration check failed"),
+    }
 }

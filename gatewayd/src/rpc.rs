@@ -148,6 +148,10 @@ pub fn to_rpc_error(device: &str, method: &str, e: CallError) -> RpcError {
             device_status: None,
             detail: None,
         },
+        CallError::Refused(why) => RpcError::new(
+            ErrorCode::InvalidParams,
+            format!("'{method}' not called on device {device}: {why}"),
+        ),
         CallError::TooLarge(n) => RpcError::new(
             ErrorCode::PayloadTooLarge,
             format!("device {device} answered '{method}' with {n} bytes, the limit is {MAX_RPC_PAYLOAD}"),

@@ -37,8 +37,11 @@ pub enum TemplateError {
 pub enum Escape {
     /// Percent-encode (paths and query values), so a value can never add a path segment.
     Url,
-    /// As is (header values).
+    /// As is, except that CR and LF become spaces (JSON body text, serial lines).
     None,
+    /// Header values: every ASCII control character (CR, LF, NUL, DEL, ...) becomes a space,
+    /// so a value can neither start a new header line nor make the request unbuildable.
+    Header,
 }
 
 impl Template {
@@ -96,6 +99,17 @@ impl Template {
                     match escape {
                         Escape::Url => out.extend(utf8_percent_encode(&text, SAFE)),
                         Escape::None => out.push_str(&text.replace(['\r', '\n'], " ")),
+                        Escape::Header => {
+                            out.extend(text.chars().map(
+                                |c| {
+                                    if c.is_ascii_control() {
+                                        ' '
+                                    } else {
+                                        c
+                                    }
+                                },
+                            ))
+                        }
                     }
                 }
             }
@@ -190,6 +204,17 @@ mod tests {
             t.render(&vars(json!({"v": "a\r\nX-Evil: 1"})), Escape::None),
             "a  X-Evil: 1"
         );
+    }
+
+    #[test]
+    fn header_escaping_removes_every_control_character() {
+        let t = Template::parse("x-{{v}}").unwrap();
+        let out = t.render(
+            &vars(json!({"v": "a\r\nb\u{0}c\td\u{7f}é"})),
+            Escape::Header,
+        );
+        assert_eq!(out, "x-a  b c d é");
+        assert!(reqwest::header::HeaderValue::try_from(out).is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 use crate::clock::now_ms;
 use crate::device::{CallError, Device, Devices};
+use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::store::{Store, StoreError};
 use crate::twin::{plan, report, Step, StepOutcome};
@@ -37,17 +38,22 @@ pub struct TwinRow {
 pub struct Twins {
     store: Store,
     wakers: HashMap<DeviceId, Arc<Notify>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Twins {
     /// One waker per configured device.
-    pub fn new(store: Store, devices: &Devices) -> Twins {
+    pub fn new(store: Store, devices: &Devices, metrics: Arc<Metrics>) -> Twins {
         let wakers = devices
             .all()
             .into_iter()
             .map(|d| (d.id.clone(), Arc::new(Notify::new())))
             .collect();
-        Twins { store, wakers }
+        Twins {
+            store,
+            wakers,
+            metrics,
+        }
     }
 
     /// Stores a desired update by the version rule. Submitted at once, so updates are stored in
@@ -239,12 +245,15 @@ async fn apply_round(
             Err(CallError::Status { status, detail }) => StepOutcome::Refused {
                 reason: format!("device answered {status}: {}", detail_text(&detail)),
             },
-            Err(CallError::BadAnswer(why)) => StepOutcome::Refused { reason: why },
+            Err(CallError::BadAnswer(why) | CallError::Refused(why)) => {
+                StepOutcome::Refused { reason: why }
+            }
             Err(e) => return Err(format!("'{}': {e}", step.property)),
         };
         results.push((step, outcome));
     }
     let (patch, apply) = report(&results, row.desired_version, now_ms());
+    let states: Vec<_> = apply.values().map(|s| s.state).collect();
     let id = device.id.to_string();
     let version = row.desired_version;
     let desired = row.desired.clone();
@@ -269,6 +278,9 @@ async fn apply_round(
         })
         .await
         .map_err(|e| e.to_string())?;
+    for state in states {
+        twins.metrics.twin_apply(state);
+    }
     outbox.wake();
     info!(version, properties = applied_count, "desired state applied");
     Ok(())
@@ -303,4 +315,97 @@ fn detail_text(detail: &Value) -> String {
             .unwrap_or_else(|| detail.to_string()),
         other => other.to_string(),
     }
+}
+
+/// Polls the reported properties of one device, if its configuration asks for it: calls the
+/// poll method on its interval and merges what changed into the reported half (through the
+/// outbox, like any reported patch).
+pub async fn poll_reported(
+    device: Arc<Device>,
+    devices: Arc<Devices>,
+    twins: Arc<Twins>,
+    outbox: Wake,
+    stop: CancellationToken,
+) {
+    let Some(poll) = device.config.reported_poll.clone() else {
+        return;
+    };
+    let Some(action) = device.actions.methods.get(&poll.method).cloned() else {
+        return;
+    };
+    let interval = Duration::from_millis(poll.interval_ms);
+    let timeout = Duration::from_millis(action.timeout_ms.unwrap_or(device.config.timeout_ms));
+    let span = tracing::info_span!("poll", device = %device.id);
+    async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+            if !devices.presence.is_online(&device.id) {
+                continue;
+            }
+            let result = {
+                let Ok(_slot) = device.slots.acquire().await else {
+                    return;
+                };
+                device.call(&action, &Map::new(), timeout).await
+            };
+            devices.presence.observe_call(&device.id, &result, now_ms());
+            let value = match result {
+                Ok(answer) => match poll.pointer.as_deref().filter(|p| !p.is_empty()) {
+                    Some(ptr) => answer.result.pointer(ptr).cloned(),
+                    None => Some(answer.result),
+                },
+                Err(e) => {
+                    debug!(error = %e, "reported poll failed");
+                    continue;
+                }
+            };
+            let Some(Value::Object(seen)) = value else {
+                debug!("reported poll answer is not an object; ignored");
+                continue;
+            };
+            let id = device.id.to_string();
+            let r = twins
+                .store
+                .call(move |c| {
+                    let row = load_row(c, &id)?;
+                    let mut patch = Map::new();
+                    for (k, v) in seen {
+                        let same = row
+                            .reported
+                            .get(&k)
+                            .is_some_and(|old| gatewayd_protocol::twin::same_value(old, &v));
+                        if !same {
+                            patch.insert(k, v);
+                        }
+                    }
+                    if patch.is_empty() {
+                        return Ok(false);
+                    }
+                    let patch = Value::Object(patch);
+                    let mut reported = row.reported;
+                    merge_patch(&mut reported, &patch);
+                    c.execute(
+                        "INSERT INTO twin (device, reported) VALUES (?1, ?2)
+                         ON CONFLICT(device) DO UPDATE SET reported = ?2",
+                        params![id, reported.to_string()],
+                    )?;
+                    outbox::push(c, outbox::Kind::Reported, &id, &json!({"patch": patch}))?;
+                    Ok(true)
+                })
+                .await;
+            match r {
+                Ok(true) => {
+                    debug!("reported properties changed on the device");
+                    outbox.wake();
+                }
+                Ok(false) => {}
+                Err(e) => warn!(error = %e, "cannot record polled reported properties"),
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }

@@ -38,6 +38,8 @@ pub enum ErrorCode {
     MessageNotFound,
     /// Something failed inside the gateway or cloud itself.
     Internal,
+    /// The operator API wants a valid bearer token.
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -54,6 +56,7 @@ impl ErrorCode {
             ErrorCode::QueueFull => 429,
             ErrorCode::MessageNotFound => 404,
             ErrorCode::Internal => 500,
+            ErrorCode::Unauthorized => 401,
         }
     }
 
@@ -75,6 +78,7 @@ impl ErrorCode {
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::MessageNotFound => "message_not_found",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unauthorized => "unauthorized",
         }
     }
 }
@@ -153,6 +157,7 @@ mod tests {
             ErrorCode::QueueFull,
             ErrorCode::MessageNotFound,
             ErrorCode::Internal,
+            ErrorCode::Unauthorized,
         ] {
             assert_eq!(
                 serde_json::to_string(&code).unwrap(),
@@ -170,6 +175,7 @@ mod tests {
         assert_eq!(ErrorCode::InvalidParams.http_status(), 400);
         assert_eq!(ErrorCode::DeviceError.http_status(), 502);
         assert_eq!(ErrorCode::PayloadTooLarge.http_status(), 413);
+        assert_eq!(ErrorCode::Unauthorized.http_status(), 401);
     }
 
     #[test]

@@ -15,7 +15,7 @@ pub mod twin;
 pub use error::{ErrorCode, RpcError};
 pub use ids::{DeviceId, GatewayId, IdError, MessageId, RequestId};
 pub use payload::*;
-pub use topic::{Down, Topics, Up};
+pub use topic::{Down, GatewayAcl, Topics, Up};
 
 /// Version carried as `"v"` in every payload. A receiver refuses payloads with a higher major
 /// version than its own, and ignores fields it does not know.

@@ -7,6 +7,7 @@
 //! subscribe gw/{gateway}/down/#
 //! ```
 //!
+//! [`GatewayAcl`] is that rule as code, for a broker hook (the cloud stub's embedded broker).
 //! Only this module builds or parses topic strings.
 
 use crate::ids::GatewayId;
@@ -121,6 +122,34 @@ impl Topics {
     }
 }
 
+/// The broker ACL of one gateway, as a broker hook applies it: a gateway may publish only
+/// under `gw/{gateway}/up/` and subscribe only under `gw/{gateway}/down/`. Ids never contain
+/// `/`, `+` or `#`, so a prefix match cannot be widened by a wildcard level.
+pub struct GatewayAcl;
+
+impl GatewayAcl {
+    /// Whether `gateway` may publish on `topic` (a topic name, no wildcards).
+    pub fn may_publish(gateway: &GatewayId, topic: &str) -> bool {
+        within(gateway, "up", topic) && !topic.contains(['+', '#'])
+    }
+
+    /// Whether `gateway` may subscribe to `filter` (`#` and `+` allowed below its `down/`).
+    pub fn may_subscribe(gateway: &GatewayId, filter: &str) -> bool {
+        within(gateway, "down", filter)
+    }
+}
+
+fn within(gateway: &GatewayId, dir: &str, topic: &str) -> bool {
+    topic
+        .strip_prefix(ROOT)
+        .and_then(|t| t.strip_prefix('/'))
+        .and_then(|t| t.strip_prefix(gateway.as_str()))
+        .and_then(|t| t.strip_prefix('/'))
+        .and_then(|t| t.strip_prefix(dir))
+        .and_then(|t| t.strip_prefix('/'))
+        .is_some_and(|rest| !rest.is_empty())
+}
+
 fn split<'a>(topic: &'a str, dir: &str) -> Option<(GatewayId, &'a str)> {
     let rest = topic.strip_prefix(ROOT)?.strip_prefix('/')?;
     let (gw, rest) = rest.split_once('/')?;
@@ -154,6 +183,26 @@ mod tests {
         for k in Down::ALL {
             assert_eq!(Topics::parse_down(&Topics::down(&gw(), k)), Some((gw(), k)));
         }
+    }
+
+    #[test]
+    fn the_acl_confines_a_gateway_to_its_own_namespace() {
+        let a = gw();
+        assert!(GatewayAcl::may_publish(&a, "gw/site-7/up/state"));
+        assert!(GatewayAcl::may_publish(&a, "gw/site-7/up/rpc/res"));
+        assert!(!GatewayAcl::may_publish(&a, "gw/site-8/up/state"));
+        assert!(!GatewayAcl::may_publish(&a, "gw/site-7/down/rpc/req"));
+        assert!(!GatewayAcl::may_publish(&a, "gw/site-77/up/state"));
+        assert!(!GatewayAcl::may_publish(&a, "gw/site-7/up/"));
+        assert!(!GatewayAcl::may_publish(&a, "gw/site-7/up"));
+        assert!(GatewayAcl::may_subscribe(&a, "gw/site-7/down/#"));
+        assert!(GatewayAcl::may_subscribe(&a, "gw/site-7/down/rpc/req"));
+        assert!(!GatewayAcl::may_subscribe(&a, "gw/site-8/down/#"));
+        assert!(!GatewayAcl::may_subscribe(&a, "gw/+/down/#"));
+        assert!(!GatewayAcl::may_subscribe(&a, "gw/#"));
+        assert!(!GatewayAcl::may_subscribe(&a, "#"));
+        assert!(!GatewayAcl::may_subscribe(&a, "gw/site-7/up/#"));
+        assert!(!GatewayAcl::may_subscribe(&a, "$share/g/gw/site-8/down/#"));
     }
 
     #[test]

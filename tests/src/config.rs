@@ -1,7 +1,7 @@
 //! gatewayd configurations for simulated AGVs, as the tests and the demo use them.
 
 use std::fmt::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Settings of a generated configuration.
 pub struct GatewayConfig<'a> {
@@ -94,6 +94,11 @@ body = "{{params}}"
 params = { n = { type = "integer", required = false } }
 "#;
 
+/// Where a rendered configuration has gatewayd write its admin address: next to its store.
+pub fn admin_address_file(store: &Path) -> PathBuf {
+    store.with_extension("admin-addr")
+}
+
 impl GatewayConfig<'_> {
     /// Renders the TOML text.
     pub fn render(&self) -> String {
@@ -104,6 +109,12 @@ impl GatewayConfig<'_> {
             self.gateway_id,
             self.broker,
             self.store.display()
+        );
+        // The admin API on a free port; gatewayd writes the bound address next to the store.
+        let _ = write!(
+            s,
+            "\n[admin]\nlisten = \"127.0.0.1:0\"\naddress_file = \"{}\"\n",
+            admin_address_file(self.store).display()
         );
         // One profile carries the AGV mapping; every device names it.
         if !self.devices.is_empty() {

@@ -5,6 +5,8 @@
 
 pub mod bench;
 pub mod config;
+pub mod raw;
+pub mod tls;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -115,6 +117,27 @@ impl Proc {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Sends a signal (`"HUP"`, `"TERM"`, ...) without waiting for anything.
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self.child.id().context("process already gone")?;
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{sig} {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits at most `within` for the exit; returns the exit code.
+    pub async fn wait_exit(&mut self, within: Duration) -> Result<Option<i32>> {
+        let status = tokio::time::timeout(within, self.child.wait())
+            .await
+            .map_err(|_| anyhow!("{} did not exit within {within:?}", self.name))??;
+        Ok(status.code())
+    }
+
     /// SIGKILL, and wait for the exit.
     pub async fn kill9(&mut self) {
         let _ = self.child.kill().await;
@@ -158,6 +181,17 @@ impl Stub {
     /// Starts the stub with its embedded broker on a free port (or on `mqtt_listen`), or against
     /// an external broker.
     pub async fn start(dir: &Path, broker: &Broker, db: &str) -> Result<Stub> {
+        Ok(Self::start_with_args(dir, broker, db, &[]).await?.0)
+    }
+
+    /// Like [`Stub::start`], with extra command-line arguments; also returns the ready line
+    /// (it carries `mqtts` when the stub was given a TLS listener).
+    pub async fn start_with_args(
+        dir: &Path,
+        broker: &Broker,
+        db: &str,
+        extra: &[String],
+    ) -> Result<(Stub, Value)> {
         let mut args = vec![
             "--api-listen".to_string(),
             "127.0.0.1:0".into(),
@@ -174,6 +208,7 @@ impl Stub {
                 args.push(url.clone());
             }
         }
+        args.extend_from_slice(extra);
         let (proc, ready) = Proc::start("cloud-stub", &args, dir, "cloud-stub").await?;
         let field = |k: &str| {
             ready[k]
@@ -181,14 +216,15 @@ impl Stub {
                 .map(str::to_string)
                 .ok_or_else(|| anyhow!("ready line lacks {k}: {ready}"))
         };
-        Ok(Stub {
+        let stub = Stub {
             api: field("api")?,
             mqtt: match broker {
                 Broker::External(url) => url.clone(),
                 Broker::Embedded(_) => field("mqtt")?,
             },
             proc,
-        })
+        };
+        Ok((stub, ready))
     }
 }
 
@@ -323,6 +359,8 @@ impl SerialSim {
 pub struct Gateway {
     pub proc: Proc,
     pub config_path: PathBuf,
+    /// `[admin] address_file` of the configuration, if it names one.
+    pub admin_file: Option<PathBuf>,
 }
 
 impl Gateway {
@@ -335,16 +373,61 @@ impl Gateway {
 
     /// Starts `gatewayd run` on an existing config file.
     pub async fn start_with(dir: &Path, config_path: &Path) -> Result<Gateway> {
-        let args = vec![
+        Self::spawn(dir, config_path, &[], &[])
+    }
+
+    /// Starts `gatewayd [extra args] run --config FILE` with extra environment. A stale admin
+    /// address file is removed first, so [`Gateway::admin`] only sees this run's address.
+    pub fn spawn(
+        dir: &Path,
+        config_path: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Gateway> {
+        let text = std::fs::read_to_string(config_path)?;
+        let admin_file = text.lines().find_map(|l| {
+            let v = l.trim().strip_prefix("address_file")?.trim_start();
+            Some(PathBuf::from(v.strip_prefix('=')?.trim().trim_matches('"')))
+        });
+        if let Some(f) = &admin_file {
+            let _ = std::fs::remove_file(f);
+        }
+        let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        args.extend([
             "run".to_string(),
             "--config".into(),
             config_path.display().to_string(),
-        ];
-        let (proc, ()) = Proc::spawn("gatewayd", &args, dir, "gatewayd", &[])?;
+        ]);
+        let (proc, ()) = Proc::spawn("gatewayd", &args, dir, "gatewayd", env)?;
         Ok(Gateway {
             proc,
             config_path: config_path.to_path_buf(),
+            admin_file,
         })
+    }
+
+    /// Base URL of the admin API (`http://127.0.0.1:PORT`), once gatewayd has written it.
+    pub async fn admin(&self) -> Result<String> {
+        let file = self
+            .admin_file
+            .clone()
+            .context("the configuration sets no [admin] address_file")?;
+        eventually(
+            "gatewayd admin address file",
+            Duration::from_secs(20),
+            || {
+                let file = file.clone();
+                async move {
+                    let text = std::fs::read_to_string(&file).unwrap_or_default();
+                    Ok(text
+                        .trim()
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                        .map(|a| format!("http://{a}")))
+                }
+            },
+        )
+        .await
     }
 }
 
@@ -500,6 +583,11 @@ impl Site {
     /// Starts a site whose stub keeps its SQLite file in the site directory and whose embedded
     /// broker listens on a port that stays the same across stub restarts.
     pub async fn start(n: usize) -> Result<Site> {
+        Self::start_with(n, "").await
+    }
+
+    /// Like [`Site::start`], with `extra` TOML appended to gatewayd's configuration.
+    pub async fn start_with(n: usize, extra: &str) -> Result<Site> {
         let dir = tempfile::tempdir()?;
         let broker = Broker::Embedded(format!("127.0.0.1:{}", free_port()?));
         let stub_db = dir.path().join("cloud-stub.db").display().to_string();
@@ -513,7 +601,8 @@ impl Site {
             devices: &fleet.devices,
             probe_interval_ms: 100,
         }
-        .render();
+        .render()
+            + extra;
         let config_path = dir.path().join("gatewayd.toml");
         std::fs::write(&config_path, text)?;
         let gateway = Self::gatewayd(dir.path(), &config_path)?;
@@ -531,22 +620,12 @@ impl Site {
     }
 
     fn gatewayd(dir: &Path, config_path: &Path) -> Result<Gateway> {
-        let args = vec![
-            "run".to_string(),
-            "--config".into(),
-            config_path.display().to_string(),
-        ];
-        let (proc, ()) = Proc::spawn(
-            "gatewayd",
-            &args,
+        Gateway::spawn(
             dir,
-            "gatewayd",
+            config_path,
+            &[],
             &[("RUST_LOG", "info,gatewayd=debug")],
-        )?;
-        Ok(Gateway {
-            proc,
-            config_path: config_path.to_path_buf(),
-        })
+        )
     }
 
     /// Starts gatewayd again (after a stop or kill) and waits until the gateway is online.
@@ -667,4 +746,9 @@ impl Site {
         })
         .await
     }
+}
+
+/// `PUT url` with a JSON body -> (status, JSON body).
+pub async fn put_json(url: &str, body: &Value) -> Result<(u16, Value)> {
+    read(client().put(url).json(body).send().await?).await
 }

@@ -251,3 +251,37 @@ async fn stale_desired_versions_are_ignored() -> Result<()> {
     );
     Ok(())
 }
+
+/// Reported properties polled from the device: a setting changed on the device itself (by a
+/// local operator) shows up in the reported half, and the delta tells the cloud it drifted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polled_reported_properties_follow_changes_made_on_the_device() -> Result<()> {
+    let poll = "\n[devices.agv-1.reported_poll]\nmethod = \"get_config\"\ninterval_ms = 1000\n";
+    let site = Site::start_with(1, poll).await?;
+    site.patch_desired("agv-1", json!({"mode": "auto"}), None)
+        .await?;
+    site.await_twin("agv-1", "reported mode auto", |t| {
+        t["reported"]["mode"] == "auto"
+    })
+    .await?;
+    // Someone switches the AGV to manual on its own panel (its local API).
+    let (_, api) = &site.fleet.devices[0];
+    let (s, b) = put_json(
+        &format!("{api}/api/config/mode"),
+        &json!({"value": "manual"}),
+    )
+    .await?;
+    assert_eq!(s, 200, "{b}");
+    let twin = site
+        .await_twin("agv-1", "reported mode manual from the poll", |t| {
+            t["reported"]["mode"] == "manual"
+        })
+        .await?;
+    assert_eq!(twin["delta"], json!(["mode"]), "{twin}");
+    assert_eq!(
+        twin["reported"]["led"],
+        json!(false),
+        "other polled properties are reported too"
+    );
+    Ok(())
+}

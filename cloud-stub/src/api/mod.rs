@@ -1,6 +1,7 @@
 //! The operator HTTP API: routes, shared state, and the JSON shape of every answer, errors
 //! included (`{"code", "message", ...}` with the code's HTTP status).
 
+mod auth;
 mod devices;
 mod error;
 mod messages;
@@ -40,10 +41,13 @@ pub struct AppState {
     pub twins: Twins,
     /// Cloud-to-device messages.
     pub outbox: Arc<Outbox>,
+    /// The bearer token every request but `/healthz` must carry; none: open API.
+    pub api_token: Option<Arc<crate::security::Secret>>,
 }
 
-/// The API's routes.
+/// The API's routes, behind the bearer token check when a token is configured.
 pub fn router(state: AppState) -> Router {
+    let token = state.api_token.clone();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/gateways", get(devices::list_gateways))
@@ -68,6 +72,10 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(no_route)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            token,
+            auth::require_token,
+        ))
         .with_state(state)
 }
 

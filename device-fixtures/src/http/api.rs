@@ -45,6 +45,8 @@ pub(crate) fn router(device: Arc<Device>, conns: CancellationToken) -> Router {
         .route("/api/restart", post(restart))
         .route("/api/commands", post(commands))
         .route("/api/echo", any(echo))
+        // Any path below /api/echo too: the echo shows the raw path exactly as it arrived.
+        .route("/api/echo/{*rest}", any(echo))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(api.clone(), inject_faults))
         .with_state(api)

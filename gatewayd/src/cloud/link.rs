@@ -12,10 +12,12 @@
 //! `try_publish` and keeps what does not fit for the next turn, so it never waits on itself.
 
 use super::backoff::Backoff;
+use crate::metrics::Metrics;
 use rumqttc::{
     AsyncClient, ClientError, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS,
 };
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -93,6 +95,8 @@ pub struct Link {
     pub connected: watch::Sender<bool>,
     pub backoff: Backoff,
     pub stop: CancellationToken,
+    /// Counts reconnects (every ConnAck after the first).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Link {
@@ -103,6 +107,7 @@ impl Link {
         let mut written: VecDeque<Option<u64>> = VecDeque::new();
         let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
         let mut up = false;
+        let mut connected_before = false;
         loop {
             while let Some(o) = waiting.pop_front().filter(|_| up) {
                 match self.client.try_publish(
@@ -143,6 +148,10 @@ impl Link {
                         "connected to the cloud"
                     );
                     self.backoff.reset();
+                    if connected_before {
+                        self.metrics.cloud_reconnected();
+                    }
+                    connected_before = true;
                     written.clear();
                     inflight.clear();
                     waiting.clear();

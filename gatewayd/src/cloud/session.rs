@@ -13,6 +13,7 @@ use crate::clock::now_ms;
 use crate::config::{parse_broker, Config};
 use crate::device::Devices;
 use crate::inbox::{Inbox, Receipt};
+use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::rpc;
 use crate::store::Store;
@@ -24,7 +25,9 @@ use gatewayd_protocol::{
     RpcError, RpcOutcome, RpcRequest, RpcResponse, Topics, TwinSync, Up, PROTOCOL_VERSION,
 };
 use rand::Rng;
-use rumqttc::{AsyncClient, LastWill, MqttOptions, NetworkOptions, Publish, QoS};
+use rumqttc::{
+    AsyncClient, LastWill, MqttOptions, NetworkOptions, Publish, QoS, TlsConfiguration, Transport,
+};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,6 +42,9 @@ use tracing::{debug, info, warn, Instrument};
 pub enum SessionError {
     #[error("cloud.broker: {0}")]
     Broker(String),
+    /// A file of the `[cloud]` section could not be read or used; never carries a secret.
+    #[error("{0}")]
+    Security(String),
 }
 
 /// What the session's handlers share with the rest of the daemon.
@@ -48,6 +54,7 @@ pub struct Shared {
     pub twins: Arc<Twins>,
     pub inbox: Arc<Inbox>,
     pub outbox: Wake,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A running session.
@@ -71,7 +78,11 @@ impl Session {
     ) -> Result<Session, SessionError> {
         let gateway = GatewayId::new(config.gateway.id.clone())
             .map_err(|e| SessionError::Broker(format!("gateway id: {e}")))?;
-        let (host, port) = parse_broker(&config.cloud.broker).map_err(SessionError::Broker)?;
+        let broker = parse_broker(&config.cloud.broker).map_err(SessionError::Broker)?;
+        let security = config
+            .cloud
+            .security()
+            .map_err(|problems| SessionError::Security(problems.join("; ")))?;
         let boot_id = format!("{:016x}", rand::rng().random::<u64>());
         let client_id = config
             .cloud
@@ -81,7 +92,13 @@ impl Session {
 
         // A clean session: what must survive an outage lives in SQLite (inbox, twin cache,
         // outbox) and the cloud re-sends on reconnect, so the broker keeps no state for us.
-        let mut opts = MqttOptions::new(client_id, host, port);
+        let mut opts = MqttOptions::new(client_id, broker.host, broker.port);
+        if let Some((username, password)) = &security.login {
+            opts.set_credentials(username.clone(), password.expose());
+        }
+        if let Some(tls) = security.tls {
+            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        }
         opts.set_keep_alive(Duration::from_secs(config.cloud.keep_alive_s))
             .set_clean_session(true)
             .set_manual_acks(true)
@@ -115,6 +132,7 @@ impl Session {
                 connected: connected_tx,
                 backoff: Backoff::new(config.cloud.reconnect_min_ms, config.cloud.reconnect_max_ms),
                 stop: stop.clone(),
+                metrics: shared.metrics.clone(),
             }
             .run()
             .instrument(tracing::info_span!("mqtt", gateway = %gateway)),
@@ -376,6 +394,7 @@ impl Dispatcher {
                         Receipt::Queued => shared.inbox.wake(&device),
                         Receipt::Finished(outcome) => {
                             info!(message = %id, %device, ?outcome, "message ended on receipt");
+                            shared.metrics.message(outcome);
                             shared.outbox.wake();
                         }
                         Receipt::Duplicate => {
@@ -391,6 +410,7 @@ impl Dispatcher {
     }
 
     async fn on_rpc(&self, payload: &[u8], received_ms: u64) {
+        let received = std::time::Instant::now();
         let req: RpcRequest = match decode(payload) {
             Ok(r) => r,
             Err(e) => {
@@ -403,6 +423,7 @@ impl Dispatcher {
                 {
                     let err =
                         RpcError::new(ErrorCode::BadRequest, format!("malformed request: {e}"));
+                    self.shared.metrics.rpc(Err(err.code), received.elapsed());
                     self.respond(RpcResponse {
                         v: PROTOCOL_VERSION,
                         id,
@@ -418,6 +439,7 @@ impl Dispatcher {
                 ErrorCode::ShuttingDown,
                 "gateway is shutting down and takes no new calls",
             );
+            self.shared.metrics.rpc(Err(err.code), received.elapsed());
             self.respond(RpcResponse {
                 v: PROTOCOL_VERSION,
                 id: req.id,
@@ -427,19 +449,22 @@ impl Dispatcher {
             return;
         }
         let devices = self.shared.devices.clone();
+        let metrics = self.shared.metrics.clone();
         let publisher = self.publisher.clone();
         let topic = Topics::up(&self.gateway, Up::RpcResponse);
         let span =
             tracing::info_span!("rpc", id = %req.id, device = %req.device, method = %req.method);
         self.work.spawn(
             async move {
-                let started = std::time::Instant::now();
                 let resp = rpc::handle(&devices, req, received_ms).await;
+                let elapsed = received.elapsed();
                 match &resp.outcome {
                     RpcOutcome::Ok(_) => {
-                        debug!(elapsed_us = started.elapsed().as_micros() as u64, "rpc ok")
+                        metrics.rpc(Ok(()), elapsed);
+                        debug!(elapsed_us = elapsed.as_micros() as u64, "rpc ok")
                     }
                     RpcOutcome::Error(e) => {
+                        metrics.rpc(Err(e.code), elapsed);
                         info!(code = %e.code, message = %e.message, "rpc failed")
                     }
                 }

@@ -81,6 +81,13 @@ impl HttpDriver {
         let path = Template::parse(path)
             .map_err(|e| CallError::BadAnswer(format!("path template: {e}")))?
             .render(vars, Escape::Url);
+        // Escaping keeps a value inside its segment, but a whole segment `.` or `..` would be
+        // resolved by URL normalisation and move the call to another path of the device.
+        if path.split('/').any(|s| s == "." || s == "..") {
+            return Err(CallError::Refused(format!(
+                "the path '{path}' has a '.' or '..' segment"
+            )));
+        }
         let mut url = self.base.clone();
         let joined = format!("{}{}", self.base.path().trim_end_matches('/'), path);
         url.set_path(&joined);
@@ -122,7 +129,7 @@ impl HttpDriver {
         }
         for (k, v) in &action.headers {
             if let Ok(t) = Template::parse(v) {
-                req = req.header(k, t.render(vars, Escape::None));
+                req = req.header(k, t.render(vars, Escape::Header));
             }
         }
         req = match &self.auth {
@@ -254,6 +261,11 @@ mod tests {
         assert_eq!(url.host_str(), Some("10.0.0.5"));
         assert_eq!(url.port(), Some(8080));
         assert_eq!(url.path(), "/base/api/%40evil.com%2Fx");
+        for dots in [".", ".."] {
+            let vars = json!({"key": dots}).as_object().unwrap().clone();
+            let err = d.url(&a, &vars).unwrap_err();
+            assert!(matches!(err, CallError::Refused(_)), "{dots}: {err:?}");
+        }
         assert_eq!(url.query(), Some("q=a+b%26c"));
     }
 }

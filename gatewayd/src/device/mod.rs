@@ -36,6 +36,10 @@ pub enum CallError {
     BadAnswer(String),
     #[error("device answer is {0} bytes, the limit is {limit}", limit = gatewayd_protocol::limits::MAX_RPC_PAYLOAD)]
     TooLarge(usize),
+    /// The values would make the call leave what the configuration names (e.g. a path value
+    /// `..` that URL normalisation would resolve); nothing was sent.
+    #[error("call refused before reaching the device: {0}")]
+    Refused(String),
 }
 
 /// How a device is reached.

@@ -1,23 +1,26 @@
 //! The benchmark behind the `bench` binary: starts the cloud stub, simulated devices and
 //! gatewayd through the harness, drives them over MQTT as the cloud does, and measures RPC
-//! latency against baselines taken in the same run, RPC throughput, and gatewayd's idle
-//! footprint.
+//! latency against baselines taken in the same run, RPC throughput, twin fan-out and message
+//! throughput through the operator API, and gatewayd's idle footprint.
 //!
 //! - `cloud`: the bench's own MQTT sessions (cloud side and echo);
-//! - `rig`: a gatewayd and its devices on the stub;
-//! - `latency`, `throughput`, `footprint`: one phase each;
-//! - `procfs`, `stats`: measuring helpers; `report`: targets, verdicts, table and JSON.
+//! - `rig`: the bench's cloud stub, and a gatewayd and its devices on it;
+//! - `latency`, `throughput`, `twin_fanout`, `messages`, `footprint`: one phase each;
+//! - `load`: operator-API bursts and polling; `procfs`, `stats`: measuring helpers;
+//! - `report`: targets, verdicts, table and JSON.
 
 pub mod cloud;
 pub mod footprint;
 pub mod latency;
+pub mod load;
+pub mod messages;
 pub mod procfs;
 pub mod report;
 pub mod rig;
 pub mod stats;
 pub mod throughput;
+pub mod twin_fanout;
 
-use crate::{Broker, Stub};
 use anyhow::{Context, Result};
 use cloud::{Cloud, Echo};
 use report::{Report, Settings};
@@ -28,6 +31,9 @@ use std::time::Duration;
 
 /// Probe interval of the RPC phases: long, so probes stay out of the figures.
 pub const RPC_PROBE_INTERVAL_MS: u64 = 60_000;
+/// Open messages the bench's stub allows per device (its default, 50, is below the message
+/// phase's 100 per device).
+pub const STUB_MAX_QUEUE: usize = 200;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -42,10 +48,18 @@ pub struct Options {
     pub in_flight: usize,
     /// Length of the throughput phase.
     pub duration: Duration,
+    /// Devices of the twin fan-out phase; `None` skips it.
+    pub twin_devices: Option<usize>,
+    /// Devices and messages per device of the message phase; `None` skips it.
+    pub messages: Option<(usize, usize)>,
+    /// Operator requests (PATCH, POST) in flight in the twin and message phases.
+    pub api_in_flight: usize,
     /// Devices of the footprint phase; `None` skips it.
     pub footprint_devices: Option<usize>,
     /// Idle window of the footprint phase.
     pub idle: Duration,
+    /// An external MQTT broker (`mqtt://host:port`) instead of the stub's embedded one.
+    pub broker: Option<String>,
     /// Where logs and stores go (emptied first).
     pub dir: PathBuf,
 }
@@ -60,8 +74,8 @@ pub async fn run(opts: &Options) -> Result<Report> {
         .join(" ");
     let _ = std::fs::remove_dir_all(&opts.dir);
     std::fs::create_dir_all(&opts.dir)?;
-    let embedded = Broker::Embedded("127.0.0.1:0".into());
-    let stub = Stub::start(&opts.dir, &embedded, ":memory:").await?;
+    let max_queue = STUB_MAX_QUEUE.max(opts.messages.map_or(0, |(_, per)| per));
+    let stub = rig::start_stub(&opts.dir, max_queue, opts.broker.as_deref()).await?;
     let stub_pid = stub.proc.child.id().context("cloud-stub has exited")?;
     eprintln!(
         "bench: cloud stub up (api {}, broker {})",
@@ -122,6 +136,41 @@ pub async fn run(opts: &Options) -> Result<Report> {
     echo.close().await;
     rig.stop().await?;
 
+    let bench_pids = [("cloud-stub", stub_pid), ("bench", std::process::id())];
+    let twin_fanout = match opts.twin_devices {
+        Some(n) => {
+            eprintln!(
+                "bench: 3. twin fan-out, one change to each of {n} devices, {} PATCHes in flight",
+                opts.api_in_flight
+            );
+            let dir = opts.dir.join("twins");
+            Some(twin_fanout::measure(&stub, &dir, n, opts.api_in_flight, &bench_pids).await?)
+        }
+        None => None,
+    };
+    let messages = match opts.messages {
+        Some((devices, per_device)) => {
+            eprintln!(
+                "bench: 4. messages, {} over {devices} devices, {} POSTs in flight",
+                devices * per_device,
+                opts.api_in_flight
+            );
+            let dir = opts.dir.join("messages");
+            Some(
+                messages::measure(
+                    &stub,
+                    &dir,
+                    devices,
+                    per_device,
+                    opts.api_in_flight,
+                    &bench_pids,
+                )
+                .await?,
+            )
+        }
+        None => None,
+    };
+
     let footprint = match opts.footprint_devices {
         Some(n) => {
             eprintln!(
@@ -146,11 +195,24 @@ pub async fn run(opts: &Options) -> Result<Report> {
         in_flight: opts.in_flight,
         duration_s: opts.duration.as_secs(),
         probe_interval_ms: RPC_PROBE_INTERVAL_MS,
+        api_in_flight: opts.api_in_flight,
+        stub_max_queue: max_queue,
+        broker: opts
+            .broker
+            .clone()
+            .unwrap_or_else(|| "embedded (rumqttd)".into()),
         footprint_devices: opts.footprint_devices,
         footprint_probe_interval_ms: footprint::PROBE_INTERVAL_MS,
         idle_s: opts.idle.as_secs(),
         loadavg_at_start,
         logs: opts.dir.display().to_string(),
     };
-    Ok(Report::new(settings, latency, throughput, footprint))
+    Ok(Report::new(
+        settings,
+        latency,
+        throughput,
+        twin_fanout,
+        messages,
+        footprint,
+    ))
 }

@@ -2,8 +2,10 @@
 
 use super::footprint::Footprint;
 use super::latency::Latency;
+use super::messages::Messages;
 use super::stats::Summary;
 use super::throughput::Throughput;
+use super::twin_fanout::TwinFanout;
 use serde::Serialize;
 use std::fmt::Write;
 
@@ -12,6 +14,10 @@ pub const RPC_P50_MS: f64 = 0.5;
 pub const RPC_P99_MS: f64 = 2.0;
 pub const OVERHEAD_P50_MS: f64 = 0.2;
 pub const CALLS_PER_S: f64 = 10_000.0;
+/// One desired change to each of 1,000 devices, until every twin shows it reported.
+pub const TWIN_FANOUT_S: f64 = 2.0;
+/// Messages completed durably per second.
+pub const MESSAGES_PER_S: f64 = 5_000.0;
 /// Decimal megabytes.
 pub const RSS_MB: f64 = 30.0;
 pub const IDLE_CPU_PERCENT: f64 = 0.5;
@@ -26,6 +32,12 @@ pub struct Settings {
     pub in_flight: usize,
     pub duration_s: u64,
     pub probe_interval_ms: u64,
+    /// Operator requests in flight in the twin and message phases.
+    pub api_in_flight: usize,
+    /// The stub's `--max-queue` (open messages per device).
+    pub stub_max_queue: usize,
+    /// The stub's embedded broker, or the external one used instead.
+    pub broker: String,
     pub footprint_devices: Option<usize>,
     pub footprint_probe_interval_ms: u64,
     pub idle_s: u64,
@@ -87,10 +99,10 @@ pub struct Report {
     pub settings: Settings,
     pub latency: Latency,
     pub throughput: Throughput,
-    /// Not implemented in the product yet.
-    pub twin_fanout: Option<()>,
-    /// Not implemented in the product yet.
-    pub messages: Option<()>,
+    /// `None` with `--skip-twins`.
+    pub twin_fanout: Option<TwinFanout>,
+    /// `None` with `--skip-messages`.
+    pub messages: Option<Messages>,
     /// `None` with `--skip-footprint`.
     pub footprint: Option<Footprint>,
     pub checks: Vec<Check>,
@@ -102,6 +114,8 @@ impl Report {
         settings: Settings,
         latency: Latency,
         throughput: Throughput,
+        twin_fanout: Option<TwinFanout>,
+        messages: Option<Messages>,
         footprint: Option<Footprint>,
     ) -> Report {
         let mut checks = vec![
@@ -121,6 +135,34 @@ impl Report {
                 0.0,
             ),
         ];
+        if let Some(t) = &twin_fanout {
+            checks.push(Check::at_most(
+                "twin_fanout",
+                t.elapsed_s,
+                "s",
+                TWIN_FANOUT_S,
+            ));
+            checks.push(Check::at_most(
+                "twin_not_converged",
+                t.not_converged as f64,
+                "devices",
+                0.0,
+            ));
+        }
+        if let Some(m) = &messages {
+            checks.push(Check::at_least(
+                "messages_per_s",
+                m.completed_per_s,
+                "msg/s",
+                MESSAGES_PER_S,
+            ));
+            checks.push(Check::at_most(
+                "messages_not_completed",
+                m.not_completed as f64,
+                "messages",
+                0.0,
+            ));
+        }
         if let Some(f) = &footprint {
             checks.push(Check::at_most(
                 "rss_idle",
@@ -139,8 +181,8 @@ impl Report {
             settings,
             latency,
             throughput,
-            twin_fanout: None,
-            messages: None,
+            twin_fanout,
+            messages,
             footprint,
             checks,
         }
@@ -219,18 +261,145 @@ impl Report {
             triple(&t.latency),
             None,
         );
-        row(
-            "3",
-            "twin fan-out".into(),
-            "n/a (not implemented yet)".into(),
-            None,
-        );
-        row(
-            "4",
-            "messages".into(),
-            "n/a (not implemented yet)".into(),
-            None,
-        );
+        match &self.twin_fanout {
+            Some(w) => {
+                row(
+                    "3",
+                    format!(
+                        "twin fan-out: one change to each of {} devices, until reported == desired",
+                        num(w.devices as f64)
+                    ),
+                    format!("{:.3} s", w.elapsed_s),
+                    self.check("twin_fanout"),
+                );
+                row(
+                    "3",
+                    format!(
+                        "  operator PATCH rate, {} in flight; not 200",
+                        w.patches.in_flight
+                    ),
+                    format!(
+                        "{} PATCH/s ({:.3} s); {}",
+                        num(w.patches.per_s.round()),
+                        w.patches.elapsed_s,
+                        w.patches.requests - w.patches.ok
+                    ),
+                    None,
+                );
+                row(
+                    "3",
+                    "  devices not converged".into(),
+                    format!("{} of {}", w.not_converged, num(w.devices as f64)),
+                    self.check("twin_not_converged"),
+                );
+                row(
+                    "3",
+                    "  last device: desired committed / applied at device / reported at stub"
+                        .into(),
+                    format!(
+                        "{} / {} / {} s",
+                        secs(w.stages.desired_committed_s),
+                        secs(w.stages.applied_at_device_s),
+                        secs(w.stages.reported_at_stub_s)
+                    ),
+                    None,
+                );
+                row(
+                    "3",
+                    "  per device desired -> reported p50 / p99 / max".into(),
+                    triple(&w.stages.desired_to_reported),
+                    None,
+                );
+            }
+            None => row(
+                "3",
+                "twin fan-out".into(),
+                "skipped (--skip-twins)".into(),
+                None,
+            ),
+        }
+        match &self.messages {
+            Some(m) => {
+                row(
+                    "4",
+                    format!(
+                        "messages: {} {} over {} devices, until all completed",
+                        num(m.sends.requests as f64),
+                        m.command,
+                        m.devices
+                    ),
+                    format!(
+                        "{} msg/s ({:.3} s)",
+                        num(m.completed_per_s.round()),
+                        m.elapsed_s
+                    ),
+                    self.check("messages_per_s"),
+                );
+                row(
+                    "4",
+                    format!(
+                        "  send rate at the operator API, {} in flight; not 202",
+                        m.sends.in_flight
+                    ),
+                    format!(
+                        "{} msg/s ({:.3} s); {}",
+                        num(m.sends.per_s.round()),
+                        m.sends.elapsed_s,
+                        m.sends.requests - m.sends.ok
+                    ),
+                    None,
+                );
+                let failed = m.by_status.get("failed").copied().unwrap_or(0);
+                row(
+                    "4",
+                    "  lost / failed / not completed (any reason)".into(),
+                    format!("{} / {} / {}", m.lost, failed, m.not_completed),
+                    self.check("messages_not_completed"),
+                );
+                row(
+                    "4",
+                    "  last message: queued / sent / delivered / finished".into(),
+                    format!(
+                        "{} / {} / {} / {} s",
+                        secs(m.stages.queued_s),
+                        secs(m.stages.sent_s),
+                        secs(m.stages.delivered_s),
+                        secs(m.stages.finished_s)
+                    ),
+                    None,
+                );
+                row(
+                    "4",
+                    "  per message queued -> finished p50 / p99 / max".into(),
+                    triple(&m.stages.queued_to_finished),
+                    None,
+                );
+                row(
+                    "4",
+                    "  per message sent -> delivered (gatewayd stored it) p50 / p99 / max".into(),
+                    triple(&m.stages.sent_to_delivered),
+                    None,
+                );
+                row(
+                    "4",
+                    "  per message delivered -> finished p50 / p99 / max".into(),
+                    triple(&m.stages.delivered_to_finished),
+                    None,
+                );
+                row(
+                    "4",
+                    format!("  durable: {}", m.durability),
+                    format!("{}, fsync p50 {:.3} ms", m.store_fs, m.fsync_p50_ms),
+                    None,
+                );
+            }
+            None => row(
+                "4",
+                "messages".into(),
+                "skipped (--skip-messages)".into(),
+                None,
+            ),
+        }
         match &self.footprint {
             Some(f) => {
                 row(
@@ -280,16 +449,44 @@ impl Report {
                 .collect();
             let _ = writeln!(out, "{}", line.join("  ").trim_end());
         }
-        let cpu: Vec<String> = t
-            .cpu_percent
-            .iter()
-            .map(|(p, c)| format!("{p} {c:.0}%"))
-            .collect();
         let _ = writeln!(
             out,
             "\nCPU during the throughput run (percent of one core): {}",
-            cpu.join(", ")
+            cpu_line(&t.cpu_percent)
         );
+        if let Some(w) = &self.twin_fanout {
+            let _ = writeln!(
+                out,
+                "CPU during the twin fan-out (first PATCH until converged): {}",
+                cpu_line(&w.cpu_percent)
+            );
+        }
+        if let Some(m) = &self.messages {
+            let _ = writeln!(
+                out,
+                "CPU during the messages (first POST until all final): {}",
+                cpu_line(&m.cpu_percent)
+            );
+            let statuses: Vec<String> = m
+                .by_status
+                .iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ =
+                writeln!(
+                out,
+                "Messages: {} (store {} on {}, WAL file {}); stub --max-queue {}; statuses: {}; \
+                 device executions {}, run more than once {}",
+                m.durability,
+                m.store,
+                m.store_fs,
+                if m.store_wal_seen { "present" } else { "absent" },
+                s.stub_max_queue,
+                statuses.join(", "),
+                m.device_executions,
+                m.executed_twice
+            );
+        }
         if let Some(f) = &self.footprint {
             let _ = writeln!(
                 out,
@@ -309,16 +506,34 @@ impl Report {
         if !t.error_codes.is_empty() {
             let _ = writeln!(out, "Error answers by code: {:?}", t.error_codes);
         }
-        let _ = writeln!(out, "Logs: {}", s.logs);
+        let _ = writeln!(out, "Broker: {}; logs: {}", s.broker, s.logs);
         out
     }
+}
+
+fn cpu_line(cpu: &std::collections::BTreeMap<String, f64>) -> String {
+    let parts: Vec<String> = cpu.iter().map(|(p, c)| format!("{p} {c:.0}%")).collect();
+    parts.join(", ")
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.3}"))
 }
 
 fn ms(v: f64) -> String {
     format!("{v:.3} ms")
 }
 
+/// p50 / p99 / max, in seconds when the largest is a second or more.
 fn triple(s: &Summary) -> String {
+    if s.max_ms >= 1000.0 {
+        return format!(
+            "{:.3} / {:.3} / {:.3} s",
+            s.p50_ms / 1000.0,
+            s.p99_ms / 1000.0,
+            s.max_ms / 1000.0
+        );
+    }
     format!("{:.3} / {:.3} / {:.3} ms", s.p50_ms, s.p99_ms, s.max_ms)
 }
 

@@ -2,8 +2,8 @@
 //! attached to a running cloud stub, started through the harness.
 
 use crate::config::GatewayConfig;
-use crate::{get, Fleet, Gateway, Stub};
-use anyhow::{bail, Context, Result};
+use crate::{get, Fleet, Gateway, Proc, Stub};
+use anyhow::{anyhow, bail, Context, Result};
 use gatewayd_protocol::GatewayId;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -73,6 +73,41 @@ impl Rig {
         self.fleet.proc.kill9().await;
         Ok(())
     }
+}
+
+/// Starts the cloud stub for the bench: its embedded broker on a free port (or `broker`, an
+/// external one), store in memory, and room for `max_queue` open messages per device (the
+/// message phase queues more than the default 50 per device). Logs go to `dir/cloud-stub.log`.
+pub async fn start_stub(dir: &Path, max_queue: usize, broker: Option<&str>) -> Result<Stub> {
+    let mut args: Vec<String> = [
+        "--api-listen",
+        "127.0.0.1:0",
+        "--db",
+        ":memory:",
+        "--max-queue",
+        &max_queue.to_string(),
+    ]
+    .map(String::from)
+    .into();
+    match broker {
+        Some(url) => args.extend(["--broker".to_string(), url.to_string()]),
+        None => args.extend(["--mqtt-listen".to_string(), "127.0.0.1:0".to_string()]),
+    }
+    let (proc, ready) = Proc::start("cloud-stub", &args, dir, "cloud-stub").await?;
+    let field = |k: &str| {
+        ready[k]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("cloud-stub ready line lacks {k}: {ready}"))
+    };
+    Ok(Stub {
+        api: field("api")?,
+        mqtt: match broker {
+            Some(url) => url.to_string(),
+            None => field("mqtt")?,
+        },
+        proc,
+    })
 }
 
 /// Waits until the stub's device list shows `n` devices of `gateway` online. Polls every

@@ -25,6 +25,24 @@ struct Cli {
     /// Recorded sequential rounds (each: direct HTTP, MQTT round trip, RPC).
     #[arg(long, default_value_t = 2000)]
     samples: usize,
+    /// Devices of the twin fan-out phase (one desired change each).
+    #[arg(long, default_value_t = 1000)]
+    twin_devices: usize,
+    /// Skip the twin fan-out phase.
+    #[arg(long)]
+    skip_twins: bool,
+    /// Devices of the message phase.
+    #[arg(long, default_value_t = 100)]
+    message_devices: usize,
+    /// Messages sent to each device in the message phase.
+    #[arg(long, default_value_t = 100)]
+    messages_per_device: usize,
+    /// Skip the message phase.
+    #[arg(long)]
+    skip_messages: bool,
+    /// Operator API requests (twin PATCHes, message POSTs) kept in flight.
+    #[arg(long, default_value_t = 32)]
+    api_in_flight: usize,
     /// Seconds gatewayd is watched idle in the footprint phase.
     #[arg(long, default_value_t = 30)]
     idle_seconds: u64,
@@ -34,6 +52,10 @@ struct Cli {
     /// Skip the footprint phase.
     #[arg(long)]
     skip_footprint: bool,
+    /// Use this external MQTT broker (e.g. a Mosquitto at mqtt://127.0.0.1:1883) instead of the
+    /// stub's embedded one.
+    #[arg(long, value_name = "URL")]
+    broker: Option<String>,
     /// Also write the results as JSON to this file.
     #[arg(long, value_name = "PATH")]
     json: Option<PathBuf>,
@@ -47,6 +69,13 @@ fn main() -> Result<()> {
     anyhow::ensure!(
         cli.devices > 0 && cli.in_flight > 0 && cli.samples > 0,
         "--devices, --in-flight and --samples must be at least 1"
+    );
+    anyhow::ensure!(
+        cli.twin_devices > 0
+            && cli.message_devices > 0
+            && cli.messages_per_device > 0
+            && cli.api_in_flight > 0,
+        "--twin-devices, --message-devices, --messages-per-device and --api-in-flight must be at least 1"
     );
     if !cli.no_build {
         build_binaries()?;
@@ -67,8 +96,12 @@ fn main() -> Result<()> {
         warmup: (cli.samples / 10).max(100),
         in_flight: cli.in_flight,
         duration: Duration::from_secs(cli.duration),
+        twin_devices: (!cli.skip_twins).then_some(cli.twin_devices),
+        messages: (!cli.skip_messages).then_some((cli.message_devices, cli.messages_per_device)),
+        api_in_flight: cli.api_in_flight,
         footprint_devices: (!cli.skip_footprint).then_some(cli.footprint_devices),
         idle: Duration::from_secs(cli.idle_seconds),
+        broker: cli.broker,
         dir: target.join("bench"),
     };
     let runtime = tokio::runtime::Runtime::new()?;

@@ -48,7 +48,12 @@ async fn main() -> Result<()> {
         .render(),
     );
     let _gateway = Gateway::start(&dir, &config).await?;
-    for name in fleet.devices.iter().map(|(n, _)| n.as_str()).chain(["chiller-1"]) {
+    for name in fleet
+        .devices
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .chain(["chiller-1"])
+    {
         await_device_online(&stub.api, name, true).await?;
     }
 
@@ -71,7 +76,12 @@ async fn main() -> Result<()> {
     // A twin change: desired maxSpeed 30, which the AGV clamps to its limit 20.
     let twin_url = format!("{}/api/v1/devices/agv-1/twin", stub.api);
     let started = std::time::Instant::now();
-    let (s, b) = patch(&format!("{twin_url}/desired"), &json!({"maxSpeed": 30}), None).await?;
+    let (s, b) = patch(
+        &format!("{twin_url}/desired"),
+        &json!({"maxSpeed": 30}),
+        None,
+    )
+    .await?;
     anyhow::ensure!(s == 200, "demo twin patch failed: {s} {b}");
     eventually("reported maxSpeed", Duration::from_secs(10), || {
         let url = twin_url.clone();

@@ -171,6 +171,43 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// gatewayd patch: topic ACL consulted for every publish, will and subscription.
+    #[serde(skip)]
+    pub acl: Option<Acl>,
+}
+
+// gatewayd patch: topic ACL. rumqttd has none; the router asks this hook before it accepts a
+// publish (including a last will) or a subscription. A refused subscription gets the failure
+// return code (0x80) in its SUBACK and is not added; a refused publish is not delivered and
+// the client is disconnected; a refused will is dropped.
+
+/// What a client asks to do with a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AclAction {
+    /// Publish on a topic (also a last will).
+    Publish,
+    /// Subscribe to a filter.
+    Subscribe,
+}
+
+/// Decides whether the client with this client id may do `AclAction` on a topic or filter.
+pub type AclHandler = Arc<dyn Fn(&str, AclAction, &str) -> bool + Send + Sync + 'static>;
+
+/// The ACL hook of [`RouterConfig::acl`].
+#[derive(Clone)]
+pub struct Acl(pub AclHandler);
+
+impl Acl {
+    /// Whether `client_id` may do `action` on `topic`.
+    pub fn allows(&self, client_id: &str, action: AclAction, topic: &str) -> bool {
+        (self.0)(client_id, action, topic)
+    }
+}
+
+impl fmt::Debug for Acl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Acl(..)")
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

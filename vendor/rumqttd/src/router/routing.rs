@@ -552,6 +552,15 @@ impl Router {
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
                     let _guard = span.enter();
 
+                    // gatewayd patch: a publish the ACL refuses is neither acknowledged nor
+                    // delivered, and the connection is closed (MQTT 3.1.1 has no way to say why).
+                    if !acl_allows(&self.config, &client_id, AclAction::Publish, &publish.topic) {
+                        warn!("publish refused by the ACL; disconnecting the client");
+                        self.router_meters.failed_publishes += 1;
+                        disconnect = true;
+                        break;
+                    }
+
                     let qos = publish.qos;
                     let pkid = publish.pkid;
 
@@ -654,6 +663,14 @@ impl Router {
 
                             disconnect = true;
                             break;
+                        }
+
+                        // gatewayd patch: a filter the ACL refuses gets the failure return code
+                        // and is not added.
+                        if !acl_allows(&self.config, &client_id, AclAction::Subscribe, f.path.as_bytes()) {
+                            warn!("subscription refused by the ACL");
+                            return_codes.push(SubscribeReasonCode::Failure);
+                            continue;
                         }
 
                         let mut filter = f.path.clone();
@@ -1094,6 +1111,12 @@ impl Router {
         let Some((will, will_props)) = self.last_wills.remove(&client_id) else {
             return;
         };
+
+        // gatewayd patch: a will on a topic the ACL refuses is dropped.
+        if !acl_allows(&self.config, &client_id, AclAction::Publish, &will.topic) {
+            warn!(client_id, "last will refused by the ACL; dropped");
+            return;
+        }
 
         let publish = Publish {
             dup: false,
@@ -1725,6 +1748,17 @@ fn validate_subscription(
     }
 
     Ok(())
+}
+
+/// gatewayd patch: asks the configured ACL, if any; a topic that is not UTF-8 is refused.
+fn acl_allows(config: &RouterConfig, client_id: &str, action: AclAction, topic: &[u8]) -> bool {
+    let Some(acl) = &config.acl else {
+        return true;
+    };
+    match std::str::from_utf8(topic) {
+        Ok(topic) => acl.allows(client_id, action, topic),
+        Err(_) => false,
+    }
 }
 
 fn validate_clientid(client_id: &str) -> Result<(), RouterError> {

@@ -364,17 +364,21 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     // Depending on TLS or not create a new Network
-    async fn tls_accept(&self, stream: TcpStream) -> Result<(Box<dyn N>, Option<String>), Error> {
+    // gatewayd patch: also returns the client certificate's common name.
+    async fn tls_accept(
+        &self,
+        stream: TcpStream,
+    ) -> Result<(Box<dyn N>, Option<String>, Option<String>), Error> {
         #[cfg(any(feature = "use-rustls", feature = "use-native-tls"))]
         match &self.config.tls {
             Some(c) => {
-                let (tenant_id, network) = TLSAcceptor::new(c)?.accept(stream).await?;
-                Ok((network, tenant_id))
+                let (tenant_id, identity, network) = TLSAcceptor::new(c)?.accept(stream).await?;
+                Ok((network, tenant_id, identity))
             }
-            None => Ok((Box::new(stream), None)),
+            None => Ok((Box::new(stream), None, None)),
         }
         #[cfg(not(any(feature = "use-rustls", feature = "use-native-tls")))]
-        Ok((Box::new(stream), None))
+        Ok((Box::new(stream), None, None))
     }
 
     async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
@@ -403,7 +407,17 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                 }
             };
 
-            let (network, tenant_id) = match self.tls_accept(stream).await {
+            // gatewayd patch: the handshake runs inline in the accept loop, so a client that
+            // never completes it must not hold the listener.
+            let accepted =
+                match time::timeout(Duration::from_secs(10), self.tls_accept(stream)).await {
+                    Ok(accepted) => accepted,
+                    Err(_) => {
+                        error!(?addr, "Tls accept timed out");
+                        continue;
+                    }
+                };
+            let (network, tenant_id, identity) = match accepted {
                 Ok(o) => o,
                 Err(e) => {
                     error!(error=?e, "Tls accept error");
@@ -434,6 +448,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                         remote(
                             config,
                             tenant_id.clone(),
+                            identity.clone(),
                             router_tx,
                             stream,
                             protocol,
@@ -450,6 +465,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
                     remote(
                         config,
                         tenant_id.clone(),
+                        identity.clone(),
                         router_tx,
                         network,
                         protocol,
@@ -495,6 +511,7 @@ impl Callback for WSCallback {
 async fn remote<P: Protocol>(
     config: Arc<ConnectionSettings>,
     tenant_id: Option<String>,
+    identity: Option<String>,
     router_tx: Sender<(ConnectionId, Event)>,
     stream: Box<dyn N>,
     protocol: P,
@@ -523,6 +540,20 @@ async fn remote<P: Protocol>(
         }
         _ => unreachable!(),
     };
+
+    // gatewayd patch: a client that presented a certificate must use its common name as the
+    // client id, so an ACL keyed by client id is keyed by the certificate (like Mosquitto's
+    // use_identity_as_username). Otherwise the connection is closed without a CONNACK.
+    if let Some(identity) = &identity {
+        if *identity != client_id {
+            error!(
+                client_id,
+                certificate = identity,
+                "client id differs from the certificate's common name; connection refused"
+            );
+            return;
+        }
+    }
 
     if let Some(tenant_id) = &tenant_id {
         // client_id is set to "tenant_id.client_id"

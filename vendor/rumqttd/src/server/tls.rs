@@ -57,6 +57,9 @@ pub enum Error {
     MissingTenantId,
     #[error("Tenant id missing in certificate")]
     CertificateParse,
+    /// gatewayd patch.
+    #[error("Client certificate has no common name")]
+    MissingCommonName,
 }
 
 #[cfg(feature = "verify-client-cert")]
@@ -82,6 +85,21 @@ fn extract_tenant_id(der: &[u8]) -> Result<Option<String>, Error> {
     }
 
     Ok(Some(tenant_id))
+}
+
+#[cfg(feature = "verify-client-cert")]
+/// gatewayd patch: the first common name of the certificate's subject.
+fn extract_common_name(der: &[u8]) -> Result<String, Error> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| Error::CertificateParse)?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .ok_or(Error::MissingCommonName)?;
+    cn.as_str()
+        .map(str::to_string)
+        .map_err(|_| Error::MissingCommonName)
 }
 
 #[allow(dead_code)]
@@ -115,25 +133,32 @@ impl TLSAcceptor {
         }
     }
 
-    pub async fn accept(&self, stream: TcpStream) -> Result<(Option<String>, Box<dyn N>), Error> {
+    /// gatewayd patch: returns (tenant id, client certificate common name, stream). The tenant
+    /// id is no longer taken from the certificate's organization (gatewayd uses no tenants, and
+    /// an organization such as "ACME Corp" would refuse the client); the common name is the
+    /// client's identity, which the MQTT client id must equal.
+    pub async fn accept(
+        &self,
+        stream: TcpStream,
+    ) -> Result<(Option<String>, Option<String>, Box<dyn N>), Error> {
         match self {
             #[cfg(feature = "use-rustls")]
             TLSAcceptor::Rustls { acceptor } => {
                 let stream = acceptor.accept(stream).await?;
 
                 #[cfg(feature = "verify-client-cert")]
-                let tenant_id = {
+                let identity = {
                     let (_, session) = stream.get_ref();
                     let peer_certificates = session
                         .peer_certificates()
                         .ok_or(Error::NoPeerCertificate)?;
-                    extract_tenant_id(&peer_certificates[0].0)?
+                    Some(extract_common_name(&peer_certificates[0].0)?)
                 };
                 #[cfg(not(feature = "verify-client-cert"))]
-                let tenant_id: Option<String> = None;
+                let identity: Option<String> = None;
 
                 let network = Box::new(stream);
-                Ok((tenant_id, network))
+                Ok((None, identity, network))
             }
             #[cfg(feature = "use-native-tls")]
             TLSAcceptor::NativeTLS { acceptor } => {
@@ -146,7 +171,7 @@ impl TLSAcceptor {
                 //     .to_der()?;
                 // let tenant_id = extract_tenant_id(&peer_certificate)?;
                 let network = Box::new(stream);
-                Ok((None, network))
+                Ok((None, None, network))
             }
         }
     }
