@@ -124,7 +124,7 @@ impl GatewayConfig<'_> {
         for (id, base) in self.devices {
             let _ = write!(
                 s,
-                "\n[devices.{id}]\nkind = \"http\"\nprofile = \"agv\"\nbase_url = \"{base}\"\ntimeout_ms = 10000\nauth = {{ bearer = {{ token = \"demo-token\" }} }}\n\n[devices.{id}.health]\npath = \"/health\"\ninterval_ms = {}\ntimeout_ms = 500\nfailures_before_offline = 1\n",
+                "\n[devices.{id}]\nkind = \"http\"\nprofile = \"agv\"\nbase_url = \"{base}\"\ntimeout_ms = 10000\nauth = {{ bearer = {{ token = \"demo-token\" }} }}\n\n[devices.{id}.health]\npath = \"/health\"\ninterval_ms = {}\ntimeout_ms = 2000\nfailures_before_offline = 2\n",
                 self.probe_interval_ms
             );
         }
