@@ -21,6 +21,7 @@ use gatewayd_protocol::{validate_params, C2dMessage, DeviceId, Feedback, PROTOCO
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{oneshot, Notify};
@@ -49,6 +50,9 @@ pub struct Inbox {
     wakers: HashMap<DeviceId, Arc<Notify>>,
     outbox: Wake,
     metrics: Arc<Metrics>,
+    /// Messages `pending` or `running`, for the inbox bound (counted once at start, then kept
+    /// up to date, so receiving a message never counts rows).
+    open: Arc<AtomicUsize>,
 }
 
 impl Inbox {
@@ -72,6 +76,7 @@ impl Inbox {
             wakers,
             outbox,
             metrics,
+            open: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -84,6 +89,7 @@ impl Inbox {
     ) -> oneshot::Receiver<Result<Receipt, StoreError>> {
         let verdict = self.check(&msg, now);
         let max_inbox = self.config.max_inbox;
+        let open = self.open.clone();
         self.store.submit(move |c| {
             let seen: Option<(String, String, Option<String>, Option<i64>)> = c
                 .prepare_cached("SELECT state, device, reason, device_status FROM inbox WHERE id = ?1")?
@@ -97,22 +103,11 @@ impl Inbox {
                 return Ok(Receipt::Duplicate);
             }
             let verdict = match verdict {
-                None => {
-                    let waiting: i64 = c
-                        .prepare_cached(
-                            "SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'running')",
-                        )?
-                        .query_row([], |r| r.get(0))?;
-                    if waiting as usize >= max_inbox {
-                        Some((
-                            FeedbackOutcome::Failed,
-                            format!("gateway inbox full ({max_inbox} messages waiting)"),
-                        ))
-                    } else {
-                        None
-                    }
-                }
-                some => some,
+                None if open.load(Ordering::SeqCst) >= max_inbox => Some((
+                    FeedbackOutcome::Failed,
+                    format!("gateway inbox full ({max_inbox} messages waiting)"),
+                )),
+                other => other,
             };
             let state = match &verdict {
                 None => "pending",
@@ -133,6 +128,7 @@ impl Inbox {
             )?;
             match verdict {
                 None => {
+                    open.fetch_add(1, Ordering::SeqCst);
                     push_feedback(
                         c,
                         msg.id.as_str(),
@@ -228,9 +224,16 @@ impl Inbox {
                     "DELETE FROM inbox WHERE state NOT IN ('pending', 'running') AND received_at_ms < ?1",
                     [now.saturating_sub(KEEP_FINISHED_MS) as i64],
                 )?;
-                Ok(running.len())
+                let open: i64 = c.query_row(
+                    "SELECT COUNT(*) FROM inbox WHERE state IN ('pending', 'running')",
+                    [],
+                    |r| r.get(0),
+                )?;
+                Ok((running.len(), open as usize))
             })
             .await?;
+        let (failed, open) = failed;
+        self.open.store(open, Ordering::SeqCst);
         self.metrics.messages(FeedbackOutcome::Failed, failed);
         Ok(failed)
     }
@@ -514,7 +517,12 @@ impl Inbox {
             .call(move |c| finish(c, &id, &dev, outcome, reason, status, now_ms()))
             .await;
         match r {
-            Ok(()) => self.metrics.message(outcome),
+            Ok(()) => {
+                let _ = self
+                    .open
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                self.metrics.message(outcome)
+            }
             Err(e) => warn!(error = %e, "cannot record the message outcome"),
         }
         self.outbox.wake();

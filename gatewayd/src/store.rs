@@ -47,6 +47,10 @@ const MIGRATIONS: &[&str] = &[
     // 3: a message's final reason and device status, to repeat its feedback on redelivery.
     "ALTER TABLE inbox ADD COLUMN reason TEXT;
      ALTER TABLE inbox ADD COLUMN device_status INTEGER;",
+    // 4: indexes for the hot queries: a device's next pending message, the next sequence
+    // number. Without them both scan every message kept for de-duplication.
+    "CREATE INDEX inbox_next ON inbox (device, seq) WHERE state = 'pending';
+     CREATE INDEX inbox_seq ON inbox (seq);",
 ];
 
 /// Why the store failed.
@@ -143,15 +147,16 @@ impl Store {
     {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |c: &Connection| {
-            let result = match c.execute_batch("SAVEPOINT job") {
-                Ok(()) => {
+            let sql = |text: &str| c.prepare_cached(text).and_then(|mut st| st.execute([]));
+            let result = match sql("SAVEPOINT job") {
+                Ok(_) => {
                     let r = f(c);
-                    let end = if r.is_ok() {
-                        "RELEASE job"
+                    if r.is_ok() {
+                        let _ = sql("RELEASE job");
                     } else {
-                        "ROLLBACK TO job; RELEASE job"
-                    };
-                    let _ = c.execute_batch(end);
+                        let _ = sql("ROLLBACK TO job");
+                        let _ = sql("RELEASE job");
+                    }
                     r
                 }
                 Err(e) => Err(e),

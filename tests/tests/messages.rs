@@ -234,3 +234,37 @@ async fn kill_9_during_a_run_never_executes_a_message_twice() -> Result<()> {
     );
     Ok(())
 }
+
+/// A burst of messages and twin changes whose commits finish in any order: acknowledgements
+/// still leave in arrival order (the embedded broker drops a connection that acknowledges out
+/// of order), so the session never breaks and everything completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_keeps_the_session_up() -> Result<()> {
+    let site = Site::start(10).await?;
+    let mut ids = Vec::new();
+    for n in 0..300usize {
+        let device = format!("agv-{}", n % 10 + 1);
+        ids.push((
+            device.clone(),
+            send_ok(&site, &device, json!({"command": "BEEP", "n": n}), 600).await?,
+        ));
+        if n % 3 == 0 {
+            let (s, b) = site
+                .patch_desired(&device, json!({"maxSpeed": (n % 19) as f64 + 1.0}), None)
+                .await?;
+            anyhow::ensure!(s == 200, "patch: {s} {b}");
+        }
+    }
+    for (device, id) in &ids {
+        let m = site
+            .await_final(device, id, Duration::from_secs(60))
+            .await?;
+        assert_eq!(m["status"], "completed", "{m}");
+    }
+    let log = std::fs::read_to_string(&site.gateway.proc.log)?;
+    assert!(
+        !log.contains("cloud connection lost"),
+        "the session broke during the burst"
+    );
+    Ok(())
+}

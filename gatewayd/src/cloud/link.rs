@@ -102,44 +102,60 @@ pub struct Link {
 impl Link {
     /// Runs until `stop` or an orderly disconnect. Cancel safety: `poll()` keeps its state in
     /// the event loop, and `recv()` loses nothing when another branch wins.
-    pub async fn run(mut self) {
+    pub async fn run(self) {
+        let Link {
+            mut eventloop,
+            client,
+            mut outbound,
+            events,
+            acks,
+            connected,
+            mut backoff,
+            stop,
+            metrics,
+        } = self;
         let mut waiting: VecDeque<Outbound> = VecDeque::new();
         let mut written: VecDeque<Option<u64>> = VecDeque::new();
         let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
         let mut up = false;
         let mut connected_before = false;
         loop {
-            while let Some(o) = waiting.pop_front().filter(|_| up) {
-                match self.client.try_publish(
-                    o.topic.clone(),
-                    QoS::AtLeastOnce,
-                    o.retain,
-                    o.payload.clone(),
-                ) {
-                    Ok(()) => {
-                        written.push_back(o.tag);
-                        if o.then_disconnect {
-                            let _ = self.client.try_disconnect();
+            // One `poll()` future lives until it yields an event: taking publishes off the
+            // queue meanwhile never abandons a half-done connect or read.
+            let event = {
+                let poll = eventloop.poll();
+                tokio::pin!(poll);
+                loop {
+                    while let Some(o) = waiting.pop_front().filter(|_| up) {
+                        match client.try_publish(
+                            o.topic.clone(),
+                            QoS::AtLeastOnce,
+                            o.retain,
+                            o.payload.clone(),
+                        ) {
+                            Ok(()) => {
+                                written.push_back(o.tag);
+                                if o.then_disconnect {
+                                    let _ = client.try_disconnect();
+                                }
+                            }
+                            Err(ClientError::TryRequest(_)) => {
+                                waiting.push_front(o);
+                                break;
+                            }
+                            Err(e) => warn!(topic = %o.topic, error = %e, "publish refused"),
                         }
                     }
-                    Err(ClientError::TryRequest(_)) => {
-                        waiting.push_front(o);
-                        break;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        e = &mut poll => break e,
+                        o = outbound.recv(), if waiting.len() < 1024 => match o {
+                            Some(o) if up => waiting.push_back(o),
+                            Some(o) => debug!(topic = %o.topic, "link down: publish dropped"),
+                            None => return,
+                        },
                     }
-                    Err(e) => warn!(topic = %o.topic, error = %e, "publish refused"),
                 }
-            }
-            let event = tokio::select! {
-                _ = self.stop.cancelled() => return,
-                o = self.outbound.recv(), if waiting.len() < 1024 => {
-                    match o {
-                        Some(o) if up => waiting.push_back(o),
-                        Some(o) => debug!(topic = %o.topic, "link down: publish dropped"),
-                        None => return,
-                    }
-                    continue;
-                }
-                e = self.eventloop.poll() => e,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
@@ -147,20 +163,20 @@ impl Link {
                         session_present = ack.session_present,
                         "connected to the cloud"
                     );
-                    self.backoff.reset();
+                    backoff.reset();
                     if connected_before {
-                        self.metrics.cloud_reconnected();
+                        metrics.cloud_reconnected();
                     }
                     connected_before = true;
                     written.clear();
                     inflight.clear();
                     waiting.clear();
                     up = true;
-                    self.connected.send_replace(true);
-                    let _ = self.events.send(LinkEvent::Connected);
+                    connected.send_replace(true);
+                    let _ = events.send(LinkEvent::Connected);
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = self.events.send(LinkEvent::Publish(p));
+                    let _ = events.send(LinkEvent::Publish(p));
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     if pkid != 0 && !inflight.contains_key(&pkid) {
@@ -170,11 +186,11 @@ impl Link {
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) => {
                     if let Some(Some(tag)) = inflight.remove(&ack.pkid) {
-                        let _ = self.acks.send(tag);
+                        let _ = acks.send(tag);
                     }
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                    self.connected.send_replace(false);
+                    connected.send_replace(false);
                     return;
                 }
                 Ok(_) => {}
@@ -183,18 +199,18 @@ impl Link {
                     written.clear();
                     inflight.clear();
                     waiting.clear();
-                    if self.connected.send_replace(false) {
+                    if connected.send_replace(false) {
                         warn!(error = %e, "cloud connection lost");
-                        let _ = self.events.send(LinkEvent::Disconnected);
+                        let _ = events.send(LinkEvent::Disconnected);
                     } else {
                         debug!(error = %e, "cloud connection attempt failed");
                     }
                     if matches!(e, ConnectionError::RequestsDone) {
                         return;
                     }
-                    let delay = self.backoff.delay();
+                    let delay = backoff.delay();
                     tokio::select! {
-                        _ = self.stop.cancelled() => return,
+                        _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }

@@ -29,10 +29,10 @@ use rumqttc::{
     AsyncClient, LastWill, MqttOptions, NetworkOptions, Publish, QoS, TlsConfiguration, Transport,
 };
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -150,6 +150,14 @@ impl Session {
             .run(),
         );
         let accepting = Arc::new(AtomicBool::new(true));
+        let (acks, ack_slots) = mpsc::unbounded_channel();
+        let generation = Arc::new(AtomicU64::new(0));
+        tasks.spawn(acker(
+            client.clone(),
+            ack_slots,
+            generation.clone(),
+            stop.clone(),
+        ));
         let dispatcher = Dispatcher {
             client: client.clone(),
             publisher: publisher.clone(),
@@ -158,6 +166,8 @@ impl Session {
             shared: shared.clone(),
             work,
             accepting: accepting.clone(),
+            acks,
+            generation,
         };
         tasks.spawn(dispatcher.run(events, stop.clone()));
         tasks.spawn(publish_presence(
@@ -228,6 +238,40 @@ struct Dispatcher {
     shared: Arc<Shared>,
     work: TaskTracker,
     accepting: Arc<AtomicBool>,
+    acks: mpsc::UnboundedSender<AckSlot>,
+    generation: Arc<AtomicU64>,
+}
+
+/// One acknowledgement waiting for its turn.
+struct AckSlot {
+    publish: Publish,
+    /// The connection the publish arrived on.
+    generation: u64,
+    /// Fires when the publish may be acknowledged (its commit finished); `None`: at once.
+    ready: Option<oneshot::Receiver<()>>,
+}
+
+/// Sends acknowledgements strictly in the order the publishes arrived, as MQTT requires (and
+/// rumqttd enforces by dropping the connection): each waits for its own commit and for every
+/// earlier one. Acks of an earlier connection are dropped, their packet ids mean nothing now.
+async fn acker(
+    client: AsyncClient,
+    mut slots: mpsc::UnboundedReceiver<AckSlot>,
+    generation: Arc<AtomicU64>,
+    stop: CancellationToken,
+) {
+    loop {
+        let slot = tokio::select! {
+            s = slots.recv() => match s { Some(s) => s, None => return },
+            _ = stop.cancelled() => return,
+        };
+        if let Some(ready) = slot.ready {
+            let _ = ready.await;
+        }
+        if slot.generation == generation.load(Ordering::SeqCst) {
+            let _ = client.ack(&slot.publish).await;
+        }
+    }
 }
 
 impl Dispatcher {
@@ -239,11 +283,36 @@ impl Dispatcher {
                 _ = stop.cancelled() => return,
             };
             match event {
-                LinkEvent::Connected => self.announce().await,
+                LinkEvent::Connected => {
+                    // Acks still queued belong to the previous connection's packet ids.
+                    self.generation.fetch_add(1, Ordering::SeqCst);
+                    self.announce().await
+                }
                 LinkEvent::Disconnected => {}
                 LinkEvent::Publish(p) => self.on_publish(p).await,
             }
         }
+    }
+
+    /// Queues the acknowledgement of `p` behind those of earlier publishes.
+    fn ack_now(&self, p: Publish) {
+        let _ = self.acks.send(AckSlot {
+            publish: p,
+            generation: self.generation.load(Ordering::SeqCst),
+            ready: None,
+        });
+    }
+
+    /// Queues the acknowledgement of `p`, to be sent once the returned sender fires (after
+    /// the commit) and every earlier one was sent.
+    fn ack_after(&self, p: Publish) -> oneshot::Sender<()> {
+        let (tx, rx) = oneshot::channel();
+        let _ = self.acks.send(AckSlot {
+            publish: p,
+            generation: self.generation.load(Ordering::SeqCst),
+            ready: Some(rx),
+        });
+        tx
     }
 
     /// Subscribes and publishes catalog, presence, birth and the twin sync, at every connect.
@@ -297,15 +366,16 @@ impl Dispatcher {
         let kind = Topics::parse_down(&p.topic).filter(|(gw, _)| gw == &self.gateway);
         match kind {
             Some((_, Down::RpcRequest)) => {
-                // RPCs are never stored: acknowledge at once.
-                let _ = self.client.ack(&p).await;
-                self.on_rpc(&p.payload, received_ms).await;
+                // RPCs are never stored: acknowledge as soon as the order allows.
+                let payload = p.payload.clone();
+                self.ack_now(p);
+                self.on_rpc(&payload, received_ms).await;
             }
             Some((_, Down::TwinDesired)) => self.on_desired(p),
             Some((_, Down::Message)) => self.on_message(p, received_ms),
             None => {
-                let _ = self.client.ack(&p).await;
                 warn!(topic = %p.topic, "publish on an unexpected topic dropped");
+                self.ack_now(p);
             }
         }
     }
@@ -317,51 +387,52 @@ impl Dispatcher {
             Ok(u) => u,
             Err(e) => {
                 warn!(error = %e, "malformed desired update dropped");
-                let client = self.client.clone();
-                self.work.spawn(async move {
-                    let _ = client.ack(&p).await;
-                });
+                self.ack_now(p);
                 return;
             }
         };
         if self.shared.devices.get(&update.device).is_none() {
             warn!(device = %update.device, "desired update for a device this gateway does not have");
-            let client = self.client.clone();
-            self.work.spawn(async move {
-                let _ = client.ack(&p).await;
-            });
+            self.ack_now(p);
             return;
         }
         let device = update.device.clone();
         let version = update.version;
         let committed = self.shared.twins.receive(update);
-        let client = self.client.clone();
+        let acked = self.ack_after(p);
         let shared = self.shared.clone();
         let publisher = self.publisher.clone();
         let gateway = self.gateway.clone();
         self.work.spawn(async move {
-            match committed.await {
-                Ok(Ok(decision)) => {
-                    let _ = client.ack(&p).await;
-                    match decision {
-                        DesiredDecision::Apply => {
-                            debug!(%device, version, "desired update stored");
-                            shared.twins.wake(&device);
-                        }
-                        DesiredDecision::Ignore => debug!(%device, version, "stale desired update ignored"),
-                        DesiredDecision::Resync => {
-                            info!(%device, version, "gap in desired versions: asking for a snapshot");
-                            if let Ok(held) = shared.twins.load(&device).await {
-                                let mut devices = BTreeMap::new();
-                                devices.insert(device, held.desired_version);
-                                let body = serde_json::to_vec(&TwinSync { v: PROTOCOL_VERSION, devices }).expect("sync serializes");
-                                publisher.publish(Topics::up(&gateway, Up::TwinSync), body, false, None).await;
-                            }
+            let committed = committed.await;
+            let _ = acked.send(());
+            match committed {
+                Ok(Ok(decision)) => match decision {
+                    DesiredDecision::Apply => {
+                        debug!(%device, version, "desired update stored");
+                        shared.twins.wake(&device);
+                    }
+                    DesiredDecision::Ignore => {
+                        debug!(%device, version, "stale desired update ignored")
+                    }
+                    DesiredDecision::Resync => {
+                        info!(%device, version, "gap in desired versions: asking for a snapshot");
+                        if let Ok(held) = shared.twins.load(&device).await {
+                            let mut devices = BTreeMap::new();
+                            devices.insert(device, held.desired_version);
+                            let body = serde_json::to_vec(&TwinSync {
+                                v: PROTOCOL_VERSION,
+                                devices,
+                            })
+                            .expect("sync serializes");
+                            publisher
+                                .publish(Topics::up(&gateway, Up::TwinSync), body, false, None)
+                                .await;
                         }
                     }
-                }
-                // Not committed: no ack, so the broker redelivers after a reconnect and the
-                // sync at connect catches up.
+                },
+                // Not committed (the disk failed): acknowledged all the same, since acks must
+                // keep their order; the sync at the next connect catches up.
                 Ok(Err(e)) => warn!(%device, version, error = %e, "desired update not stored"),
                 Err(_) => warn!(%device, version, "desired update not stored: the store stopped"),
             }
@@ -375,34 +446,32 @@ impl Dispatcher {
             Ok(m) => m,
             Err(e) => {
                 warn!(error = %e, "malformed message dropped");
-                let client = self.client.clone();
-                self.work.spawn(async move {
-                    let _ = client.ack(&p).await;
-                });
+                self.ack_now(p);
                 return;
             }
         };
         let (id, device) = (msg.id.clone(), msg.device.clone());
         let committed = self.shared.inbox.receive(msg, received_ms);
-        let client = self.client.clone();
+        let acked = self.ack_after(p);
         let shared = self.shared.clone();
         self.work.spawn(async move {
-            match committed.await {
-                Ok(Ok(receipt)) => {
-                    let _ = client.ack(&p).await;
-                    match receipt {
-                        Receipt::Queued => shared.inbox.wake(&device),
-                        Receipt::Finished(outcome) => {
-                            info!(message = %id, %device, ?outcome, "message ended on receipt");
-                            shared.metrics.message(outcome);
-                            shared.outbox.wake();
-                        }
-                        Receipt::Duplicate => {
-                            debug!(message = %id, "redelivered message acknowledged again")
-                        }
+            let committed = committed.await;
+            let _ = acked.send(());
+            match committed {
+                Ok(Ok(receipt)) => match receipt {
+                    Receipt::Queued => shared.inbox.wake(&device),
+                    Receipt::Finished(outcome) => {
+                        info!(message = %id, %device, ?outcome, "message ended on receipt");
+                        shared.metrics.message(outcome);
+                        shared.outbox.wake();
                     }
-                }
-                // Not committed: no ack; the cloud sends it again.
+                    Receipt::Duplicate => {
+                        debug!(message = %id, "redelivered message acknowledged again")
+                    }
+                },
+                // Not committed (the disk failed): acknowledged all the same, since acks must
+                // keep their order; without a `received` feedback the cloud sends it again at
+                // the next connect.
                 Ok(Err(e)) => warn!(message = %id, error = %e, "message not stored"),
                 Err(_) => warn!(message = %id, "message not stored: the store stopped"),
             }
