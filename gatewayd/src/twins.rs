@@ -4,7 +4,7 @@
 //! reported patch to the outbox in the same transaction as the new applied state.
 //!
 //! Crash consistency: a desired change that was acknowledged is on disk; one that was not is
-//! redelivered or recovered by the sync at connect. A `kill -9` between the device call and the
+//! recovered by the twin sync at the next connect. A `kill -9` between the device call and the
 //! commit re-applies the same final state after restart (idempotent settings), never a stale one.
 
 use crate::clock::now_ms;
