@@ -1,0 +1,227 @@
+//! Actions: one call against a device (an RPC method, a twin property or a message command),
+//! its templates and result mapping, and the checks that run on it at configuration load.
+
+use super::{serial, DeviceKind, FieldType};
+use crate::template::Template;
+use gatewayd_protocol::ParamSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// One call against a device: an RPC method (and, with the same shape, a twin property or a
+/// message command). Templates use `{{name}}` placeholders filled from the params. An http
+/// device's action has a `path` (and optionally verb, query, headers, body); a serial device's
+/// has a `request` (and optionally response, fields, errors).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionConfig {
+    /// HTTP verb.
+    #[serde(default = "default_verb")]
+    pub verb: HttpVerb,
+    /// Path template under the device's base URL, e.g. `/api/config/{{key}}`; placeholders
+    /// are percent-encoded. Required for http devices.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Query parameters; a value that is exactly one placeholder is left out when the param
+    /// is absent.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Extra headers (templates allowed).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// JSON body template: a string that is exactly `{{name}}` becomes the param's JSON value
+    /// (type kept; left out when absent); `{{params}}` is the whole params object.
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+    /// Declared params; calls with missing, mistyped or unknown params are refused with
+    /// `invalid_params` before any device call.
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamSpec>,
+    /// How the result is taken from the answer.
+    #[serde(default)]
+    pub result: ResultMode,
+    /// With `result = "json"`: a JSON pointer (RFC 6901) into the body, e.g. `/data/speed`.
+    #[serde(default)]
+    pub result_pointer: Option<String>,
+    /// Device statuses that mean success; default: any 2xx. Others become `device_error`.
+    #[serde(default)]
+    pub ok_status: Vec<u16>,
+    /// Timeout of this call, milliseconds; defaults to the device's `timeout_ms`. For a serial
+    /// device it is also the response timeout (instead of the port's `timeout_ms`).
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Twin properties only: a method of this device called after the property was applied,
+    /// whose result is what the device now holds (instead of this call's own result). For
+    /// devices that answer a write with a bare `OK`.
+    #[serde(default)]
+    pub read_back: Option<String>,
+    /// Twin properties only: a JSON pointer into the `read_back` result, e.g. `/setpoint`.
+    #[serde(default)]
+    pub read_back_pointer: Option<String>,
+    /// Serial: the request line template, e.g. `"{{address}}SETP {{value}}"`; the port's
+    /// request terminator is appended. Control characters in values become spaces.
+    #[serde(default)]
+    pub request: Option<String>,
+    /// Serial: a regex the whole answer line must match, e.g. `'TEMP (?P<temp>-?[0-9.]+)'`; its
+    /// named captures become the result object. Without it, the result is the line as a string.
+    #[serde(default)]
+    pub response: Option<String>,
+    /// Serial: declared types of the response captures (`number`, `integer`, `string`,
+    /// `bool`); undeclared captures are strings.
+    #[serde(default)]
+    pub fields: BTreeMap<String, FieldType>,
+    /// Serial: regexes of error answers, tried before `response`; a match is a `device_error`
+    /// with the capture `code` as device_status (0 without one) and `text` (else the line)
+    /// as detail.
+    #[serde(default)]
+    pub errors: Vec<String>,
+}
+
+/// HTTP verbs a mapping may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HttpVerb {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+}
+
+/// How an RPC result is taken from the device's answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultMode {
+    /// Parse the body as JSON (an empty body is `null`).
+    #[default]
+    Json,
+    /// The body as a string.
+    Text,
+    /// Ignore the body; the result is `null`.
+    None,
+}
+
+fn default_verb() -> HttpVerb {
+    HttpVerb::Get
+}
+
+/// Checks methods, twin properties and commands of one device kind; `methods` are all the
+/// methods the device ends up with (for `read_back`).
+pub(crate) fn validate_actions(
+    kind: DeviceKind,
+    [own_methods, twin, commands]: [&BTreeMap<String, ActionConfig>; 3],
+    methods: &BTreeMap<String, ActionConfig>,
+    at: &str,
+    p: &mut Vec<String>,
+) {
+    for (name, m) in own_methods {
+        let at = format!("{at}.methods.{name}");
+        m.validate(&at, &[], p);
+        m.validate_kind(kind, &at, p);
+    }
+    for (name, m) in twin {
+        let at = format!("{at}.twin.{name}");
+        m.validate(&at, &["value", "property"], p);
+        m.validate_kind(kind, &at, p);
+        if let Some(method) = &m.read_back {
+            if !methods.contains_key(method) {
+                p.push(format!(
+                    "{at}.read_back: names no method of this device ('{method}')"
+                ));
+            }
+        }
+    }
+    for (name, m) in own_methods.iter().chain(commands) {
+        if m.read_back.is_some() || m.read_back_pointer.is_some() {
+            p.push(format!(
+                "{at}.{name}: read_back is for twin properties only"
+            ));
+        }
+    }
+    for (name, m) in commands {
+        let at = format!("{at}.commands.{name}");
+        m.validate(&at, &["message_id", "command"], p);
+        m.validate_kind(kind, &at, p);
+    }
+}
+
+impl ActionConfig {
+    /// Checks templates parse and name only declared params (or the given built-in names).
+    pub fn validate(&self, at: &str, builtins: &[&str], p: &mut Vec<String>) {
+        let known = |name: &str| {
+            name == "params" || builtins.contains(&name) || self.params.contains_key(name)
+        };
+        let mut check = |field: String, text: &str| match Template::parse(text) {
+            Ok(t) => {
+                for var in t.vars() {
+                    if !known(var) {
+                        p.push(format!(
+                            "{field}: placeholder '{{{{{var}}}}}' names no declared param"
+                        ));
+                    }
+                }
+            }
+            Err(e) => p.push(format!("{field}: {e}")),
+        };
+        if let Some(path) = &self.path {
+            check(format!("{at}.path"), path);
+        }
+        for (k, v) in &self.query {
+            check(format!("{at}.query.{k}"), v);
+        }
+        for (k, v) in &self.headers {
+            check(format!("{at}.headers.{k}"), v);
+        }
+        if let Some(body) = &self.body {
+            let mut strings = Vec::new();
+            collect_strings(body, &mut strings);
+            for s in strings {
+                check(format!("{at}.body"), &s);
+            }
+        }
+        if self
+            .path
+            .as_deref()
+            .is_some_and(|path| !path.starts_with('/'))
+        {
+            p.push(format!("{at}.path: must start with '/'"));
+        }
+        if self
+            .path
+            .as_deref()
+            .is_some_and(|path| path.split('/').any(|s| s == "." || s == ".."))
+        {
+            p.push(format!("{at}.path: must not have '.' or '..' segments"));
+        }
+        if let Some(ptr) = &self.result_pointer {
+            if !ptr.is_empty() && !ptr.starts_with('/') {
+                p.push(format!(
+                    "{at}.result_pointer: a JSON pointer must start with '/'"
+                ));
+            }
+        }
+        if self.timeout_ms == Some(0) {
+            p.push(format!("{at}.timeout_ms: must be at least 1"));
+        }
+        for s in &self.ok_status {
+            if !(100..=599).contains(s) {
+                p.push(format!("{at}.ok_status: {s} is not an HTTP status"));
+            }
+        }
+        serial::check_action(self, at, builtins, p);
+    }
+
+    /// Checks that the action fits a device of `kind`: `path` for http, `request` for serial,
+    /// and no field the other kind uses.
+    pub fn validate_kind(&self, kind: DeviceKind, at: &str, p: &mut Vec<String>) {
+        serial::check_kind(self, kind, at, p);
+    }
+}
+
+fn collect_strings(v: &serde_json::Value, out: &mut Vec<String>) {
+    match v {
+        serde_json::Value::String(s) => out.push(s.clone()),
+        serde_json::Value::Array(a) => a.iter().for_each(|v| collect_strings(v, out)),
+        serde_json::Value::Object(m) => m.values().for_each(|v| collect_strings(v, out)),
+        _ => {}
+    }
+}
