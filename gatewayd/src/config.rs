@@ -596,6 +596,17 @@ mod tests {
     }
 
     #[test]
+    fn misspelt_param_fields_are_refused() {
+        let err = load(&GOOD.replace(
+            "y = { type = \"number\" }",
+            "y = { type = \"number\", requred = false }",
+        ))
+        .unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("requred"), "{all}");
+    }
+
+    #[test]
     fn missing_file_is_reported() {
         let err = Config::load(Path::new("/nonexistent/gatewayd.toml"), Config::env()).unwrap_err();
         assert_eq!(

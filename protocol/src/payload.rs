@@ -76,9 +76,9 @@ pub enum ParamType {
     Any,
 }
 
-/// A declared parameter.
+/// A declared parameter. On the wire unknown fields are ignored like everywhere else, so a newer
+/// gateway may add to it; gatewayd's configuration is strict about them on its own side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ParamSpec {
     /// The JSON type the value must have.
     #[serde(rename = "type")]
@@ -408,6 +408,13 @@ mod tests {
         assert_eq!(err, "param 'speed' is 101, above the maximum 100");
         let err = validate_params(&specs(), &json!([1])).unwrap_err();
         assert_eq!(err, "params must be a JSON object, got array");
+    }
+
+    #[test]
+    fn param_specs_from_a_newer_peer_still_decode() {
+        let spec: ParamSpec =
+            serde_json::from_value(json!({"type": "number", "description": "new"})).unwrap();
+        assert_eq!(spec.ty, ParamType::Number);
     }
 
     #[test]

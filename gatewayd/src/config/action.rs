@@ -34,7 +34,7 @@ pub struct ActionConfig {
     pub body: Option<serde_json::Value>,
     /// Declared params; calls with missing, mistyped or unknown params are refused with
     /// `invalid_params` before any device call.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "strict_params")]
     pub params: BTreeMap<String, ParamSpec>,
     /// How the result is taken from the answer.
     #[serde(default)]
@@ -224,4 +224,42 @@ fn collect_strings(v: &serde_json::Value, out: &mut Vec<String>) {
         serde_json::Value::Object(m) => m.values().for_each(|v| collect_strings(v, out)),
         _ => {}
     }
+}
+
+/// A param declaration as written in the configuration: like the wire's `ParamSpec`, but a
+/// misspelt field (`requred = false`) is an error instead of being ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictParam {
+    #[serde(rename = "type")]
+    ty: gatewayd_protocol::ParamType,
+    #[serde(default = "yes")]
+    required: bool,
+    #[serde(default)]
+    min: Option<f64>,
+    #[serde(default)]
+    max: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn strict_params<'de, D>(d: D) -> Result<BTreeMap<String, ParamSpec>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let strict = BTreeMap::<String, StrictParam>::deserialize(d)?;
+    Ok(strict
+        .into_iter()
+        .map(|(name, p)| {
+            let spec = ParamSpec {
+                ty: p.ty,
+                required: p.required,
+                min: p.min,
+                max: p.max,
+            };
+            (name, spec)
+        })
+        .collect())
 }
