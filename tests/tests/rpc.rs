@@ -149,6 +149,18 @@ async fn suite(env: &Env) -> Result<()> {
         .fault("agv-2", json!({"error_status": null}))
         .await?;
 
+    // The device answers garbage: device_error naming the unreadable answer; it stays online.
+    env.fleet.fault("agv-2", json!({"garbage": true})).await?;
+    let (s, b, _) = invoke(api, "agv-2", "status", json!(null), 5).await?;
+    assert_eq!((s, b["code"].as_str()), (502, Some("device_error")), "{b}");
+    assert!(
+        b["message"].as_str().unwrap_or("").contains("invalid JSON"),
+        "{b}"
+    );
+    env.fleet.fault("agv-2", json!({"garbage": false})).await?;
+    let (s, b, _) = invoke(api, "agv-2", "status", json!(null), 5).await?;
+    assert_eq!(s, 200, "the device is still reachable after garbage: {b}");
+
     // The device stops answering: timeout at the caller's deadline, not a fixed wait.
     env.fleet.fault("agv-2", json!({"hang": true})).await?;
     let (s, b, took) = invoke(api, "agv-2", "status", json!(null), 2).await?;
