@@ -115,7 +115,7 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     let work = TaskTracker::new();
-    let session = cloud::Session::start(&config, shared, work.clone(), shutdown.clone())?;
+    let session = cloud::Session::start(&config, shared, work.clone())?;
     // Admin API, status and watchdog run until the very end, through the drain.
     let ops_stop = CancellationToken::new();
     let ops_tasks = TaskTracker::new();

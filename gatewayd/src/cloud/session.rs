@@ -69,12 +69,13 @@ pub struct Session {
 }
 
 impl Session {
-    /// Starts the session tasks; RPC work is spawned on `work`.
+    /// Starts the session tasks; RPC work is spawned on `work`. The session runs until
+    /// [`Session::close`], so it can still publish offline presence after the daemon's shutdown
+    /// signal.
     pub fn start(
         config: &Config,
         shared: Arc<Shared>,
         work: TaskTracker,
-        shutdown: CancellationToken,
     ) -> Result<Session, SessionError> {
         let gateway = GatewayId::new(config.gateway.id.clone())
             .map_err(|e| SessionError::Broker(format!("gateway id: {e}")))?;
@@ -177,7 +178,6 @@ impl Session {
             connected.clone(),
             stop.clone(),
         ));
-        drop(shutdown);
         Ok(Session {
             publisher,
             gateway,
