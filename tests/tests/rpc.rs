@@ -349,3 +349,73 @@ async fn the_gateway_reconnects_after_the_broker_restarts() -> Result<()> {
     assert_eq!(s, 200, "{b}");
     Ok(())
 }
+
+/// Garbage on every topic gatewayd listens to: it keeps running, answers what it can (an RPC
+/// whose id is readable gets `bad_request`, or `unsupported_version` from a newer protocol),
+/// and serves the next real call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_publishes_never_take_the_gateway_down() -> Result<()> {
+    let env = Env::start(Broker::Embedded("127.0.0.1:0".into()), 1).await?;
+    let raw = e2e::raw::Raw::connect("garbage-cloud", &env.stub.mqtt, Default::default())
+        .await?
+        .map_err(|why| anyhow::anyhow!("cannot connect: {why}"))?;
+    let mut raw = raw;
+    let code = raw.subscribe("gw/site-1/up/rpc/res").await?;
+    assert!(!e2e::raw::failed(code));
+    for (topic, payload) in [
+        ("gw/site-1/down/rpc/req", json!("not an object")),
+        (
+            "gw/site-1/down/rpc/req",
+            json!({"id": "bad-1", "device": "agv-1"}),
+        ),
+        (
+            "gw/site-1/down/rpc/req",
+            json!({"v": 99, "id": "bad-2", "device": "agv-1", "method": "status", "timeout_ms": 1000, "deadline_ms": 1}),
+        ),
+        (
+            "gw/site-1/down/twin/desired",
+            json!({"device": "agv-1", "version": "x"}),
+        ),
+        ("gw/site-1/down/msg", json!({"id": "m", "payload": null})),
+        ("gw/site-1/down/unknown", json!({})),
+    ] {
+        assert!(
+            raw.publish_acked(topic, &payload, false).await?,
+            "broker took {topic}"
+        );
+    }
+    // Answers may have arrived while the publishes were being acknowledged.
+    let mut answers = std::collections::HashMap::new();
+    for (_, p) in raw.received.drain(..) {
+        let v: serde_json::Value = serde_json::from_slice(&p)?;
+        answers.insert(v["id"].as_str().unwrap_or("").to_string(), v);
+    }
+    for id in ["bad-1", "bad-2"] {
+        if !answers.contains_key(id) {
+            let v = raw.response("gw/site-1/up/rpc/res", id).await?;
+            answers.insert(id.to_string(), v);
+        }
+    }
+    let answer = &answers["bad-1"];
+    assert_eq!(answer["error"]["code"], "bad_request", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("malformed payload"),
+        "{answer}"
+    );
+    let answer = &answers["bad-2"];
+    assert_eq!(answer["error"]["code"], "unsupported_version", "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("version 99"),
+        "{answer}"
+    );
+
+    let (s, b, _) = invoke(&env.stub.api, "agv-1", "status", json!(null), 5).await?;
+    assert_eq!(s, 200, "still serving: {b}");
+    Ok(())
+}

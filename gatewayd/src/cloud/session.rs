@@ -21,8 +21,9 @@ use crate::twins::Twins;
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
 use gatewayd_protocol::twin::DesiredDecision;
 use gatewayd_protocol::{
-    decode, C2dMessage, DesiredUpdate, DeviceId, Down, ErrorCode, GatewayId, GatewayState,
-    RpcError, RpcOutcome, RpcRequest, RpcResponse, Topics, TwinSync, Up, PROTOCOL_VERSION,
+    decode, C2dMessage, DecodeError, DesiredUpdate, DeviceId, Down, ErrorCode, GatewayId,
+    GatewayState, RpcError, RpcOutcome, RpcRequest, RpcResponse, Topics, TwinSync, Up,
+    PROTOCOL_VERSION,
 };
 use rand::Rng;
 use rumqttc::{
@@ -490,8 +491,11 @@ impl Dispatcher {
                     .and_then(|v| v.get("id").cloned())
                     .and_then(|id| serde_json::from_value(id).ok())
                 {
-                    let err =
-                        RpcError::new(ErrorCode::BadRequest, format!("malformed request: {e}"));
+                    let code = match e {
+                        DecodeError::Version(_) => ErrorCode::UnsupportedVersion,
+                        DecodeError::Json(_) => ErrorCode::BadRequest,
+                    };
+                    let err = RpcError::new(code, format!("request refused: {e}"));
                     self.shared.metrics.rpc(Err(err.code), received.elapsed());
                     self.respond(RpcResponse {
                         v: PROTOCOL_VERSION,
