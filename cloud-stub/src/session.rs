@@ -118,7 +118,10 @@ pub fn spawn(
     let mut options = MqttOptions::new(client_id, target.host.clone(), target.port);
     options
         .set_keep_alive(KEEP_ALIVE)
-        .set_clean_session(true)
+        // A persistent session: while the stub is down, an external broker keeps what the
+        // gateways publish for it (feedback, reported patches), so nothing a gateway already
+        // handed over is lost across a stub restart.
+        .set_clean_session(false)
         .set_max_packet_size(MAX_MQTT_PACKET, MAX_MQTT_PACKET);
     if let Some(password) = password {
         options.set_credentials(client_id, password.expose());

@@ -588,8 +588,13 @@ impl Site {
 
     /// Like [`Site::start`], with `extra` TOML appended to gatewayd's configuration.
     pub async fn start_with(n: usize, extra: &str) -> Result<Site> {
-        let dir = tempfile::tempdir()?;
         let broker = Broker::Embedded(format!("127.0.0.1:{}", free_port()?));
+        Self::start_on(broker, n, extra).await
+    }
+
+    /// A site whose stub uses `broker` (e.g. an external Mosquitto).
+    pub async fn start_on(broker: Broker, n: usize, extra: &str) -> Result<Site> {
+        let dir = tempfile::tempdir()?;
         let stub_db = dir.path().join("cloud-stub.db").display().to_string();
         let stub = Stub::start(dir.path(), &broker, &stub_db).await?;
         let fleet = Fleet::start(dir.path(), "agv", n).await?;
@@ -751,4 +756,58 @@ impl Site {
 /// `PUT url` with a JSON body -> (status, JSON body).
 pub async fn put_json(url: &str, body: &Value) -> Result<(u16, Value)> {
     read(client().put(url).json(body).send().await?).await
+}
+
+/// A Mosquitto broker on a free port, stopped on drop.
+pub struct Mosquitto {
+    child: std::process::Child,
+    /// `mqtt://127.0.0.1:PORT`.
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts it (fails with a clear message when Mosquitto is not installed).
+    pub fn start() -> Result<Mosquitto> {
+        let path = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .ok_or_else(|| {
+                anyhow!("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
+            })?;
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 4194304\nset_tcp_nodelay true\n"),
+        )?;
+        let child = std::process::Command::new(path)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        // Wait until it accepts connections.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Mosquitto {
+            child,
+            url: format!("mqtt://127.0.0.1:{port}"),
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -268,3 +268,38 @@ async fn a_burst_keeps_the_session_up() -> Result<()> {
     );
     Ok(())
 }
+
+/// With an external broker the cloud side can restart without the broker: feedback a gateway
+/// publishes while the stub is down waits in the stub's persistent session and is applied when
+/// it returns, so the message still ends `completed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_sent_while_the_stub_is_down_is_not_lost() -> Result<()> {
+    let mosquitto = Mosquitto::start()?;
+    let mut site = Site::start_on(Broker::External(mosquitto.url.clone()), 1, "").await?;
+    site.fleet.fault("agv-1", json!({"offline": true})).await?;
+    await_device_online(&site.stub.api, "agv-1", false).await?;
+    let id = send_ok(&site, "agv-1", json!({"command": "BEEP"}), 600).await?;
+    eventually("message delivered", Duration::from_secs(20), || async {
+        let m = site.message("agv-1", &id).await?;
+        Ok((m["status"] == "delivered").then_some(()))
+    })
+    .await?;
+
+    // The stub goes away; meanwhile the device returns and the gateway completes the message.
+    site.stub.proc.kill9().await;
+    site.fleet.fault("agv-1", json!({"offline": false})).await?;
+    eventually(
+        "executed on the device",
+        Duration::from_secs(20),
+        || async { Ok((executions(&site.fleet.view("agv-1").await?, &id) == 1).then_some(())) },
+    )
+    .await?;
+    site.await_log("message finished").await?;
+
+    site.restart_stub().await?;
+    let m = site
+        .await_final("agv-1", &id, Duration::from_secs(20))
+        .await?;
+    assert_eq!(m["status"], "completed", "{m}");
+    Ok(())
+}

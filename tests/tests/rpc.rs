@@ -270,65 +270,11 @@ async fn rpc_guarantees_with_the_embedded_broker() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_guarantees_with_mosquitto() -> Result<()> {
-    let mosquitto = Mosquitto::start()?;
+    let mosquitto = e2e::Mosquitto::start()?;
     let mut env = Env::start(Broker::External(mosquitto.url.clone()), 10).await?;
     suite(&env).await?;
     concurrent(&env).await?;
     restart(&mut env).await
-}
-
-/// A Mosquitto broker on a free port, stopped on drop.
-struct Mosquitto {
-    child: std::process::Child,
-    url: String,
-    _dir: TempDir,
-}
-
-impl Mosquitto {
-    fn start() -> Result<Mosquitto> {
-        let path = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "mosquitto is not installed (apt-get install mosquitto; .ci/run does)"
-                )
-            })?;
-        let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 4194304\nset_tcp_nodelay true\n"),
-        )?;
-        let child = std::process::Command::new(path)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        // Wait until it accepts connections.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Mosquitto {
-            child,
-            url: format!("mqtt://127.0.0.1:{port}"),
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The cloud side vanishes (stub and its embedded broker killed) and comes back on the same
