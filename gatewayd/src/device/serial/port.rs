@@ -314,7 +314,7 @@ pub fn open_error(path: &str, e: &tokio_serial::Error) -> String {
     use tokio_serial::ErrorKind;
     match e.kind {
         ErrorKind::Io(io::ErrorKind::PermissionDenied) => format!(
-            "permission denied opening {path}: the service user needs the port's group (usually dialout)"
+            "permission denied opening {path}: the service user needs the port's group (usually dialout), and under the systemd unit the device must be allowed (DeviceAllow=char-<driver> rw, see the README)"
         ),
         ErrorKind::Io(io::ErrorKind::NotFound) => format!("no serial port at {path} (unplugged?)"),
         ErrorKind::NoDevice => format!("serial port {path} is busy: another process holds it"),
@@ -499,7 +499,7 @@ mod tests {
                 "/dev/ttyUSB0",
                 &err(ErrorKind::Io(io::ErrorKind::PermissionDenied), "Permission denied")
             ),
-            "permission denied opening /dev/ttyUSB0: the service user needs the port's group (usually dialout)"
+            "permission denied opening /dev/ttyUSB0: the service user needs the port's group (usually dialout), and under the systemd unit the device must be allowed (DeviceAllow=char-<driver> rw, see the README)"
         );
         assert_eq!(
             open_error(
