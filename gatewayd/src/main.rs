@@ -89,7 +89,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
+            // One runtime thread: gatewayd's work is waiting on sockets, so a single worker
+            // saves the cross-thread wake-ups of a work-stealing pool (measured: lower RPC
+            // overhead, ~13 % more RPCs/s, less CPU and memory) and leaves the other cores to
+            // the box. SQLite, serial opens and DNS run on their own threads.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
             {
@@ -107,6 +111,12 @@ fn main() -> ExitCode {
                     fingerprint,
                     notifier.clone(),
                 ));
+                // Start-up (the first probe of every device, the catalog, the twin sync)
+                // allocates far more than stays in use; give it back once it has settled.
+                tokio::spawn(async {
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    release_freed_memory();
+                });
                 let ops = Operations { admin, notifier };
                 match gatewayd::run(config, ops, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,

@@ -105,6 +105,10 @@ impl Presence {
 }
 
 /// Probes `device` on its interval until `shutdown`.
+/// Probes in flight at most, gateway-wide: a thousand devices probed at once would hold a
+/// thousand connections' buffers at the same moment on a small box.
+static PROBES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+
 pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: CancellationToken) {
     let health = device.config.health.clone();
     let Some(path) = health.path.clone() else {
@@ -115,7 +119,12 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
     let mut failures = 0u32;
     loop {
         let outcome = match &device.driver {
-            Driver::Http(d) => d.probe(&path, timeout).await,
+            Driver::Http(d) => {
+                let Ok(_permit) = PROBES.acquire().await else {
+                    return;
+                };
+                d.probe(&path, timeout).await
+            }
             // No probe: call outcomes and the port task decide (validation refuses a path).
             Driver::Serial(_) => return,
         };
