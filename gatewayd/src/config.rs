@@ -40,6 +40,9 @@ pub struct Config {
     /// The local admin HTTP API: health, readiness, metrics, read-only views.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
     /// Reusable action sets by name, for many devices of one model: a device names one with
     /// `profile` instead of repeating its methods, twin properties and commands.
     #[serde(default)]
@@ -98,6 +101,28 @@ impl Default for RpcConfig {
             shutdown_grace_ms: default_grace(),
         }
     }
+}
+
+/// Logging. `RUST_LOG`, when set, wins over `level`; `--log-format json` picks JSON lines.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter: a level (`info`, `debug`, ...) or per-module directives such as
+    /// `info,gatewayd::inbox=debug`.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
 }
 
 /// Cloud-to-device message handling.
@@ -369,6 +394,12 @@ impl Config {
         }
         self.cloud.validate(&mut p);
         self.admin.validate(&mut p);
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.push(format!(
+                "log.level: '{}' is not a log filter: {e}",
+                self.log.level
+            ));
+        }
         if self.rpc.max_in_flight_per_device == 0 {
             p.push("rpc.max_in_flight_per_device: must be at least 1".into());
         }

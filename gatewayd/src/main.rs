@@ -73,7 +73,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_tracing(cli.log_format);
+            init_tracing(cli.log_format, &config.log.level);
             // What SIGHUP compares a re-read file with; taken before `run` consumes the config.
             let fingerprint = Fingerprint::of(&config);
             release_freed_memory();
@@ -140,9 +140,10 @@ fn release_freed_memory() {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, level: &str) {
+    // RUST_LOG wins; otherwise the configured filter (validated at load).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // Colours only on a terminal: the journal and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -38,6 +38,8 @@ fn check_config_reports_every_problem_and_exits_64() {
         id = "bad id"
         [cloud]
         broker = "http://x"
+        [log]
+        level = "info,=nonsense=="
         [devices.d1]
         kind = "http"
         [devices.d1.methods.m]
@@ -51,6 +53,7 @@ fn check_config_reports_every_problem_and_exits_64() {
     for want in [
         "gateway.id: id contains ' '",
         "cloud.broker: 'http://x' must start with mqtt://",
+        "log.level: 'info,=nonsense==' is not a log filter",
         "devices.d1.base_url: required for an http device",
         "devices.d1.methods.m.path: placeholder '{{nope}}' names no declared param",
         "devices.d1.methods.m.path: must start with '/'",
