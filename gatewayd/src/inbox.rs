@@ -12,7 +12,7 @@
 
 use crate::clock::now_ms;
 use crate::config::MessagesConfig;
-use crate::device::{CallError, Device, Devices};
+use crate::device::{answer_text, CallError, Device, Devices};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::store::{Store, StoreError};
@@ -480,14 +480,17 @@ async fn execute(device: &Device, inbox: &Inbox, msg: &Next) -> Attempt {
         }
         Err(CallError::Status { status, detail }) if (400..500).contains(&status) => (
             FeedbackOutcome::Rejected,
-            Some(format!("device answered {status}: {}", text(&detail))),
+            Some(format!(
+                "device answered {status}: {}",
+                answer_text(&detail)
+            )),
             Some(status),
         ),
         Err(CallError::Status { status, detail }) => (
             FeedbackOutcome::Failed,
             Some(format!(
                 "device answered {status}: {}; not retried (at most once)",
-                text(&detail)
+                answer_text(&detail)
             )),
             Some(status),
         ),
@@ -526,17 +529,5 @@ impl Inbox {
             Err(e) => warn!(error = %e, "cannot record the message outcome"),
         }
         self.outbox.wake();
-    }
-}
-
-fn text(detail: &Value) -> String {
-    match detail {
-        Value::String(s) => s.clone(),
-        Value::Object(m) => m
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| detail.to_string()),
-        other => other.to_string(),
     }
 }

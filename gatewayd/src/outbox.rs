@@ -75,15 +75,6 @@ struct Group {
     payload: Vec<u8>,
 }
 
-/// Number of rows waiting (for metrics and tests).
-pub async fn depth(store: &Store) -> u64 {
-    store
-        .call(|c| c.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0)))
-        .await
-        .map(|n| n as u64)
-        .unwrap_or(0)
-}
-
 /// The sender task.
 pub struct Sender {
     pub store: Store,

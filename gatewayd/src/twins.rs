@@ -8,7 +8,7 @@
 //! commit re-applies the same final state after restart (idempotent settings), never a stale one.
 
 use crate::clock::now_ms;
-use crate::device::{CallError, Device, Devices};
+use crate::device::{answer_text, CallError, Device, Devices};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::store::{Store, StoreError};
@@ -243,7 +243,7 @@ async fn apply_round(
                 },
             },
             Err(CallError::Status { status, detail }) => StepOutcome::Refused {
-                reason: format!("device answered {status}: {}", detail_text(&detail)),
+                reason: format!("device answered {status}: {}", answer_text(&detail)),
             },
             Err(CallError::BadAnswer(why) | CallError::Refused(why)) => {
                 StepOutcome::Refused { reason: why }
@@ -303,18 +303,6 @@ async fn read_back(
         })?;
     }
     Ok(answer)
-}
-
-fn detail_text(detail: &Value) -> String {
-    match detail {
-        Value::String(s) => s.clone(),
-        Value::Object(m) => m
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| detail.to_string()),
-        other => other.to_string(),
-    }
 }
 
 /// Polls the reported properties of one device, if its configuration asks for it: calls the

@@ -43,6 +43,26 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in declaration order (`ALL[code as usize] == code`).
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::GatewayOffline,
+        ErrorCode::DeviceOffline,
+        ErrorCode::DeviceNotFound,
+        ErrorCode::MethodNotFound,
+        ErrorCode::InvalidParams,
+        ErrorCode::DeviceError,
+        ErrorCode::Timeout,
+        ErrorCode::PayloadTooLarge,
+        ErrorCode::BadRequest,
+        ErrorCode::ShuttingDown,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::PreconditionFailed,
+        ErrorCode::QueueFull,
+        ErrorCode::MessageNotFound,
+        ErrorCode::Internal,
+        ErrorCode::Unauthorized,
+    ];
+
     /// The HTTP status the operator API answers with for this code.
     pub fn http_status(self) -> u16 {
         match self {
@@ -132,6 +152,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn all_lists_every_code_in_declaration_order() {
+        for (i, code) in ErrorCode::ALL.into_iter().enumerate() {
+            assert_eq!(code as usize, i, "{code}");
+        }
+    }
+
+    #[test]
     fn codes_use_snake_case_on_the_wire() {
         let s = serde_json::to_string(&ErrorCode::GatewayOffline).unwrap();
         assert_eq!(s, "\"gateway_offline\"");
@@ -141,24 +168,7 @@ mod tests {
 
     #[test]
     fn as_str_matches_serde_name() {
-        for code in [
-            ErrorCode::GatewayOffline,
-            ErrorCode::DeviceOffline,
-            ErrorCode::DeviceNotFound,
-            ErrorCode::MethodNotFound,
-            ErrorCode::InvalidParams,
-            ErrorCode::DeviceError,
-            ErrorCode::Timeout,
-            ErrorCode::PayloadTooLarge,
-            ErrorCode::BadRequest,
-            ErrorCode::ShuttingDown,
-            ErrorCode::UnsupportedVersion,
-            ErrorCode::PreconditionFailed,
-            ErrorCode::QueueFull,
-            ErrorCode::MessageNotFound,
-            ErrorCode::Internal,
-            ErrorCode::Unauthorized,
-        ] {
+        for code in ErrorCode::ALL {
             assert_eq!(
                 serde_json::to_string(&code).unwrap(),
                 format!("\"{}\"", code.as_str())

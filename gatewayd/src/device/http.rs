@@ -88,9 +88,7 @@ impl HttpDriver {
                 "the path '{path}' has a '.' or '..' segment"
             )));
         }
-        let mut url = self.base.clone();
-        let joined = format!("{}{}", self.base.path().trim_end_matches('/'), path);
-        url.set_path(&joined);
+        let mut url = self.under_base(&path);
         let mut pairs = Vec::new();
         for (k, v) in &action.query {
             let t = Template::parse(v)
@@ -132,13 +130,7 @@ impl HttpDriver {
                 req = req.header(k, t.render(vars, Escape::Header));
             }
         }
-        req = match &self.auth {
-            Some(AuthConfig::Basic { username, password }) => {
-                req.basic_auth(username, Some(password))
-            }
-            Some(AuthConfig::Bearer { token }) => req.bearer_auth(token),
-            None => req,
-        };
+        req = self.with_auth(req);
         if let Some(body) = &action.body {
             req = req.json(&render_json(body, vars).unwrap_or(Value::Null));
         }
@@ -184,24 +176,36 @@ impl HttpDriver {
 }
 
 impl HttpDriver {
-    /// Health probe: `GET path`; any HTTP answer counts as alive (an erroring device is still
-    /// reachable, and its calls then fail with `device_error` carrying its status).
-    pub async fn probe(&self, path: &str, timeout: Duration) -> Result<(), String> {
+    /// `path` under the configured base URL (whose own path is kept as a prefix).
+    fn under_base(&self, path: &str) -> Url {
         let mut url = self.base.clone();
         url.set_path(&format!(
             "{}{}",
             self.base.path().trim_end_matches('/'),
             path
         ));
-        let mut req = self.probe_client.get(url).timeout(timeout);
-        req = match &self.auth {
+        url
+    }
+
+    /// The device's configured authentication on a request.
+    fn with_auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.auth {
             Some(AuthConfig::Basic { username, password }) => {
                 req.basic_auth(username, Some(password))
             }
             Some(AuthConfig::Bearer { token }) => req.bearer_auth(token),
             None => req,
-        };
-        match req.send().await {
+        }
+    }
+
+    /// Health probe: `GET path`; any HTTP answer counts as alive (an erroring device is still
+    /// reachable, and its calls then fail with `device_error` carrying its status).
+    pub async fn probe(&self, path: &str, timeout: Duration) -> Result<(), String> {
+        let req = self
+            .probe_client
+            .get(self.under_base(path))
+            .timeout(timeout);
+        match self.with_auth(req).send().await {
             Ok(_) => Ok(()),
             Err(e) => Err(classify(e, timeout.as_millis() as u64).to_string()),
         }

@@ -42,6 +42,20 @@ pub enum CallError {
     Refused(String),
 }
 
+/// What a device said when it refused, as a reason for an apply status or a message feedback:
+/// its text, the `error` field of its JSON answer, or the answer itself.
+pub fn answer_text(detail: &Value) -> String {
+    match detail {
+        Value::String(s) => s.clone(),
+        Value::Object(m) => m
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| detail.to_string()),
+        other => other.to_string(),
+    }
+}
+
 /// How a device is reached.
 #[derive(Debug)]
 pub enum Driver {
