@@ -758,50 +758,65 @@ pub async fn put_json(url: &str, body: &Value) -> Result<(u16, Value)> {
     read(client().put(url).json(body).send().await?).await
 }
 
-/// A Mosquitto broker on a free port, stopped on drop.
+/// A Mosquitto broker, stopped on drop.
 pub struct Mosquitto {
     child: std::process::Child,
-    /// `mqtt://127.0.0.1:PORT`.
+    /// `mqtt://127.0.0.1:PORT` (for [`Mosquitto::start`]'s plain listener).
     pub url: String,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Mosquitto {
-    /// Starts it (fails with a clear message when Mosquitto is not installed).
+    /// An open broker on a free port (fails with a clear message when Mosquitto is not
+    /// installed).
     pub fn start() -> Result<Mosquitto> {
-        let path = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\n");
+        let mut m = Self::run(dir.path(), &conf, &[port])?;
+        m._dir = Some(dir);
+        Ok(m)
+    }
+
+    /// Starts Mosquitto in `dir` with `conf` plus the settings every test wants (no
+    /// persistence, 4 MiB packets, TCP_NODELAY) and waits until each of `ports` accepts; its
+    /// log is `dir/mosquitto.log`.
+    pub fn run(dir: &Path, conf: &str, ports: &[u16]) -> Result<Mosquitto> {
+        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
+            .find(|p| Path::new(p).exists())
             .ok_or_else(|| {
                 anyhow!("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
             })?;
-        let dir = tempfile::tempdir()?;
-        let port = free_port()?;
-        let conf = dir.path().join("mosquitto.conf");
+        let path = dir.join("mosquitto.conf");
         std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_packet_size 4194304\nset_tcp_nodelay true\n"),
+            &path,
+            format!("persistence false\nmax_packet_size 4194304\nset_tcp_nodelay true\n{conf}"),
         )?;
-        let child = std::process::Command::new(path)
+        let log = dir.join("mosquitto.log");
+        let child = std::process::Command::new(exe)
             .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        // Wait until it accepts connections.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Mosquitto {
+        let m = Mosquitto {
             child,
-            url: format!("mqtt://127.0.0.1:{port}"),
-            _dir: dir,
-        })
+            url: format!("mqtt://127.0.0.1:{}", ports.first().copied().unwrap_or(0)),
+            _dir: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for port in ports {
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "mosquitto did not start; see {}",
+                    log.display()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(m)
     }
 }
 

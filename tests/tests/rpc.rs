@@ -3,47 +3,17 @@
 //! and once against Mosquitto.
 
 use anyhow::Result;
-use e2e::config::GatewayConfig;
 use e2e::*;
 use serde_json::json;
 use std::time::Duration;
-use tempfile::TempDir;
 
-const GW: &str = "site-1";
+const GW: &str = SITE_GATEWAY;
 
-// Field order is drop order: the processes go first, their log directory last.
-struct Env {
-    gateway: Gateway,
-    fleet: Fleet,
-    stub: Stub,
-    dir: TempDir,
-}
+/// A site (stub, simulated AGVs, gatewayd) on the broker under test.
+type Env = Site;
 
-impl Env {
-    async fn start(broker: Broker, devices: usize) -> Result<Env> {
-        let dir = tempfile::tempdir()?;
-        let stub = Stub::start(dir.path(), &broker, ":memory:").await?;
-        let fleet = Fleet::start(dir.path(), "agv", devices).await?;
-        let store = dir.path().join("gatewayd.db");
-        let config = GatewayConfig {
-            gateway_id: GW,
-            broker: &stub.mqtt,
-            store: &store,
-            devices: &fleet.devices,
-            probe_interval_ms: 100,
-        }
-        .render();
-        let gateway = Gateway::start(dir.path(), &config).await?;
-        for (name, _) in &fleet.devices {
-            await_device_online(&stub.api, name, true).await?;
-        }
-        Ok(Env {
-            gateway,
-            fleet,
-            stub,
-            dir,
-        })
-    }
+async fn start(broker: Broker, devices: usize) -> Result<Env> {
+    Site::start_on(broker, devices, "").await
 }
 
 /// The RPC suite; run against each broker.
@@ -262,7 +232,7 @@ async fn restart(env: &mut Env) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_guarantees_with_the_embedded_broker() -> Result<()> {
-    let mut env = Env::start(Broker::Embedded("127.0.0.1:0".into()), 10).await?;
+    let mut env = start(Broker::Embedded("127.0.0.1:0".into()), 10).await?;
     suite(&env).await?;
     concurrent(&env).await?;
     restart(&mut env).await
@@ -271,7 +241,7 @@ async fn rpc_guarantees_with_the_embedded_broker() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpc_guarantees_with_mosquitto() -> Result<()> {
     let mosquitto = e2e::Mosquitto::start()?;
-    let mut env = Env::start(Broker::External(mosquitto.url.clone()), 10).await?;
+    let mut env = start(Broker::External(mosquitto.url.clone()), 10).await?;
     suite(&env).await?;
     concurrent(&env).await?;
     restart(&mut env).await
@@ -281,15 +251,15 @@ async fn rpc_guarantees_with_mosquitto() -> Result<()> {
 /// port: gatewayd reconnects with backoff, re-announces itself, and serves RPCs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_reconnects_after_the_broker_restarts() -> Result<()> {
-    let listen = format!("127.0.0.1:{}", free_port()?);
-    let mut env = Env::start(Broker::Embedded(listen.clone()), 1).await?;
+    // Site::start keeps the embedded broker on one port across stub restarts.
+    let mut env = Site::start(1).await?;
     env.stub.proc.kill9().await;
     let (s, _, _) = invoke(&env.stub.api, "agv-1", "status", json!(null), 5)
         .await
         .unwrap_or((0, json!(null), Duration::ZERO));
     assert_eq!(s, 0, "the operator API is gone with the stub");
 
-    env.stub = Stub::start(env.dir.path(), &Broker::Embedded(listen), ":memory:").await?;
+    env.restart_stub().await?;
     await_device_online(&env.stub.api, "agv-1", true).await?;
     let (s, b, _) = invoke(&env.stub.api, "agv-1", "status", json!(null), 5).await?;
     assert_eq!(s, 200, "{b}");
@@ -301,7 +271,7 @@ async fn the_gateway_reconnects_after_the_broker_restarts() -> Result<()> {
 /// and serves the next real call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_publishes_never_take_the_gateway_down() -> Result<()> {
-    let env = Env::start(Broker::Embedded("127.0.0.1:0".into()), 1).await?;
+    let env = start(Broker::Embedded("127.0.0.1:0".into()), 1).await?;
     let raw = e2e::raw::Raw::connect("garbage-cloud", &env.stub.mqtt, Default::default())
         .await?
         .map_err(|why| anyhow::anyhow!("cannot connect: {why}"))?;

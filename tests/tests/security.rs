@@ -515,7 +515,7 @@ async fn mutual_tls_with_mosquitto() -> Result<()> {
 /// gateways (client certificates required, common name = user name), and the ACL from
 /// `docs/protocol.md`.
 struct Mosquitto {
-    child: std::process::Child,
+    _broker: e2e::Mosquitto,
     /// `mqtt://127.0.0.1:PORT` for the stub.
     plain: String,
     /// `mqtts://localhost:PORT` for gateways.
@@ -524,12 +524,6 @@ struct Mosquitto {
 
 impl Mosquitto {
     fn start(dir: &Path, pki: &Pki, cloud_user: &str, cloud_password: &str) -> Result<Mosquitto> {
-        let exe = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .ok_or_else(|| {
-                anyhow!("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
-            })?;
         let passwords = dir.join("mosquitto.passwd");
         let status = std::process::Command::new("mosquitto_passwd")
             .args(["-b", "-c"])
@@ -550,50 +544,20 @@ impl Mosquitto {
             .arg("-u")
             .output()
             .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "{user}per_listener_settings false\nallow_anonymous false\npassword_file {pw}\nacl_file {acl}\npersistence false\nmax_packet_size 4194304\nset_tcp_nodelay true\n\nlistener {plain} 127.0.0.1\n\nlistener {tls} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\nuse_identity_as_username true\n",
-                user = if is_root { "user root\n" } else { "" },
-                pw = passwords.display(),
-                acl = acl.display(),
-                ca = pki.ca.display(),
-                cert = pki.server_cert.display(),
-                key = pki.server_key.display(),
-            ),
-        )?;
-        let log = std::fs::File::create(dir.join("mosquitto.log"))?;
-        let child = std::process::Command::new(exe)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        let mosquitto = Mosquitto {
-            child,
+        let conf = format!(
+            "{user}per_listener_settings false\nallow_anonymous false\npassword_file {pw}\nacl_file {acl}\n\nlistener {plain} 127.0.0.1\n\nlistener {tls} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\nrequire_certificate true\nuse_identity_as_username true\n",
+            user = if is_root { "user root\n" } else { "" },
+            pw = passwords.display(),
+            acl = acl.display(),
+            ca = pki.ca.display(),
+            cert = pki.server_cert.display(),
+            key = pki.server_key.display(),
+        );
+        Ok(Mosquitto {
+            _broker: e2e::Mosquitto::run(dir, &conf, &[plain, tls])?,
             plain: format!("mqtt://127.0.0.1:{plain}"),
             tls: format!("mqtts://localhost:{tls}"),
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        for port in [plain, tls] {
-            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-                anyhow::ensure!(
-                    std::time::Instant::now() < deadline,
-                    "mosquitto did not start; see {}",
-                    dir.join("mosquitto.log").display()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        Ok(mosquitto)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        })
     }
 }
 
