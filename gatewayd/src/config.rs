@@ -525,14 +525,22 @@ fn check_base_url(url: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
+impl Config {
+    /// Loads `text` as a configuration file, with no environment overrides (unit tests).
+    pub(crate) fn from_text(text: &str) -> Result<Config, ConfigError> {
+        use std::io::Write;
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(text.as_bytes()).expect("temp file written");
+        Config::load(f.path(), Env::prefixed("GATEWAYD_TEST_NEVER_SET_"))
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-        Config::load(f.path(), Env::prefixed("GATEWAYD_TEST_NEVER_SET_"))
+        Config::from_text(text)
     }
 
     const GOOD: &str = r#"

@@ -123,7 +123,6 @@ pub fn log(verdict: &Verdict, path: &std::path::Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
 
     const BASE: &str = r#"
         [gateway]
@@ -141,12 +140,7 @@ mod tests {
     "#;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-        Config::load(
-            f.path(),
-            figment::providers::Env::prefixed("GATEWAYD_TEST_NEVER_SET_"),
-        )
+        Config::from_text(text)
     }
 
     #[test]

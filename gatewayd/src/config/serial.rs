@@ -274,13 +274,9 @@ pub(super) fn check_kind(a: &ActionConfig, kind: DeviceKind, at: &str, p: &mut V
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, ConfigError, FieldType};
-    use figment::providers::Env;
-    use std::io::Write;
 
     fn load(text: &str) -> Result<Config, ConfigError> {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-        Config::load(f.path(), Env::prefixed("GATEWAYD_TEST_NEVER_SET_"))
+        Config::from_text(text)
     }
 
     const GOOD: &str = r#"
