@@ -325,7 +325,7 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
     let Some(wake) = inbox.wakers.get(&device.id).cloned() else {
         return;
     };
-    let mut presence = inbox.devices.presence.subscribe();
+    let mut presence = inbox.devices.presence.watch(&device.id);
     let span = tracing::info_span!("messages", device = %device.id);
     async move {
         let mut retry = Duration::from_millis(inbox.config.retry_min_ms);

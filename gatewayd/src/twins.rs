@@ -155,7 +155,7 @@ pub async fn worker(
     let Some(wake) = twins.wakers.get(&device.id).cloned() else {
         return;
     };
-    let mut presence = devices.presence.subscribe();
+    let mut presence = devices.presence.watch(&device.id);
     let span = tracing::info_span!("twin", device = %device.id);
     async move {
         let mut retry = Duration::from_millis(200);

@@ -3,7 +3,7 @@
 
 use super::{CallError, Device, Driver};
 use gatewayd_protocol::{DeviceId, DevicePresence, DeviceStatus, PROTOCOL_VERSION};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -16,12 +16,15 @@ pub struct Presence {
     table: Mutex<BTreeMap<DeviceId, DeviceStatus>>,
     /// Bumped at every change; each interested task holds its own receiver.
     generation: watch::Sender<u64>,
+    /// Online state per device, for the tasks that care about one device only (its twin and
+    /// message workers), so a flapping device wakes its own workers and nobody else's.
+    per_device: HashMap<DeviceId, watch::Sender<bool>>,
 }
 
 impl Presence {
     /// All `ids` online since `now_ms`.
     pub fn new(ids: impl Iterator<Item = DeviceId>, now_ms: u64) -> Self {
-        let table = ids
+        let table: BTreeMap<DeviceId, DeviceStatus> = ids
             .map(|id| {
                 (
                     id,
@@ -33,9 +36,14 @@ impl Presence {
                 )
             })
             .collect();
+        let per_device = table
+            .keys()
+            .map(|id| (id.clone(), watch::Sender::new(true)))
+            .collect();
         Self {
             table: Mutex::new(table),
             generation: watch::Sender::new(0),
+            per_device,
         }
     }
 
@@ -63,6 +71,9 @@ impl Presence {
         s.since_ms = now_ms;
         s.reason = if online { None } else { reason };
         drop(t);
+        if let Some(tx) = self.per_device.get(id) {
+            tx.send_replace(online);
+        }
         if online {
             tracing::info!(device = %id, "device online");
         } else {
@@ -97,6 +108,14 @@ impl Presence {
     /// A receiver that sees every later change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
+    }
+
+    /// A receiver of one device's online state (a closed channel for unknown ids).
+    pub fn watch(&self, id: &DeviceId) -> watch::Receiver<bool> {
+        match self.per_device.get(id) {
+            Some(tx) => tx.subscribe(),
+            None => watch::channel(false).1,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<DeviceId, DeviceStatus>> {
@@ -166,6 +185,17 @@ mod tests {
         assert_eq!(p.reason(&id("a")).as_deref(), Some("refused"));
         assert_eq!(p.snapshot().devices[&id("a")].since_ms, 3);
         assert!(!p.is_online(&id("zzz")));
+    }
+
+    #[test]
+    fn a_device_watch_sees_only_its_own_device() {
+        let p = Presence::new([id("a"), id("b")].into_iter(), 1);
+        let a = p.watch(&id("a"));
+        let b = p.watch(&id("b"));
+        p.set(&id("a"), false, Some("refused".into()), 2);
+        assert!(a.has_changed().unwrap());
+        assert!(!*a.borrow());
+        assert!(!b.has_changed().unwrap(), "b's workers are not woken by a");
     }
 
     #[test]
