@@ -237,7 +237,8 @@ pub struct DeviceConfig {
     pub methods: BTreeMap<String, ActionConfig>,
     /// Desired twin properties by name: the call that applies one. `{{value}}` is the desired
     /// value; the call's result (e.g. via `result_pointer`) is what the device now holds and
-    /// becomes the reported value (a `null` or empty-object result, e.g. a bare `OK`, reports the desired value as applied).
+    /// becomes the reported value (a `null` or empty-object result, e.g. a bare `OK`, reports
+    /// the desired value as applied).
     #[serde(default)]
     pub twin: BTreeMap<String, ActionConfig>,
     /// Message commands by name (the payload's `command` field): the call that executes one.
