@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use device_fixtures::http::faults::Faults as HttpFaults;
 use device_fixtures::http::DEFAULT_MAX_SPEED_LIMIT;
+use device_fixtures::serial::faults::Faults as SerialFaults;
 use device_fixtures::{run_http_fleet, HttpDeviceSpec, SerialSim, SerialSimSpec};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -45,6 +47,10 @@ struct SerialArgs {
     /// Address of the control API.
     #[arg(long, default_value = "127.0.0.1:0")]
     control: SocketAddr,
+    /// Faults and habits to start with, as the control API's JSON faults object, e.g.
+    /// '{"echo": true, "unsolicited_ms": 500}'.
+    #[arg(long, value_name = "JSON")]
+    faults: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +70,13 @@ struct HttpArgs {
     /// Hard ceiling for every device's maxSpeed setting.
     #[arg(long, default_value_t = DEFAULT_MAX_SPEED_LIMIT)]
     max_speed_limit: f64,
+    /// Faults and habits every device starts with, as the control API's JSON faults object,
+    /// e.g. '{"busy_every": 3}'.
+    #[arg(long, value_name = "JSON")]
+    faults: Option<String>,
+    /// Devices have no health endpoint: /health answers 404 (same as "no_health": true).
+    #[arg(long)]
+    no_health: bool,
 }
 
 #[tokio::main]
@@ -92,11 +105,19 @@ async fn serial(args: SerialArgs) -> anyhow::Result<()> {
         eprintln!("error: an address must not be empty");
         std::process::exit(EX_USAGE);
     }
+    let mut faults = SerialFaults::default();
+    if let Some(text) = &args.faults {
+        if let Err(err) = patch(text, |v| faults.apply_patch(v).map(drop)) {
+            eprintln!("error: --faults: {err}");
+            std::process::exit(EX_USAGE);
+        }
+    }
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let sim = SerialSim::open(SerialSimSpec {
         addresses: args.address,
         link: args.link.clone(),
+        faults,
     })
     .context("creating the pseudo-terminal")?;
     let control = TcpListener::bind(args.control)
@@ -131,6 +152,16 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
             std::process::exit(EX_USAGE);
         }
     };
+    let mut faults = HttpFaults {
+        no_health: args.no_health,
+        ..HttpFaults::default()
+    };
+    if let Some(text) = &args.faults {
+        if let Err(err) = patch(text, |v| faults.apply_patch(v).map(drop)) {
+            eprintln!("error: --faults: {err}");
+            std::process::exit(EX_USAGE);
+        }
+    }
     // Installed before the ports are announced, so a caller may signal as soon as it reads them.
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -145,6 +176,7 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
         let spec = HttpDeviceSpec {
             name,
             max_speed_limit: args.max_speed_limit,
+            faults: faults.clone(),
         };
         devices.push((spec, listener));
     }
@@ -169,6 +201,16 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
     shutdown.cancel();
     fleet.await.context("fleet task panicked")??;
     Ok(())
+}
+
+/// Applies a `--faults` JSON object with `apply` (one-off actions such as `reset` do nothing
+/// at start).
+fn patch<E: std::fmt::Display>(
+    text: &str,
+    apply: impl FnOnce(&serde_json::Value) -> Result<(), E>,
+) -> anyhow::Result<()> {
+    let value: serde_json::Value = serde_json::from_str(text).context("not JSON")?;
+    apply(&value).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Device names from repeated `--name` and an optional `--count`.

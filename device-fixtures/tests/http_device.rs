@@ -1,92 +1,14 @@
 //! Runs a real fleet in-process on 127.0.0.1:0 and drives it over HTTP.
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Duration;
 
-use device_fixtures::{run_http_fleet, HttpDeviceSpec};
+use common::fleet::{json_of, Fleet, GUARD};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-/// Guard against a broken fixture hanging the test run; no test waits this long when it passes.
-const GUARD: Duration = Duration::from_secs(10);
-
-struct Fleet {
-    control: String,
-    apis: Vec<(String, SocketAddr)>,
-    http: reqwest::Client,
-    shutdown: CancellationToken,
-    task: JoinHandle<std::io::Result<()>>,
-}
-
-impl Fleet {
-    async fn start(names: &[&str]) -> Fleet {
-        let mut devices = Vec::new();
-        let mut apis = Vec::new();
-        for name in names {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            apis.push((format!("http://{addr}"), addr));
-            devices.push((HttpDeviceSpec::new(*name), listener));
-        }
-        let control = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let control_url = format!("http://{}", control.local_addr().unwrap());
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run_http_fleet(devices, control, shutdown.clone()));
-        Fleet {
-            control: control_url,
-            apis,
-            http: reqwest::Client::builder().timeout(GUARD).build().unwrap(),
-            shutdown,
-            task,
-        }
-    }
-
-    fn api(&self, path: &str) -> String {
-        format!("{}{path}", self.apis[0].0)
-    }
-
-    async fn faults(&self, device: &str, patch: Value) -> Value {
-        let resp = self
-            .http
-            .post(format!("{}/_control/devices/{device}/faults", self.control))
-            .json(&patch)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        resp.json().await.unwrap()
-    }
-
-    async fn inspect(&self, device: &str) -> Value {
-        let url = format!("{}/_control/devices/{device}", self.control);
-        self.http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    }
-
-    async fn stop(self) {
-        self.shutdown.cancel();
-        tokio::time::timeout(GUARD, self.task)
-            .await
-            .expect("fleet stops on shutdown")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-async fn json_of(resp: reqwest::Response) -> (StatusCode, Value) {
-    let status = resp.status();
-    (status, resp.json().await.unwrap())
-}
+use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn control_lists_devices_and_rejects_unknown_names() {
@@ -292,10 +214,15 @@ async fn echo_returns_query_headers_and_body() {
 async fn error_status_and_garbage_faults_apply_to_everything() {
     let fleet = Fleet::start(&["agv-1"]).await;
     let faults = fleet.faults("agv-1", json!({"error_status": 503})).await;
-    assert_eq!(
-        faults,
-        json!({"latency_ms": 0, "error_status": 503, "hang": false, "offline": false, "garbage": false})
-    );
+    for (key, value) in [
+        ("latency_ms", json!(0)),
+        ("error_status", json!(503)),
+        ("hang", json!(false)),
+        ("offline", json!(false)),
+        ("garbage", json!(false)),
+    ] {
+        assert_eq!(faults[key], value, "{key}");
+    }
     for path in ["/health", "/api/status"] {
         let (status, body) = json_of(fleet.http.get(fleet.api(path)).send().await.unwrap()).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -457,5 +384,25 @@ async fn message_ids_are_counted_per_execution() {
     let seen = fleet.inspect("agv-1").await;
     assert_eq!(seen["executions"], json!({"m-1": 2, "m-2": 1}));
     assert_eq!(seen["requests"]["/api/commands"], 3);
+    fleet.stop().await;
+}
+
+#[tokio::test]
+async fn a_device_may_start_offline() {
+    let offline = device_fixtures::http::faults::Faults {
+        offline: true,
+        ..Default::default()
+    };
+    let fleet = Fleet::start_specs(vec![
+        device_fixtures::HttpDeviceSpec::new("agv-1").with_faults(offline)
+    ])
+    .await;
+    let addr = fleet.apis[0].1;
+    assert_eq!(fleet.inspect("agv-1").await["faults"]["offline"], true);
+    let err = TcpStream::connect(addr).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    fleet.faults("agv-1", json!({"offline": false})).await;
+    let (status, _) = json_of(fleet.http.get(fleet.api("/health")).send().await.unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
     fleet.stop().await;
 }

@@ -1,36 +1,28 @@
-//! The device API of one simulated AGV, wrapped in the fault injection layer.
+//! The device API of one simulated AGV, wrapped in the fault injection layer (`inject`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
-use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::config::ConfigError;
 use super::device::{Device, MoveError};
-use super::faults::Faults;
-
-/// Body of every answer while the `garbage` fault is set.
-const GARBAGE: &[u8] = b"\x00\x01garbage{{";
-
-/// Header whose value is counted per request, to prove at-most-once execution.
-const MESSAGE_ID: &str = "x-message-id";
+use super::inject::inject_faults;
 
 /// What every handler of one device API sees.
 #[derive(Clone)]
-struct Api {
-    device: Arc<Device>,
+pub(crate) struct Api {
+    pub device: Arc<Device>,
     /// Cancelled when this listener generation goes away (offline fault or shutdown).
-    conns: CancellationToken,
+    pub conns: CancellationToken,
 }
 
 /// The device API router for one listener generation; `conns` ends its waiting requests.
@@ -85,47 +77,6 @@ pub(crate) fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
     }
     serde_json::from_slice(body)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
-}
-
-/// Counts the request, then applies the device's faults before the real handler runs.
-async fn inject_faults(State(api): State<Api>, req: Request, next: Next) -> Response {
-    let message_id = req.headers().get(MESSAGE_ID).and_then(|v| v.to_str().ok());
-    api.device.state().count(req.uri().path(), message_id);
-    tracing::debug!(device = %api.device.name, method = %req.method(), path = req.uri().path(), "request");
-
-    let latency = api.device.faults.borrow().latency_ms;
-    if latency > 0 {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(latency)) => {}
-            _ = api.conns.cancelled() => return connection_gone(),
-        }
-    }
-    let mut faults = api.device.faults.subscribe();
-    tokio::select! {
-        _ = hang_cleared(&mut faults) => {}
-        _ = api.conns.cancelled() => return connection_gone(),
-    }
-    let faults = api.device.faults.borrow().clone();
-    if let Some(status) = faults.error_status {
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return ApiError(status, "injected fault".into()).into_response();
-    }
-    if faults.garbage {
-        return ([(header::CONTENT_TYPE, "application/json")], GARBAGE).into_response();
-    }
-    next.run(req).await
-}
-
-/// Resolves at once unless `hang` is set, else when it is cleared (or never, if the device is dropped).
-async fn hang_cleared(faults: &mut watch::Receiver<Faults>) {
-    if faults.wait_for(|f| !f.hang).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Answer for a request whose connection is being torn down; it is never delivered.
-fn connection_gone() -> Response {
-    ApiError(StatusCode::SERVICE_UNAVAILABLE, "device offline".into()).into_response()
 }
 
 async fn health() -> Json<Value> {
@@ -247,10 +198,12 @@ fn echo_body(body: &[u8]) -> Value {
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError(
-        StatusCode::NOT_FOUND,
-        format!("no route for {}", uri.path()),
-    )
+    no_route(uri.path())
+}
+
+/// The answer for a path the device does not serve.
+pub(crate) fn no_route(path: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no route for {path}"))
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::api::{parse_json, ApiError};
 use super::device::Device;
-use super::faults::Faults;
+use super::faults::{Actions, Faults};
 
 /// How long a faults change may take to open or close a device's listener.
 const LISTENER_CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +62,7 @@ pub(crate) fn router(fleet: Arc<Fleet>, shutdown: CancellationToken) -> Router {
         .route("/_control/devices/{name}", get(inspect))
         .route("/_control/devices/{name}/faults", post(set_faults))
         .route("/_control/devices/{name}/reset", post(reset))
+        .route("/_control/devices/{name}/power-cycle", post(power_cycle))
         .with_state(Control { fleet, shutdown })
 }
 
@@ -79,18 +80,23 @@ async fn inspect(
     State(ctl): State<Control>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let device = ctl.fleet.get(&name)?;
+    Ok(Json(view(ctl.fleet.get(&name)?)))
+}
+
+/// What the control API shows of a device.
+fn view(device: &Device) -> Value {
     let faults = device.faults.borrow().clone();
     let state = device.state();
-    Ok(Json(json!({
+    json!({
         "name": device.name,
         "api": device.api_url(),
         "faults": faults,
         "config": state.config.to_json(),
         "restarts": state.restarts,
         "requests": state.requests,
+        "executed": state.executed,
         "executions": state.executions,
-    })))
+    })
 }
 
 async fn set_faults(
@@ -101,18 +107,55 @@ async fn set_faults(
     let device = ctl.fleet.get(&name)?;
     let patch = parse_json(&body)?;
     let mut faults = device.faults.borrow().clone();
-    faults
+    let actions = faults
         .apply_patch(&patch)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    perform(device, actions);
     apply(&ctl, device, faults).await
 }
 
+/// Puts the faults back to those the device started with (none unless its spec says).
 async fn reset(
     State(ctl): State<Control>,
     Path(name): Path<String>,
 ) -> Result<Json<Faults>, ApiError> {
     let device = ctl.fleet.get(&name)?;
-    apply(&ctl, device, Faults::default()).await
+    perform(
+        device,
+        Actions {
+            restart_busy_count: true,
+            ..Actions::default()
+        },
+    );
+    apply(&ctl, device, device.initial_faults.clone()).await
+}
+
+/// Power-cycles the device (the `{"reset": true}` action) and answers its view.
+async fn power_cycle(
+    State(ctl): State<Control>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let device = ctl.fleet.get(&name)?;
+    perform(
+        device,
+        Actions {
+            power_cycle: true,
+            ..Actions::default()
+        },
+    );
+    Ok(Json(view(device)))
+}
+
+/// Carries out the one-off actions of a faults update.
+fn perform(device: &Device, actions: Actions) {
+    let mut state = device.state();
+    if actions.power_cycle {
+        state.power_cycle(device.limit, tokio::time::Instant::now());
+        tracing::info!(device = %device.name, "power cycled");
+    }
+    if actions.restart_busy_count {
+        state.busy_seen = 0;
+    }
 }
 
 /// Installs `faults` and answers once the API listener is closed or open to match `offline`.

@@ -26,20 +26,23 @@ pub(crate) struct Device {
     pub addr: SocketAddr,
     /// Current faults; the API and the link supervisor watch it.
     pub faults: watch::Sender<Faults>,
+    /// Faults the device started with; a faults reset returns to them.
+    pub initial_faults: Faults,
     /// Whether the API listener is open; the link supervisor is its only writer.
     pub listening: watch::Sender<bool>,
     state: Mutex<DeviceState>,
 }
 
 impl Device {
-    pub fn new(name: String, limit: f64, addr: SocketAddr, now: Instant) -> Self {
+    pub fn new(name: String, limit: f64, addr: SocketAddr, faults: Faults, now: Instant) -> Self {
         Self {
             name,
             limit,
             addr,
-            faults: watch::Sender::new(Faults::default()),
-            // Devices are created with a listener that is already bound.
-            listening: watch::Sender::new(true),
+            // Devices are created with a listener already bound, closed at once if offline.
+            listening: watch::Sender::new(!faults.offline),
+            faults: watch::Sender::new(faults.clone()),
+            initial_faults: faults,
             state: Mutex::new(DeviceState::new(limit, now)),
         }
     }
@@ -64,10 +67,15 @@ pub(crate) struct DeviceState {
     motion: Option<(f64, Instant)>,
     booted: Instant,
     pub restarts: u64,
-    /// Requests seen per path.
+    /// Requests arrived per path, whatever became of them.
     pub requests: BTreeMap<String, u64>,
-    /// Requests seen per `X-Message-Id`.
+    /// Requests acted on per path (not those refused busy or by a fault before the device
+    /// saw them).
+    pub executed: BTreeMap<String, u64>,
+    /// Requests acted on per `X-Message-Id`.
     pub executions: BTreeMap<String, u64>,
+    /// Requests (other than `/health`) counted towards `busy_every` since it was set.
+    pub busy_seen: u64,
 }
 
 /// Why a move was refused.
@@ -92,16 +100,29 @@ impl DeviceState {
             booted: now,
             restarts: 0,
             requests: BTreeMap::new(),
+            executed: BTreeMap::new(),
             executions: BTreeMap::new(),
+            busy_seen: 0,
         }
     }
 
-    /// Records one request to `path`, and one execution of `message_id` if given.
-    pub fn count(&mut self, path: &str, message_id: Option<&str>) {
+    /// Records the arrival of one request to `path`.
+    pub fn arrived(&mut self, path: &str) {
         *self.requests.entry(path.to_owned()).or_default() += 1;
+    }
+
+    /// Records that the device acted on a request to `path`, carrying `message_id` if given.
+    pub fn acted(&mut self, path: &str, message_id: Option<&str>) {
+        *self.executed.entry(path.to_owned()).or_default() += 1;
         if let Some(id) = message_id {
             *self.executions.entry(id.to_owned()).or_default() += 1;
         }
+    }
+
+    /// Counts one more request towards `busy_every` and returns its number.
+    pub fn next_busy_count(&mut self) -> u64 {
+        self.busy_seen += 1;
+        self.busy_seen
     }
 
     /// The `/api/status` document at `now`.
@@ -154,6 +175,15 @@ impl DeviceState {
     /// Simulates a reboot: counts it, stops motion and restarts the uptime clock.
     pub fn restart(&mut self, now: Instant) {
         self.restarts += 1;
+        self.motion = None;
+        self.booted = now;
+    }
+
+    /// Power-cycles the device: settings back to the factory ones, at the origin, at rest,
+    /// uptime from `now`. The counters (an observer's, not the device's) are kept.
+    pub fn power_cycle(&mut self, limit: f64, now: Instant) {
+        self.config = DeviceConfig::initial(limit);
+        self.position = (0.0, 0.0);
         self.motion = None;
         self.booted = now;
     }
@@ -211,13 +241,36 @@ mod tests {
     #[test]
     fn counts_paths_and_message_ids() {
         let (mut s, now) = state();
-        s.count("/api/move", Some("m-1"));
-        s.count("/api/move", Some("m-1"));
-        s.count("/health", None);
+        s.arrived("/api/move");
+        s.arrived("/api/move");
+        s.arrived("/health");
+        s.acted("/api/move", Some("m-1"));
+        s.acted("/health", None);
         assert_eq!(s.requests["/api/move"], 2);
         assert_eq!(s.requests["/health"], 1);
-        assert_eq!(s.executions["m-1"], 2);
+        assert_eq!(s.executed["/api/move"], 1);
+        assert_eq!(s.executions["m-1"], 1);
         s.restart(now);
         assert_eq!(s.restarts, 1);
+    }
+
+    #[test]
+    fn power_cycle_restores_factory_state_and_keeps_counters() {
+        let (mut s, now) = state();
+        s.config
+            .merge(&json!({"maxSpeed": 15, "led": true}), 20.0)
+            .unwrap();
+        s.start_move(&json!({"x": 3, "y": 4}), now).unwrap();
+        s.acted("/api/move", Some("m-1"));
+        let later = now + Duration::from_secs(100);
+        s.power_cycle(20.0, later);
+        assert_eq!(s.config, DeviceConfig::initial(20.0));
+        let status = s.status("agv-1", later);
+        assert_eq!(status["position"], json!({"x": 0.0, "y": 0.0}));
+        assert_eq!(
+            (status["state"].clone(), status["uptime_s"].clone()),
+            (json!("idle"), json!(0))
+        );
+        assert_eq!(s.executions["m-1"], 1);
     }
 }

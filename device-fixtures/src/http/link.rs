@@ -8,34 +8,30 @@
 //! is flipped only after the socket is really closed or bound again, which lets the
 //! control API answer once the change is observable from outside.
 
-use std::future::{Future, IntoFuture};
-use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
+use std::future::IntoFuture;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 
 use super::api;
+use super::conn::{Conn, CutoffListener};
 use super::device::Device;
 use super::faults::Faults;
 
 /// Pause between attempts to bind the device address again.
 const REBIND_RETRY: Duration = Duration::from_millis(50);
 
-/// Serves `device` on `listener` until `shutdown`, following its `offline` fault.
+/// Serves `device` on `listener` until `shutdown`, following its `offline` fault; a device
+/// that starts offline has no listener yet.
 pub(crate) async fn supervise(
     device: Arc<Device>,
-    listener: TcpListener,
+    mut listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) {
     let mut faults = device.faults.subscribe();
-    let mut listener = Some(listener);
     loop {
         if !wait_offline(&mut faults, false, &shutdown).await {
             break;
@@ -55,8 +51,9 @@ pub(crate) async fn supervise(
             socket,
             conns: conns.clone(),
         };
-        let mut serve =
-            axum::serve(listener, api::router(device.clone(), conns.clone())).into_future();
+        let app = api::router(device.clone(), conns.clone())
+            .into_make_service_with_connect_info::<Conn>();
+        let mut serve = axum::serve(listener, app).into_future();
         tokio::select! {
             result = &mut serve => {
                 if let Err(err) = result {
@@ -108,120 +105,5 @@ async fn rebind(device: &Device, shutdown: &CancellationToken) -> Option<TcpList
             _ = tokio::time::sleep(REBIND_RETRY) => {}
             _ = shutdown.cancelled() => return None,
         }
-    }
-}
-
-/// A listener whose connections all fail once its generation token is cancelled.
-struct CutoffListener {
-    socket: TcpListener,
-    conns: CancellationToken,
-}
-
-impl axum::serve::Listener for CutoffListener {
-    type Io = CutoffIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (CutoffIo, SocketAddr) {
-        loop {
-            match self.socket.accept().await {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    return (CutoffIo::new(stream, self.conns.clone()), peer);
-                }
-                Err(err) if is_connection_error(&err) => {}
-                Err(err) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
-    }
-}
-
-fn is_connection_error(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-    )
-}
-
-/// A TCP stream that errors on every read and write once `cut` resolves.
-struct CutoffIo {
-    stream: TcpStream,
-    cut: Pin<Box<WaitForCancellationFutureOwned>>,
-}
-
-impl CutoffIo {
-    fn new(stream: TcpStream, conns: CancellationToken) -> Self {
-        Self {
-            stream,
-            cut: Box::pin(conns.cancelled_owned()),
-        }
-    }
-
-    /// Fails once the generation is over; otherwise registers for its end.
-    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.cut.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "device went offline",
-            )),
-            Poll::Pending => Ok(()),
-        }
-    }
-}
-
-impl AsyncRead for CutoffIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CutoffIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }

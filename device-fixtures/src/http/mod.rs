@@ -3,13 +3,16 @@
 //! Each device serves its API on a listener handed in by the caller; one shared control
 //! listener exposes `/_control/...` to inspect devices and switch their faults.
 //! `config`, `faults` and the motion rules in `device` are plain data with no I/O; `api`
-//! and `control` are the HTTP surfaces; `link` owns each device's listening socket.
+//! and `control` are the HTTP surfaces, `inject` the fault layer in front of `api`; `link`
+//! owns each device's listening socket and `conn` its accepted connections.
 
 mod api;
 pub mod config;
+mod conn;
 mod control;
 mod device;
 pub mod faults;
+mod inject;
 mod link;
 
 use std::io;
@@ -22,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use control::Fleet;
 use device::Device;
+use faults::Faults;
 
 /// Hard ceiling for `maxSpeed` when a spec does not say otherwise.
 pub const DEFAULT_MAX_SPEED_LIMIT: f64 = 20.0;
@@ -33,15 +37,24 @@ pub struct HttpDeviceSpec {
     pub name: String,
     /// Hard ceiling for the `maxSpeed` setting; larger requests are clamped to it.
     pub max_speed_limit: f64,
+    /// Faults and habits the device starts with (e.g. `no_health` for a device without a
+    /// health endpoint); resetting its faults returns to these.
+    pub faults: Faults,
 }
 
 impl HttpDeviceSpec {
-    /// A device called `name` with the default speed limit.
+    /// A device called `name` with the default speed limit and no faults.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
             max_speed_limit: DEFAULT_MAX_SPEED_LIMIT,
+            faults: Faults::default(),
         }
+    }
+
+    /// The same device, starting with `faults`.
+    pub fn with_faults(self, faults: Faults) -> Self {
+        Self { faults, ..self }
     }
 }
 
@@ -69,8 +82,16 @@ pub async fn run_http_fleet(
             ));
         }
         let addr = listener.local_addr()?;
-        let device = Arc::new(Device::new(spec.name, spec.max_speed_limit, addr, now));
+        let device = Arc::new(Device::new(
+            spec.name,
+            spec.max_speed_limit,
+            addr,
+            spec.faults,
+            now,
+        ));
         fleet.insert(device.clone())?;
+        // A device that starts offline refuses connections from the start.
+        let listener = (!device.faults.borrow().offline).then_some(listener);
         links.push((device, listener));
     }
 

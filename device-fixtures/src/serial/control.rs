@@ -12,7 +12,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::faults::Faults;
+use super::faults::{Actions, Faults};
 use super::Shared;
 
 /// How long a `disappear` change may take to close or recreate the pty.
@@ -30,6 +30,7 @@ pub(crate) fn router(shared: Arc<Shared>, shutdown: CancellationToken) -> Router
         .route("/_control/state", get(state))
         .route("/_control/faults", post(set_faults))
         .route("/_control/reset", post(reset))
+        .route("/_control/power-cycle", post(power_cycle))
         .with_state(Control { shared, shutdown })
 }
 
@@ -38,17 +39,38 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 fn view(shared: &Shared) -> Value {
-    let (setpoints, requests) = {
+    let counters = {
         let state = shared.state();
-        (state.controller.setpoints().clone(), state.requests)
+        let (executed, total) = state.executed_totals();
+        json!({
+            "setpoints": state.controller.setpoints(),
+            "requests": state.requests,
+            "executed": executed,
+            "executed_total": total,
+            "executed_by_unit": state.executed,
+        })
     };
-    json!({
+    let mut view = json!({
         "path": shared.path.borrow().clone(),
         "link": shared.link.as_ref().map(|l| l.display().to_string()),
-        "setpoints": setpoints,
-        "requests": requests,
         "faults": shared.faults.borrow().clone(),
-    })
+    });
+    if let (Some(view), Value::Object(counters)) = (view.as_object_mut(), counters) {
+        view.extend(counters);
+    }
+    view
+}
+
+/// Carries out the one-off actions of a faults update.
+fn perform(shared: &Shared, actions: Actions) {
+    let mut state = shared.state();
+    if actions.power_cycle {
+        state.controller.reset();
+        tracing::info!("power cycled");
+    }
+    if actions.restart_busy_count {
+        state.busy_seen = 0;
+    }
 }
 
 async fn state(State(ctl): State<Control>) -> Json<Value> {
@@ -61,14 +83,35 @@ async fn set_faults(State(ctl): State<Control>, body: Bytes) -> Response {
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")),
     };
     let mut faults = ctl.shared.faults.borrow().clone();
-    if let Err(e) = faults.apply_patch(&patch) {
-        return error(StatusCode::BAD_REQUEST, e.to_string());
+    match faults.apply_patch(&patch) {
+        Ok(actions) => perform(&ctl.shared, actions),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     }
     apply(&ctl, faults).await
 }
 
+/// Puts the faults back to those the line started with (none unless its spec says).
 async fn reset(State(ctl): State<Control>) -> Response {
-    apply(&ctl, Faults::default()).await
+    perform(
+        &ctl.shared,
+        Actions {
+            restart_busy_count: true,
+            ..Actions::default()
+        },
+    );
+    apply(&ctl, ctl.shared.initial_faults.clone()).await
+}
+
+/// Power-cycles the units (the `{"reset": true}` action) and answers the state.
+async fn power_cycle(State(ctl): State<Control>) -> Json<Value> {
+    perform(
+        &ctl.shared,
+        Actions {
+            power_cycle: true,
+            ..Actions::default()
+        },
+    );
+    Json(view(&ctl.shared))
 }
 
 /// Installs `faults` and answers once the port is gone or back to match `disappear`.

@@ -3,15 +3,18 @@
 //!
 //! The simulator creates the pty itself; a gateway opens the slave path (or the stable link
 //! given with `link`, which survives the `disappear` fault: the pty is closed and the link
-//! removed, and clearing the fault creates a new pty and points the link at it). `controller`
-//! and `faults` are plain data with no I/O; `line` serves the pty; `control` is the HTTP API.
+//! removed, and clearing the fault creates a new pty and points the link at it). `controller`,
+//! `frame` and `faults` are plain data with no I/O; `line` serves the pty; `control` is the
+//! HTTP API.
 
 mod control;
 pub mod controller;
 pub mod faults;
+pub mod frame;
 mod line;
 mod pty;
 
+use std::collections::BTreeMap;
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,12 +34,16 @@ pub struct SerialSimSpec {
     pub addresses: Vec<String>,
     /// A stable path kept pointing at the current pty (a symlink).
     pub link: Option<PathBuf>,
+    /// Faults and habits the line starts with; resetting the faults returns to these.
+    pub faults: Faults,
 }
 
 /// State shared by the line task and the control API.
 pub(crate) struct Shared {
     state: Mutex<State>,
     pub faults: watch::Sender<Faults>,
+    /// Faults the line started with.
+    pub initial_faults: Faults,
     /// The current pty path; `None` while the port has disappeared.
     pub path: watch::Sender<Option<String>>,
     pub link: Option<PathBuf>,
@@ -44,8 +51,34 @@ pub(crate) struct Shared {
 
 pub(crate) struct State {
     pub controller: Controller,
-    /// Request lines received.
+    /// Request lines received, whatever became of them.
     pub requests: u64,
+    /// Commands acted on, per unit address and command name (`SETP`, `TEMP?`, ...).
+    pub executed: BTreeMap<String, BTreeMap<&'static str, u64>>,
+    /// Addressed requests counted towards `busy_every` since it was set.
+    pub busy_seen: u64,
+}
+
+impl State {
+    /// Records that the unit at `address` acted on the command `name`.
+    pub fn acted(&mut self, address: &str, name: &'static str) {
+        *self
+            .executed
+            .entry(address.to_owned())
+            .or_default()
+            .entry(name)
+            .or_default() += 1;
+    }
+
+    /// Commands acted on per command name, all units together, and their total.
+    pub fn executed_totals(&self) -> (BTreeMap<&'static str, u64>, u64) {
+        let mut totals = BTreeMap::new();
+        for (name, n) in self.executed.values().flatten() {
+            *totals.entry(*name).or_default() += n;
+        }
+        let sum = totals.values().sum();
+        (totals, sum)
+    }
 }
 
 impl Shared {
@@ -71,8 +104,11 @@ impl SerialSim {
             state: Mutex::new(State {
                 controller: Controller::new(&spec.addresses),
                 requests: 0,
+                executed: BTreeMap::new(),
+                busy_seen: 0,
             }),
-            faults: watch::Sender::new(Faults::default()),
+            faults: watch::Sender::new(spec.faults.clone()),
+            initial_faults: spec.faults,
             path: watch::Sender::new(Some(pty.path.clone())),
             link: spec.link,
         });
