@@ -113,6 +113,7 @@ fn reported_patches_apply_in_seq_order_per_gateway() {
             desired_version: 1,
             reason: Some("clamped".into()),
             at_ms: 9,
+            attempts: 0,
         },
     );
     assert_eq!(

@@ -45,6 +45,8 @@ pub struct AdminState {
     pub connected: watch::Receiver<bool>,
     /// Cancelled when the daemon starts shutting down (readiness turns false).
     pub shutdown: CancellationToken,
+    /// The critical tasks; readiness names any that stopped.
+    pub tasks: crate::supervise::Supervisor,
 }
 
 /// The routes.
@@ -97,18 +99,25 @@ async fn healthz() -> Json<Value> {
 }
 
 /// Why the gateway is not ready, empty when it is.
-pub async fn not_ready_reasons(state: &AdminState) -> Vec<&'static str> {
+pub async fn not_ready_reasons(state: &AdminState) -> Vec<String> {
     let mut reasons = Vec::new();
     if state.shutdown.is_cancelled() {
-        reasons.push("shutting down");
+        reasons.push("shutting down".to_string());
+    }
+    // A read answers even on a full disk: the store's write health says whether it commits.
+    if let crate::store::Health::Failing(why) = &*state.store.health().borrow() {
+        reasons.push(format!("store failing: {why}"));
     }
     match tokio::time::timeout(STORE_PROBE, state.store.call(|_| Ok(()))).await {
         Ok(Ok(())) => {}
-        Ok(Err(_)) => reasons.push("store failing"),
-        Err(_) => reasons.push("store not answering"),
+        Ok(Err(_)) => reasons.push("store failing".to_string()),
+        Err(_) => reasons.push("store not answering".to_string()),
     }
     if !*state.connected.borrow() {
-        reasons.push("cloud not connected");
+        reasons.push("cloud not connected".to_string());
+    }
+    for task in state.tasks.dead() {
+        reasons.push(format!("task {task} has stopped"));
     }
     reasons
 }
@@ -204,7 +213,7 @@ async fn inbox(
         .store
         .call(move |c| {
             let mut st = c.prepare_cached(
-                "SELECT id, device, state, expires_at_ms, received_at_ms, attempts FROM inbox
+                "SELECT id, device, state, expires_at_ms, received_at_ms, attempts, reason FROM inbox
                  WHERE state IN ('pending', 'running') AND (?1 IS NULL OR device = ?1)
                  ORDER BY seq LIMIT ?2",
             )?;
@@ -217,6 +226,7 @@ async fn inbox(
                         "expires_at_ms": r.get::<_, i64>(3)?,
                         "received_at_ms": r.get::<_, i64>(4)?,
                         "attempts": r.get::<_, i64>(5)?,
+                        "reason": r.get::<_, Option<String>>(6)?,
                     }))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -324,6 +334,7 @@ mod tests {
             metrics,
             connected,
             shutdown: CancellationToken::new(),
+            tasks: crate::supervise::Supervisor::new(CancellationToken::new()),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let file = dir.path().join("admin.addr");

@@ -144,6 +144,16 @@ pub struct MessagesConfig {
     /// Field of the message payload that names the command, e.g. `{"command": "RESTART"}`.
     #[serde(default = "default_command_field")]
     pub command_field: String,
+    /// A message is started only while at least this much of its TTL is left, milliseconds;
+    /// closer to its expiry it ends `expired` unexecuted. A started command runs with its full
+    /// configured timeout (never cut to the TTL), so a slow command is not reported failed
+    /// after the device ran it.
+    #[serde(default = "default_min_remaining")]
+    pub min_remaining_ms: u64,
+}
+
+fn default_min_remaining() -> u64 {
+    500
 }
 
 impl Default for MessagesConfig {
@@ -153,6 +163,7 @@ impl Default for MessagesConfig {
             retry_min_ms: default_retry_min(),
             retry_max_ms: default_retry_max(),
             command_field: default_command_field(),
+            min_remaining_ms: default_min_remaining(),
         }
     }
 }
@@ -257,6 +268,31 @@ pub struct DeviceConfig {
     /// sharing a port are told apart by it).
     #[serde(default)]
     pub address: Option<String>,
+    /// HTTP statuses meaning "busy, did not act" (an action may override it): a message is
+    /// retried with backoff until its TTL (honouring `Retry-After`), a twin property stays
+    /// `pending` and is retried, an RPC gets `device_busy` at once.
+    #[serde(default = "default_transient_status")]
+    pub transient_status: Vec<u16>,
+    /// Largest device answer read, bytes (body; headers are bounded by the HTTP client at
+    /// about 400 KiB). Reading stops at the limit and the call is a `device_error` naming it.
+    #[serde(default = "default_max_answer_bytes")]
+    pub max_answer_bytes: usize,
+    /// When the device comes back after being offline, apply its whole desired state again
+    /// (a device that power-cycled to its defaults is brought back to what operators asked).
+    #[serde(default = "yes")]
+    pub reapply_on_reconnect: bool,
+}
+
+fn default_transient_status() -> Vec<u16> {
+    vec![408, 429, 503]
+}
+
+fn default_max_answer_bytes() -> usize {
+    gatewayd_protocol::limits::MAX_RPC_PAYLOAD
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Kind of device link.
@@ -472,6 +508,11 @@ impl DeviceConfig {
         }
         if self.timeout_ms == 0 {
             p.push(format!("{at}.timeout_ms: must be at least 1"));
+        }
+        if self.max_answer_bytes < 1024 || self.max_answer_bytes > 16 * 1024 * 1024 {
+            p.push(format!(
+                "{at}.max_answer_bytes: must be between 1024 and 16777216"
+            ));
         }
         if self.max_in_flight == Some(0) {
             p.push(format!("{at}.max_in_flight: must be at least 1"));

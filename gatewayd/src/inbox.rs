@@ -5,18 +5,27 @@
 //!
 //! At most once: a message is marked `running` (committed) before its device call and final
 //! after it. A `running` message found at start-up may have reached the device before a crash,
-//! so it ends `failed` and is never called again. For the same reason only a call that provably
-//! did not reach the device (connection refused, device offline) is retried, with backoff, until
-//! the TTL; a 5xx answer or a timeout is final (`failed`), a 4xx is `rejected`. A message whose
-//! TTL passed is `expired` and never executed late.
+//! so it ends `may_have_run` and is never called again. Only a call that certainly did not make
+//! the device act is retried, with backoff, until the TTL: nothing was written (connection
+//! refused, DNS failure, connect timeout, port closed), or the device answered "busy"
+//! (honouring its `Retry-After`). Once the request was written, the outcome is final:
+//! `completed`, `rejected` (4xx, a device error code), `failed` (the device answered a failure),
+//! or `may_have_run` (the answer was lost, garbled, too large or late). A message is started
+//! only while `min_remaining_ms` of its TTL is left; one whose TTL passed is `expired` and never
+//! executed late.
+//!
+//! A store write that fails (full disk) never makes a worker spin: it pauses with backoff and
+//! resumes when the store works again.
 
+use crate::backoff::Backoff;
 use crate::clock::now_ms;
 use crate::config::MessagesConfig;
 use crate::device::{answer_text, CallError, Device, Devices};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
-use crate::store::{Store, StoreError};
+use crate::store::{pause_after_failure, Store, StoreError};
 use gatewayd_protocol::message::FeedbackOutcome;
+use gatewayd_protocol::limits::MAX_MESSAGE_PAYLOAD;
 use gatewayd_protocol::{validate_params, C2dMessage, DeviceId, Feedback, PROTOCOL_VERSION};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{Map, Value};
@@ -156,6 +165,34 @@ impl Inbox {
         })
     }
 
+    /// A message that could not be decoded but whose id and device could be read: stored as
+    /// `rejected` with its feedback, so the cloud hears why at once (and a redelivery is
+    /// recognised). Resolves after the commit.
+    pub fn refuse(
+        &self,
+        id: gatewayd_protocol::MessageId,
+        device: DeviceId,
+        reason: String,
+        now: u64,
+    ) -> oneshot::Receiver<Result<Receipt, StoreError>> {
+        self.store.submit(move |c| {
+            let seen: Option<String> = c
+                .prepare_cached("SELECT state FROM inbox WHERE id = ?1")?
+                .query_row([id.as_str()], |r| r.get(0))
+                .optional()?;
+            if seen.is_some() {
+                return Ok(Receipt::Duplicate);
+            }
+            c.execute(
+                "INSERT INTO inbox (id, device, payload, expires_at_ms, received_at_ms, state, seq, reason)
+                 VALUES (?1, ?2, 'null', 0, ?3, 'rejected', (SELECT IFNULL(MAX(seq), 0) + 1 FROM inbox), ?4)",
+                params![id.as_str(), device.as_str(), now as i64, reason],
+            )?;
+            push_feedback(c, id.as_str(), device.as_str(), FeedbackOutcome::Rejected, Some(reason), None, now)?;
+            Ok(Receipt::Finished(FeedbackOutcome::Rejected))
+        })
+    }
+
     /// Checks that need no database: unknown device, expired, unmapped command.
     fn check(&self, msg: &C2dMessage, now: u64) -> Option<(FeedbackOutcome, String)> {
         let Some(device) = self.devices.get(&msg.device) else {
@@ -170,6 +207,15 @@ impl Inbox {
                 "ttl passed before the gateway received it".into(),
             ));
         }
+        let size = serde_json::to_vec(&msg.payload).map_or(usize::MAX, |v| v.len());
+        if size > MAX_MESSAGE_PAYLOAD {
+            return Some((
+                FeedbackOutcome::Rejected,
+                format!(
+                    "payload_too_large: the payload is {size} bytes, the limit is {MAX_MESSAGE_PAYLOAD}"
+                ),
+            ));
+        }
         match command_of(&msg.payload, &self.config.command_field) {
             Err(why) => Some((FeedbackOutcome::Rejected, why)),
             Ok(cmd) => match device.actions.commands.get(cmd) {
@@ -179,7 +225,7 @@ impl Inbox {
                         "device {} has no mapping for command '{cmd}'; it has: {}",
                         msg.device,
                         device
-                            .config
+                            .actions
                             .commands
                             .keys()
                             .cloned()
@@ -217,8 +263,8 @@ impl Inbox {
                     .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<Result<_, _>>()?;
                 for (id, device) in &running {
-                    let reason = "gateway restarted while the device call was in progress; not retried (at most once)";
-                    finish(c, id, device, FeedbackOutcome::Failed, Some(reason.into()), None, now)?;
+                    let reason = "gateway restarted while the device call was in progress: the device may have run it; not retried (at most once)";
+                    finish(c, id, device, FeedbackOutcome::MayHaveRun, Some(reason.into()), None, now)?;
                 }
                 c.execute(
                     "DELETE FROM inbox WHERE state NOT IN ('pending', 'running') AND received_at_ms < ?1",
@@ -234,7 +280,7 @@ impl Inbox {
             .await?;
         let (failed, open) = failed;
         self.open.store(open, Ordering::SeqCst);
-        self.metrics.messages(FeedbackOutcome::Failed, failed);
+        self.metrics.messages(FeedbackOutcome::MayHaveRun, failed);
         Ok(failed)
     }
 }
@@ -245,6 +291,7 @@ fn state_outcome(state: &str) -> FeedbackOutcome {
         "rejected" => FeedbackOutcome::Rejected,
         "expired" => FeedbackOutcome::Expired,
         "failed" => FeedbackOutcome::Failed,
+        "may_have_run" => FeedbackOutcome::MayHaveRun,
         _ => FeedbackOutcome::Received,
     }
 }
@@ -256,6 +303,7 @@ fn outcome_state(o: FeedbackOutcome) -> &'static str {
         FeedbackOutcome::Rejected => "rejected",
         FeedbackOutcome::Expired => "expired",
         FeedbackOutcome::Failed => "failed",
+        FeedbackOutcome::MayHaveRun => "may_have_run",
     }
 }
 
@@ -328,7 +376,9 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
     let mut presence = inbox.devices.presence.watch(&device.id);
     let span = tracing::info_span!("messages", device = %device.id);
     async move {
-        let mut retry = Duration::from_millis(inbox.config.retry_min_ms);
+        let (min, max) = (inbox.config.retry_min_ms, inbox.config.retry_max_ms);
+        let mut retry = Backoff::new(min, max);
+        let mut store_retry = Backoff::new(100, 10_000);
         loop {
             let id = device.id.to_string();
             let next = inbox
@@ -351,27 +401,44 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
                 Ok(n) => n,
                 Err(e) => {
                     warn!(error = %e, "cannot read the inbox");
-                    None
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = pause_after_failure(&inbox.store, store_retry.delay()) => {}
+                    }
+                    continue;
                 }
             };
             let mut sleep_for = None;
             if let Some(msg) = next {
                 let now = now_ms();
-                if now >= msg.expires_at_ms {
-                    inbox.end(&device, &msg.id, FeedbackOutcome::Expired, Some("ttl passed before the device could be reached".into()), None).await;
-                    continue;
+                let left = msg.expires_at_ms.saturating_sub(now);
+                if left < inbox.config.min_remaining_ms {
+                    let reason = if left == 0 {
+                        "ttl passed before the device could be reached".to_string()
+                    } else {
+                        format!("only {left} ms of the ttl were left, too little to start it; not executed")
+                    };
+                    if inbox.end(&device, &msg.id, FeedbackOutcome::Expired, Some(reason), None, &stop).await {
+                        continue;
+                    }
+                    return;
                 }
-                let until_expiry = Duration::from_millis(msg.expires_at_ms - now);
+                let until_expiry = Duration::from_millis(left);
                 if inbox.devices.presence.is_online(&device.id) {
-                    match execute(&device, &inbox, &msg).await {
+                    match execute(&device, &inbox, &msg, &stop).await {
                         Attempt::Done => {
-                            retry = Duration::from_millis(inbox.config.retry_min_ms);
+                            retry.reset();
+                            store_retry.reset();
                             continue;
                         }
-                        Attempt::NotSent(why) => {
-                            debug!(message = %msg.id, %why, "device not reached; retrying");
-                            sleep_for = Some(retry.min(until_expiry));
-                            retry = (retry * 2).min(Duration::from_millis(inbox.config.retry_max_ms));
+                        Attempt::Stopped => return,
+                        Attempt::StoreFailed => {
+                            sleep_for = Some(store_retry.delay());
+                        }
+                        Attempt::Again { why, after } => {
+                            debug!(message = %msg.id, %why, "device did not act; retrying");
+                            let delay = after.unwrap_or_else(|| retry.delay());
+                            sleep_for = Some(delay.min(until_expiry));
                         }
                     }
                 } else {
@@ -393,52 +460,78 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
 enum Attempt {
     /// The message reached a final state.
     Done,
-    /// The call provably did not reach the device; the message stays pending.
-    NotSent(String),
+    /// The device certainly did not act (not reached, or busy); the message stays pending and
+    /// is tried again, after `after` when the device said when.
+    Again {
+        why: String,
+        after: Option<Duration>,
+    },
+    /// A store write failed before the device call; nothing was sent.
+    StoreFailed,
+    /// Shutting down.
+    Stopped,
 }
 
-async fn execute(device: &Device, inbox: &Inbox, msg: &Next) -> Attempt {
+/// The final outcome of a call that was made, as feedback.
+fn outcome_of(result: Result<(), CallError>) -> (FeedbackOutcome, Option<String>, Option<i64>) {
+    match result {
+        Ok(()) => (FeedbackOutcome::Completed, None, None),
+        Err(CallError::Status { status, detail }) if (400..500).contains(&status) => (
+            FeedbackOutcome::Rejected,
+            Some(format!("device answered {status}: {}", answer_text(&detail))),
+            Some(status),
+        ),
+        Err(CallError::Status { status, detail }) => (
+            FeedbackOutcome::Failed,
+            Some(format!(
+                "device answered {status}: {}; not retried (at most once)",
+                answer_text(&detail)
+            )),
+            Some(status),
+        ),
+        Err(CallError::Coded { code, detail }) => (
+            FeedbackOutcome::Rejected,
+            Some(format!("device answered error {code}: {}", answer_text(&detail))),
+            None,
+        ),
+        Err(CallError::Refused(why)) => (FeedbackOutcome::Rejected, Some(why), None),
+        Err(e) if e.may_have_run() => (
+            FeedbackOutcome::MayHaveRun,
+            Some(format!(
+                "{e}: the command was sent, the device may have run it; not retried (at most once)"
+            )),
+            None,
+        ),
+        Err(e) => (FeedbackOutcome::Failed, Some(e.to_string()), None),
+    }
+}
+
+async fn execute(device: &Device, inbox: &Inbox, msg: &Next, stop: &CancellationToken) -> Attempt {
     let field = &inbox.config.command_field;
-    let Ok(cmd) = command_of(&msg.payload, field) else {
-        inbox
-            .end(
-                device,
-                &msg.id,
-                FeedbackOutcome::Rejected,
-                Some(format!("payload has no string '{field}'")),
-                None,
-            )
-            .await;
-        return Attempt::Done;
+    let action = match command_of(&msg.payload, field) {
+        Err(_) => Err(format!("payload has no string '{field}'")),
+        Ok(cmd) => device
+            .actions
+            .commands
+            .get(cmd)
+            .map(|a| (cmd, a))
+            .ok_or_else(|| format!("no mapping for command '{cmd}'")),
     };
-    let Some(action) = device.actions.commands.get(cmd) else {
-        inbox
-            .end(
-                device,
-                &msg.id,
-                FeedbackOutcome::Rejected,
-                Some(format!("no mapping for command '{cmd}'")),
-                None,
-            )
-            .await;
-        return Attempt::Done;
+    let (cmd, action) = match action {
+        Ok(a) => a,
+        Err(why) => {
+            return match inbox
+                .end(device, &msg.id, FeedbackOutcome::Rejected, Some(why), None, stop)
+                .await
+            {
+                true => Attempt::Done,
+                false => Attempt::Stopped,
+            };
+        }
     };
     let Ok(_slot) = device.slots.acquire().await else {
-        return Attempt::NotSent("shutting down".into());
+        return Attempt::Stopped;
     };
-    let now = now_ms();
-    if now >= msg.expires_at_ms {
-        inbox
-            .end(
-                device,
-                &msg.id,
-                FeedbackOutcome::Expired,
-                Some("ttl passed before the device could be reached".into()),
-                None,
-            )
-            .await;
-        return Attempt::Done;
-    }
     // Committed before the call: a crash from here on can never lead to a second call.
     let id = msg.id.clone();
     if let Err(e) = inbox
@@ -451,60 +544,50 @@ async fn execute(device: &Device, inbox: &Inbox, msg: &Next) -> Attempt {
         })
         .await
     {
-        warn!(error = %e, "cannot mark the message running");
-        return Attempt::NotSent(e.to_string());
+        warn!(error = %e, "cannot mark the message running; not calling the device");
+        return Attempt::StoreFailed;
     }
     let mut vars = args_of(&msg.payload, field);
     vars.insert("message_id".into(), Value::String(msg.id.clone()));
     vars.insert("command".into(), Value::String(cmd.to_string()));
     vars.insert("params".into(), Value::Object(args_of(&msg.payload, field)));
-    let configured = Duration::from_millis(action.timeout_ms.unwrap_or(device.config.timeout_ms));
-    let timeout = configured.min(Duration::from_millis(
-        msg.expires_at_ms.saturating_sub(now).max(1),
-    ));
+    // The full configured timeout: a command started before its TTL may finish after it, but
+    // is never cut off and reported failed while the device is still running it.
+    let timeout = Duration::from_millis(action.timeout_ms.unwrap_or(device.config.timeout_ms));
     let result = device.call(action, &vars, timeout).await;
     inbox
         .devices
         .presence
         .observe_call(&device.id, &result, now_ms());
-    let (outcome, reason, status) = match result {
-        Ok(_) => (FeedbackOutcome::Completed, None, None),
-        Err(CallError::Unreachable(why)) => {
-            // Nothing reached the device: back to pending, retried until the TTL.
-            let id = msg.id.clone();
-            let _ = inbox
-                .store
-                .call(move |c| c.execute("UPDATE inbox SET state = 'pending' WHERE id = ?1", [id]))
-                .await;
-            return Attempt::NotSent(why);
-        }
-        Err(CallError::Status { status, detail }) if (400..500).contains(&status) => (
-            FeedbackOutcome::Rejected,
-            Some(format!(
-                "device answered {status}: {}",
-                answer_text(&detail)
-            )),
-            Some(status),
-        ),
-        Err(CallError::Status { status, detail }) => (
-            FeedbackOutcome::Failed,
-            Some(format!(
-                "device answered {status}: {}; not retried (at most once)",
-                answer_text(&detail)
-            )),
-            Some(status),
-        ),
-        Err(e) => (
-            FeedbackOutcome::Failed,
-            Some(format!("{e}; not retried (at most once)")),
-            None,
-        ),
+    let again = match &result {
+        Err(CallError::Unreachable(why)) => Some((format!("not reached: {why}"), None)),
+        Err(CallError::Busy {
+            reason,
+            retry_after,
+            ..
+        }) => Some((format!("device busy: {reason}"), *retry_after)),
+        _ => None,
     };
-    inbox.end(device, &msg.id, outcome, reason, status).await;
-    Attempt::Done
+    if let Some((why, after)) = again {
+        // The device did not act: back to pending, tried again until the TTL.
+        if !inbox.requeue(&msg.id, &why, stop).await {
+            return Attempt::Stopped;
+        }
+        return Attempt::Again { why, after };
+    }
+    let (outcome, reason, status) = outcome_of(result.map(|_| ()));
+    match inbox
+        .end(device, &msg.id, outcome, reason, status, stop)
+        .await
+    {
+        true => Attempt::Done,
+        false => Attempt::Stopped,
+    }
 }
 
 impl Inbox {
+    /// Records a final outcome and its feedback; a failed write is retried with backoff until
+    /// it commits. Returns false if `stop` came first.
     async fn end(
         &self,
         device: &Device,
@@ -512,22 +595,61 @@ impl Inbox {
         outcome: FeedbackOutcome,
         reason: Option<String>,
         status: Option<i64>,
-    ) {
-        let (id, dev) = (id.to_string(), device.id.to_string());
+        stop: &CancellationToken,
+    ) -> bool {
         info!(message = %id, outcome = ?outcome, reason = reason.as_deref().unwrap_or(""), "message finished");
-        let r = self
-            .store
-            .call(move |c| finish(c, &id, &dev, outcome, reason, status, now_ms()))
-            .await;
-        match r {
-            Ok(()) => {
-                let _ = self
-                    .open
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-                self.metrics.message(outcome)
+        let mut backoff = Backoff::new(100, 10_000);
+        loop {
+            let (msg, dev, why) = (id.to_string(), device.id.to_string(), reason.clone());
+            let r = self
+                .store
+                .call(move |c| finish(c, &msg, &dev, outcome, why, status, now_ms()))
+                .await;
+            match r {
+                Ok(()) => {
+                    let _ = self
+                        .open
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+                    self.metrics.message(outcome);
+                    self.outbox.wake();
+                    return true;
+                }
+                Err(e) => {
+                    warn!(message = %id, error = %e, "cannot record the message outcome; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        _ = pause_after_failure(&self.store, backoff.delay()) => {}
+                    }
+                }
             }
-            Err(e) => warn!(error = %e, "cannot record the message outcome"),
         }
-        self.outbox.wake();
+    }
+
+    /// Puts a message the device did not act on back to `pending` with the reason; retried
+    /// with backoff until it commits. Returns false if `stop` came first.
+    async fn requeue(&self, id: &str, why: &str, stop: &CancellationToken) -> bool {
+        let mut backoff = Backoff::new(100, 10_000);
+        loop {
+            let (id, why) = (id.to_string(), why.to_string());
+            let r = self
+                .store
+                .call(move |c| {
+                    c.execute(
+                        "UPDATE inbox SET state = 'pending', reason = ?2 WHERE id = ?1",
+                        params![id, why],
+                    )
+                })
+                .await;
+            match r {
+                Ok(_) => return true,
+                Err(e) => {
+                    warn!(error = %e, "cannot put the message back in the queue; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        _ = pause_after_failure(&self.store, backoff.delay()) => {}
+                    }
+                }
+            }
+        }
     }
 }

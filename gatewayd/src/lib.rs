@@ -3,6 +3,7 @@
 //! only parses arguments, loads configuration and installs logging and signals.
 
 pub mod admin;
+pub mod backoff;
 pub mod clock;
 pub mod cloud;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod outbox;
 pub mod reload;
 pub mod rpc;
 pub mod store;
+pub mod supervise;
 pub mod template;
 pub mod twin;
 pub mod twins;
@@ -36,6 +38,8 @@ pub enum GatewayError {
     Session(#[from] cloud::SessionError),
     #[error("admin listener: {0}")]
     Admin(std::io::Error),
+    #[error("critical task stopped: {0}")]
+    TaskDied(String),
 }
 
 /// What the binary hands the daemon besides its configuration: the admin listener it bound
@@ -64,6 +68,11 @@ pub async fn run(
             .map_err(GatewayError::Devices)?,
     );
     let background = TaskTracker::new();
+    let supervisor = supervise::Supervisor::new(shutdown.clone());
+    background.spawn(supervisor.critical(
+        "store health",
+        store::heal(store.clone(), shutdown.clone()),
+    ));
     for d in devices.all() {
         background.spawn(device::health::probe_loop(
             d.clone(),
@@ -115,7 +124,7 @@ pub async fn run(
         metrics: metrics.clone(),
     });
     let work = TaskTracker::new();
-    let session = cloud::Session::start(&config, shared, work.clone())?;
+    let session = cloud::Session::start(&config, shared, work.clone(), supervisor.clone())?;
     // Admin API, status and watchdog run until the very end, through the drain.
     let ops_stop = CancellationToken::new();
     let ops_tasks = TaskTracker::new();
@@ -126,6 +135,7 @@ pub async fn run(
             metrics: metrics.clone(),
             connected: session.connected(),
             shutdown: shutdown.clone(),
+            tasks: supervisor.clone(),
         });
         match admin::serve(
             listener,
@@ -157,6 +167,7 @@ pub async fn run(
         ops_tasks.spawn(notify::watchdog(
             notifier.clone(),
             store.clone(),
+            supervisor.clone(),
             period,
             ops_stop.clone(),
         ));
@@ -168,7 +179,18 @@ pub async fn run(
         "gatewayd running"
     );
 
-    shutdown.cancelled().await;
+    let fatal = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        _ = supervisor.failed() => Some(supervisor.dead().join(", ")),
+    };
+    if let Some(dead) = fatal {
+        tracing::error!(tasks = %dead, "a critical task stopped: exiting so the service manager restarts gatewayd");
+        notifier.stopping("a critical task stopped");
+        shutdown.cancel();
+        session.close(Duration::from_secs(2)).await;
+        ops_stop.cancel();
+        return Err(GatewayError::TaskDied(dead));
+    }
     info!("shutting down: draining in-flight calls");
     notifier.stopping("shutting down: draining in-flight calls");
     session.stop_accepting();

@@ -17,10 +17,10 @@ const BUCKETS_US: [u64; 14] = [
 ];
 
 /// Final message outcomes (the `outcome` label of `gatewayd_messages_total`).
-const MESSAGE_OUTCOMES: [&str; 4] = ["completed", "rejected", "expired", "failed"];
+const MESSAGE_OUTCOMES: [&str; 5] = ["completed", "rejected", "expired", "failed", "may_have_run"];
 
 /// Twin apply states (the `state` label of `gatewayd_twin_applies_total`).
-const APPLY_STATES: [&str; 3] = ["applied", "different", "refused"];
+const APPLY_STATES: [&str; 4] = ["applied", "different", "refused", "pending"];
 
 /// A histogram with fixed buckets; each bucket counts its own observations (made cumulative
 /// when rendered), the last one is `+Inf`.
@@ -90,6 +90,7 @@ impl Metrics {
             FeedbackOutcome::Rejected => 1,
             FeedbackOutcome::Expired => 2,
             FeedbackOutcome::Failed => 3,
+            FeedbackOutcome::MayHaveRun => 4,
         };
         self.messages[i].fetch_add(1, Relaxed);
     }
@@ -107,6 +108,7 @@ impl Metrics {
             ApplyState::Applied => 0,
             ApplyState::Different => 1,
             ApplyState::Refused => 2,
+            ApplyState::Pending => 3,
         };
         self.twin_applies[i].fetch_add(1, Relaxed);
     }

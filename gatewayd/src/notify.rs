@@ -175,13 +175,24 @@ fn monotonic_usec() -> u64 {
 }
 
 /// Sends `WATCHDOG=1` every `period` while a no-op store job answers within it, until `stop`.
-pub async fn watchdog(notifier: Notifier, store: Store, period: Duration, stop: CancellationToken) {
+pub async fn watchdog(
+    notifier: Notifier,
+    store: Store,
+    tasks: crate::supervise::Supervisor,
+    period: Duration,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        let dead = tasks.dead();
+        if !dead.is_empty() {
+            warn!(tasks = ?dead, "critical task stopped: watchdog ping withheld");
+            continue;
         }
         match tokio::time::timeout(period, store.call(|_| Ok(()))).await {
             Ok(Ok(())) => notifier.watchdog(),
@@ -348,7 +359,13 @@ mod tests {
         let n = Notifier::connect(path.as_os_str()).unwrap();
         let store = Store::open(&dir.path().join("g.db")).unwrap();
         let stop = CancellationToken::new();
-        let task = tokio::spawn(watchdog(n, store, Duration::from_millis(20), stop.clone()));
+        let task = tokio::spawn(watchdog(
+            n,
+            store,
+            crate::supervise::Supervisor::new(CancellationToken::new()),
+            Duration::from_millis(20),
+            stop.clone(),
+        ));
         let got = tokio::task::spawn_blocking(move || (recv(&server), recv(&server)))
             .await
             .unwrap();

@@ -126,35 +126,53 @@ pub fn vars_of(params: &Value) -> Map<String, Value> {
     vars
 }
 
-/// Maps a device call failure to its wire error.
+/// Maps a device call failure to its wire error. A failure after the request was written
+/// carries `may_have_run`, so a caller knows the device may have acted.
 pub fn to_rpc_error(device: &str, method: &str, e: CallError) -> RpcError {
-    match e {
+    let may_have_run = e.may_have_run();
+    let mut err = match e {
         CallError::Timeout(ms) => RpcError::new(
             ErrorCode::Timeout,
-            format!("device {device} did not answer '{method}' within {ms} ms"),
+            format!("device {device} did not answer '{method}' within {ms} ms; it may have acted"),
         ),
         CallError::Unreachable(why) => RpcError::new(
             ErrorCode::DeviceOffline,
             format!("device {device} is unreachable: {why}"),
+        ),
+        CallError::Busy { reason, .. } => RpcError::new(
+            ErrorCode::DeviceBusy,
+            format!("device {device} is busy and did not run '{method}': {reason}"),
         ),
         CallError::Status { status, detail } => RpcError::device(
             status,
             detail,
             format!("device {device} answered status {status} to '{method}'"),
         ),
-        CallError::BadAnswer(why) => RpcError {
-            code: ErrorCode::DeviceError,
-            message: format!("device {device} sent an unreadable answer to '{method}': {why}"),
-            device_status: None,
-            detail: None,
+        CallError::Coded { code, detail } => RpcError {
+            device_code: Some(code.clone()),
+            detail: Some(detail),
+            ..RpcError::new(
+                ErrorCode::DeviceError,
+                format!("device {device} answered error {code} to '{method}'"),
+            )
         },
+        CallError::BadAnswer(why) => RpcError::new(
+            ErrorCode::DeviceError,
+            format!(
+                "device {device} sent an unreadable answer to '{method}': {why}; it may have acted"
+            ),
+        ),
         CallError::Refused(why) => RpcError::new(
             ErrorCode::InvalidParams,
             format!("'{method}' not called on device {device}: {why}"),
         ),
-        CallError::TooLarge(n) => RpcError::new(
-            ErrorCode::PayloadTooLarge,
-            format!("device {device} answered '{method}' with {n} bytes, the limit is {MAX_RPC_PAYLOAD}"),
+        CallError::TooLarge { limit } => RpcError::new(
+            ErrorCode::DeviceError,
+            format!(
+                "device {device} answered '{method}' with more than {limit} bytes (the limit); reading stopped there"
+            ),
         ),
-    }
+    };
+    err.may_have_run = may_have_run;
+    err
 }

@@ -11,7 +11,10 @@
 
 use rusqlite::Connection;
 use std::path::Path;
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Ordered schema migrations.
 const MIGRATIONS: &[&str] = &[
@@ -75,8 +78,9 @@ pub enum StoreError {
 }
 
 /// A job runs inside the batch transaction and returns how to answer its caller once the batch
-/// has committed (`true`) or failed (`false`).
-type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+/// has committed (`true`) or failed (`false`). Given no connection (the transaction could not
+/// begin), it does nothing and answers with an error.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> Reply + Send>;
 type Reply = Box<dyn FnOnce(bool) + Send>;
 
 /// Most jobs in one transaction.
@@ -86,6 +90,33 @@ const MAX_BATCH: usize = 512;
 #[derive(Clone)]
 pub struct Store {
     jobs: mpsc::UnboundedSender<Job>,
+    health: watch::Receiver<Health>,
+    stats: Arc<Stats>,
+    id: Arc<str>,
+}
+
+/// Whether the store can commit. It turns failing when a transaction cannot begin or commit
+/// (full disk, I/O error) and healthy again at the next committed write.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Health {
+    #[default]
+    Ok,
+    /// The last write failed, with the reason.
+    Failing(String),
+}
+
+/// Counters of the store thread, read at scrape time.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Jobs submitted and not yet answered.
+    pub queued: AtomicUsize,
+    /// Jobs in the last batch.
+    pub last_batch: AtomicUsize,
+    /// Batches committed, and their total commit time in microseconds.
+    pub commits: AtomicU64,
+    pub commit_us: AtomicU64,
+    /// Batches that failed (nothing of them was stored).
+    pub failures: AtomicU64,
 }
 
 impl Store {
@@ -107,10 +138,15 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         migrate(&mut conn)?;
+        let id = store_id(&conn, path)?;
         let (jobs, mut rx) = mpsc::unbounded_channel::<Job>();
+        let (health_tx, health) = watch::channel(Health::Ok);
+        let stats = Arc::new(Stats::default());
+        let thread_stats = stats.clone();
         std::thread::Builder::new()
             .name("store".into())
             .spawn(move || {
+                let stats = thread_stats;
                 while let Some(first) = rx.blocking_recv() {
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
@@ -119,23 +155,102 @@ impl Store {
                             Err(_) => break,
                         }
                     }
-                    let began = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
-                    let replies: Vec<Reply> = batch.into_iter().map(|job| job(&conn)).collect();
-                    let committed = began && conn.execute_batch("COMMIT").is_ok();
-                    if !committed {
-                        tracing::error!(
-                            "store transaction failed; {} writes rolled back",
-                            replies.len()
-                        );
-                        let _ = conn.execute_batch("ROLLBACK");
-                    }
+                    let n = batch.len();
+                    stats.last_batch.store(n, Ordering::Relaxed);
+                    let started = Instant::now();
+                    let changes_before = conn.total_changes();
+                    // A batch that cannot begin runs none of its jobs: each caller hears that
+                    // nothing was stored, and nothing was.
+                    let outcome = match conn.execute_batch("BEGIN IMMEDIATE") {
+                        Err(e) => {
+                            let replies: Vec<Reply> = batch.into_iter().map(|job| job(None)).collect();
+                            Err((e, replies))
+                        }
+                        Ok(()) => {
+                            let replies: Vec<Reply> =
+                                batch.into_iter().map(|job| job(Some(&conn))).collect();
+                            match conn.execute_batch("COMMIT") {
+                                Ok(()) => Ok(replies),
+                                Err(e) => {
+                                    let _ = conn.execute_batch("ROLLBACK");
+                                    Err((e, replies))
+                                }
+                            }
+                        }
+                    };
+                    let (committed, replies) = match outcome {
+                        Ok(replies) => {
+                            stats.commits.fetch_add(1, Ordering::Relaxed);
+                            stats
+                                .commit_us
+                                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                            if conn.total_changes() != changes_before {
+                                health_tx.send_if_modified(|h| {
+                                    let was = std::mem::take(h);
+                                    if was != Health::Ok {
+                                        tracing::info!("store writes work again");
+                                    }
+                                    was != Health::Ok
+                                });
+                            }
+                            (true, replies)
+                        }
+                        Err((e, replies)) => {
+                            stats.failures.fetch_add(1, Ordering::Relaxed);
+                            let why = e.to_string();
+                            health_tx.send_if_modified(|h| {
+                                let changed = *h != Health::Failing(why.clone());
+                                if changed {
+                                    tracing::error!(error = %why, jobs = n, "store transaction failed; nothing of it was stored");
+                                }
+                                *h = Health::Failing(why.clone());
+                                changed
+                            });
+                            (false, replies)
+                        }
+                    };
+                    stats.queued.fetch_sub(n, Ordering::Relaxed);
                     for reply in replies {
                         reply(committed);
                     }
                 }
             })
             .map_err(|_| StoreError::Closed)?;
-        Ok(Store { jobs })
+        Ok(Store {
+            jobs,
+            health,
+            stats,
+            id: id.into(),
+        })
+    }
+
+    /// The store's health, changing when writes start or stop failing.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    /// The store's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// This store's identity, made when it was created (see `docs/storage.md`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// A small write through the whole path (transaction, commit, fsync), to learn whether
+    /// the store works again after a failure.
+    pub async fn probe_write(&self) -> Result<(), StoreError> {
+        self.call(|c| {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES ('probe', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = ?1",
+                [crate::clock::now_ms().to_string()],
+            )
+            .map(|_| ())
+        })
+        .await
     }
 
     /// Queues `f` for the store thread now (so jobs run in the order they were submitted) and
@@ -146,7 +261,12 @@ impl Store {
         F: FnOnce(&Connection) -> Result<R, rusqlite::Error> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |c: &Connection| {
+        let job: Job = Box::new(move |c: Option<&Connection>| {
+            let Some(c) = c else {
+                return Box::new(move |_| {
+                    let _ = tx.send(Err(StoreError::Commit));
+                }) as Reply;
+            };
             let sql = |text: &str| c.prepare_cached(text).and_then(|mut st| st.execute([]));
             let result = match sql("SAVEPOINT job") {
                 Ok(_) => {
@@ -168,7 +288,9 @@ impl Store {
                 });
             })
         });
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
         if let Err(mpsc::error::SendError(job)) = self.jobs.send(job) {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             // The thread is gone: answer with an error right away.
             drop(job);
         }
@@ -183,6 +305,102 @@ impl Store {
     {
         self.submit(f).await.map_err(|_| StoreError::Closed)?
     }
+}
+
+/// The store's id from `meta`, made at creation. A side file next to the database keeps a
+/// copy: a database that comes back empty or with another id (a zero-length file after a
+/// power cut, a restored backup) while the side file exists lost data, which is logged at
+/// ERROR; the cloud learns it from the new id in the gateway's state and sends again what it
+/// had delivered.
+fn store_id(conn: &Connection, path: &Path) -> Result<String, StoreError> {
+    let sql = StoreError::Sql;
+    let held: Option<String> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| r.get(0))
+        .map(Some)
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })
+        .map_err(sql)?;
+    let side = path.with_extension("id");
+    let remembered = std::fs::read_to_string(&side)
+        .ok()
+        .map(|s| s.trim().to_string());
+    let id = match held {
+        Some(id) => id,
+        None => {
+            use rand::Rng;
+            let id = format!("{:016x}", rand::rng().random::<u64>());
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('store_id', ?1)",
+                [&id],
+            )
+            .map_err(sql)?;
+            id
+        }
+    };
+    match remembered {
+        Some(old) if old != id => {
+            tracing::error!(
+                store = %path.display(),
+                old_id = %old,
+                new_id = %id,
+                "the store lost its data (it is empty or another one); queued messages and twin state it held are gone, the cloud will send again what it delivered"
+            );
+        }
+        Some(_) => return Ok(id),
+        None => {}
+    }
+    let write = || -> std::io::Result<()> {
+        let tmp = side.with_extension("id.tmp");
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, id.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &side)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(file = %side.display(), error = %e, "cannot write the store id file");
+    }
+    Ok(id)
+}
+
+/// While the store fails, tries a small write with backoff (0.5 s up to 10 s) until one
+/// commits; that turns the health back to `Ok`, which wakes everything waiting on it. Runs
+/// until `stop`.
+pub async fn heal(store: Store, stop: tokio_util::sync::CancellationToken) {
+    let mut health = store.health();
+    let mut backoff = crate::backoff::Backoff::new(500, 10_000);
+    loop {
+        if *health.borrow_and_update() == Health::Ok {
+            backoff.reset();
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = health.changed() => { if r.is_err() { return } }
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff.delay()) => {}
+        }
+        let _ = store.probe_write().await;
+    }
+}
+
+/// The pause of a worker whose store write failed, so a failing disk never makes it spin:
+/// `delay` (from the caller's backoff), cut short when the store turns healthy again.
+pub async fn pause_after_failure(store: &Store, delay: std::time::Duration) {
+    let mut health = store.health();
+    health.borrow_and_update();
+    let recovered = async {
+        while health.changed().await.is_ok() {
+            if *health.borrow() == Health::Ok {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let _ = tokio::time::timeout(delay, recovered).await;
 }
 
 fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

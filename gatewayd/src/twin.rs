@@ -44,6 +44,8 @@ pub enum StepOutcome {
     Accepted { holds: Value },
     /// The device, or the absence of a mapping, said no.
     Refused { reason: String },
+    /// Not applied yet: the device was busy or not reachable; tried again with backoff.
+    Pending { reason: String, attempts: u32 },
 }
 
 /// Folds step outcomes into a reported patch and per-property apply statuses.
@@ -68,6 +70,11 @@ pub fn report(
                 }
             }
             StepOutcome::Refused { reason } => (ApplyState::Refused, Some(reason.clone())),
+            StepOutcome::Pending { reason, .. } => (ApplyState::Pending, Some(reason.clone())),
+        };
+        let attempts = match outcome {
+            StepOutcome::Pending { attempts, .. } => *attempts,
+            _ => 0,
         };
         apply.insert(
             step.property.clone(),
@@ -76,10 +83,33 @@ pub fn report(
                 desired_version,
                 reason,
                 at_ms: now_ms,
+                attempts,
             },
         );
     }
     (Value::Object(patch), apply)
+}
+
+/// The document to record as applied after a round: the desired document, except that a
+/// property the device refused, holds differently, or has not taken yet keeps its previously
+/// applied value (or stays absent). So a later desired version, even one that asks the same
+/// value again, applies it again: a new version is the operator asking again.
+pub fn applied_after(
+    desired: &Value,
+    previous: &Value,
+    steps: &[(Step, StepOutcome)],
+) -> Value {
+    let mut doc = desired.as_object().cloned().unwrap_or_default();
+    for (step, outcome) in steps {
+        let taken = matches!(outcome, StepOutcome::Accepted { holds } if same_value(holds, &step.value));
+        if !taken {
+            match previous.get(&step.property) {
+                Some(v) => doc.insert(step.property.clone(), v.clone()),
+                None => doc.remove(&step.property),
+            };
+        }
+    }
+    Value::Object(doc)
 }
 
 #[cfg(test)]
@@ -133,5 +163,39 @@ mod tests {
         assert_eq!(apply["mode"].state, ApplyState::Applied);
         assert_eq!(apply["color"].state, ApplyState::Refused);
         assert_eq!(apply["color"].desired_version, 7);
+    }
+
+    #[test]
+    fn only_what_the_device_took_counts_as_applied() {
+        let step = |p: &str, v: Value| Step {
+            property: p.into(),
+            value: v,
+        };
+        let steps = vec![
+            (step("a", json!(1)), StepOutcome::Accepted { holds: json!(1) }),
+            (step("b", json!(30)), StepOutcome::Accepted { holds: json!(20) }),
+            (step("c", json!(5)), StepOutcome::Refused { reason: "no".into() }),
+            (
+                step("d", json!(true)),
+                StepOutcome::Pending {
+                    reason: "busy".into(),
+                    attempts: 2,
+                },
+            ),
+        ];
+        let desired = json!({"a": 1, "b": 30, "c": 5, "d": true, "e": "kept"});
+        let previous = json!({"c": 4, "e": "kept"});
+        let applied = applied_after(&desired, &previous, &steps);
+        assert_eq!(applied, json!({"a": 1, "c": 4, "e": "kept"}));
+        // The same desired document planned again re-applies everything not taken.
+        let again: Vec<_> = plan(&desired, &applied)
+            .into_iter()
+            .map(|s| s.property)
+            .collect();
+        assert_eq!(again, vec!["b", "c", "d"]);
+        let (_, apply) = report(&steps, 3, 10);
+        assert_eq!(apply["d"].state, ApplyState::Pending);
+        assert_eq!(apply["d"].attempts, 2);
+        assert_eq!(apply["a"].attempts, 0);
     }
 }

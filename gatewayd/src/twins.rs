@@ -11,8 +11,9 @@ use crate::clock::now_ms;
 use crate::device::{answer_text, CallError, Device, Devices};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
-use crate::store::{Store, StoreError};
-use crate::twin::{plan, report, Step, StepOutcome};
+use crate::backoff::Backoff;
+use crate::store::{pause_after_failure, Store, StoreError};
+use crate::twin::{applied_after, plan, report, Step, StepOutcome};
 use gatewayd_protocol::twin::{decide_desired, merge_patch, validate_doc, DesiredDecision};
 use gatewayd_protocol::{DesiredBody, DesiredUpdate, DeviceId};
 use rusqlite::{params, OptionalExtension};
@@ -39,6 +40,8 @@ pub struct Twins {
     store: Store,
     wakers: HashMap<DeviceId, Arc<Notify>>,
     metrics: Arc<Metrics>,
+    /// Devices whose whole desired state is to be applied again (drift seen by a poll).
+    reapply: std::sync::Mutex<std::collections::HashSet<DeviceId>>,
 }
 
 impl Twins {
@@ -53,7 +56,24 @@ impl Twins {
             store,
             wakers,
             metrics,
+            reapply: Default::default(),
         }
+    }
+
+    /// Asks the worker of `device` for a full round (every desired property applied again).
+    pub fn request_reapply(&self, device: &DeviceId) {
+        self.reapply
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(device.clone());
+        self.wake(device);
+    }
+
+    fn take_reapply(&self, device: &DeviceId) -> bool {
+        self.reapply
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(device)
     }
 
     /// Stores a desired update by the version rule. Submitted at once, so updates are stored in
@@ -144,7 +164,11 @@ fn load_row(c: &rusqlite::Connection, device: &str) -> rusqlite::Result<TwinRow>
     }))
 }
 
-/// Applies desired changes to one device until `stop`.
+/// Applies desired changes to one device until `stop`. A round runs when a newer desired
+/// version arrived, when properties are still pending (busy or unreachable device; retried
+/// with backoff, honouring `Retry-After`), and, with `reapply_on_reconnect`, as a full round of
+/// every desired property when the device comes back from offline or a reported poll shows it
+/// drifted from what was applied (a device reset to its defaults).
 pub async fn worker(
     device: Arc<Device>,
     devices: Arc<Devices>,
@@ -158,28 +182,58 @@ pub async fn worker(
     let mut presence = devices.presence.watch(&device.id);
     let span = tracing::info_span!("twin", device = %device.id);
     async move {
-        let mut retry = Duration::from_millis(200);
+        let mut backoff = Backoff::new(200, 10_000);
+        let mut attempts: HashMap<String, u32> = HashMap::new();
+        let mut was_online = devices.presence.is_online(&device.id);
+        // A round still owed: `Some(full)` after a round left properties pending.
+        let mut owed: Option<bool> = None;
+        let mut retry_in: Option<Duration> = None;
         loop {
-            let pending = match twins.load(&device.id).await {
-                Ok(row) if row.desired_version > row.applied_version => Some(row),
-                Ok(_) => None,
+            let online = devices.presence.is_online(&device.id);
+            let mut full = false;
+            if online && !was_online && device.config.reapply_on_reconnect {
+                info!("device back online: applying its desired state again");
+                full = true;
+            }
+            was_online = online;
+            if twins.take_reapply(&device.id) {
+                full = true;
+            }
+            let row = match twins.load(&device.id).await {
+                Ok(row) => row,
                 Err(e) => {
                     warn!(error = %e, "cannot read the twin");
-                    None
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = pause_after_failure(&twins.store, backoff.delay()) => {}
+                    }
+                    continue;
                 }
             };
-            let mut wait_retry = false;
-            if let Some(row) = pending {
-                if devices.presence.is_online(&device.id) {
-                    match apply_round(&device, &devices, &twins, &outbox, row).await {
-                        Ok(()) => {
-                            retry = Duration::from_millis(200);
-                            continue;
-                        }
-                        Err(why) => {
-                            debug!(%why, "twin application postponed");
-                            wait_retry = true;
-                        }
+            let newer = row.desired_version > row.applied_version;
+            let due = retry_in.is_none() && owed.is_some();
+            let full = full || (due && owed == Some(true));
+            let wanted = online
+                && row.desired.as_object().is_some_and(|d| !d.is_empty())
+                && (newer || full || due);
+            if wanted {
+                match apply_round(&device, &devices, &twins, &outbox, row, full, &mut attempts)
+                    .await
+                {
+                    Ok(Round::Done) => {
+                        backoff.reset();
+                        owed = None;
+                        retry_in = None;
+                        continue;
+                    }
+                    Ok(Round::Pending { after }) => {
+                        owed = Some(full || owed == Some(true));
+                        retry_in = Some(after.unwrap_or_else(|| backoff.delay()));
+                    }
+                    Err(why) => {
+                        debug!(%why, "twin application postponed");
+                        owed = Some(full || owed == Some(true));
+                        retry_in = Some(backoff.delay());
                     }
                 }
             }
@@ -187,8 +241,8 @@ pub async fn worker(
                 _ = stop.cancelled() => return,
                 _ = wake.notified() => {}
                 r = presence.changed() => { if r.is_err() { return } }
-                _ = tokio::time::sleep(retry), if wait_retry => {
-                    retry = (retry * 2).min(Duration::from_secs(10));
+                _ = tokio::time::sleep(retry_in.unwrap_or_default()), if retry_in.is_some() => {
+                    retry_in = None;
                 }
             }
         }
@@ -197,18 +251,48 @@ pub async fn worker(
     .await
 }
 
-/// One application of the latest desired state. Err when the device could not be reached:
-/// nothing is recorded and the round is tried again later.
+/// How a round ended.
+enum Round {
+    /// Every planned property has a final apply state.
+    Done,
+    /// Some properties are pending; try again (after `after` when the device said when).
+    Pending { after: Option<Duration> },
+}
+
+/// One application of the latest desired state: every property changed since the last
+/// application (all of them when `full`). Err when the outcome could not be recorded.
 async fn apply_round(
     device: &Device,
     devices: &Devices,
     twins: &Twins,
     outbox: &Wake,
     row: TwinRow,
-) -> Result<(), String> {
-    let steps = plan(&row.desired, &row.applied);
+    full: bool,
+    attempts: &mut HashMap<String, u32>,
+) -> Result<Round, String> {
+    let base = if full { json!({}) } else { row.applied.clone() };
+    let steps = plan(&row.desired, &base);
     let mut results: Vec<(Step, StepOutcome)> = Vec::new();
+    let mut after: Option<Duration> = None;
+    let mut unreachable: Option<String> = None;
     for step in steps {
+        let pending = |reason: String, attempts: &mut HashMap<String, u32>| {
+            let n = attempts.entry(step.property.clone()).or_insert(0);
+            *n += 1;
+            StepOutcome::Pending {
+                reason,
+                attempts: *n,
+            }
+        };
+        if let Some(why) = &unreachable {
+            // Not tried: the device stopped answering earlier in this round.
+            let outcome = StepOutcome::Pending {
+                reason: why.clone(),
+                attempts: attempts.get(&step.property).copied().unwrap_or(0),
+            };
+            results.push((step, outcome));
+            continue;
+        }
         let Some(action) = device.actions.twin.get(&step.property) else {
             let reason = format!(
                 "device {} has no mapping for twin property '{}'",
@@ -245,31 +329,61 @@ async fn apply_round(
             Err(CallError::Status { status, detail }) => StepOutcome::Refused {
                 reason: format!("device answered {status}: {}", answer_text(&detail)),
             },
-            Err(CallError::BadAnswer(why) | CallError::Refused(why)) => {
-                StepOutcome::Refused { reason: why }
+            Err(CallError::Coded { code, detail }) => StepOutcome::Refused {
+                reason: format!("device answered error {code}: {}", answer_text(&detail)),
+            },
+            Err(e @ (CallError::BadAnswer(_) | CallError::Refused(_) | CallError::TooLarge { .. })) => {
+                StepOutcome::Refused { reason: e.to_string() }
             }
-            Err(e) => return Err(format!("'{}': {e}", step.property)),
+            Err(CallError::Busy {
+                reason,
+                retry_after,
+                ..
+            }) => {
+                after = match (after, retry_after) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+                pending(format!("device busy: {reason}"), attempts)
+            }
+            // Not reached, or no answer in time (a setting is written again, which is safe):
+            // pending, and the rest of the round waits for the device too.
+            Err(e @ (CallError::Unreachable(_) | CallError::Timeout(_))) => {
+                unreachable = Some(format!("device not answering: {e}"));
+                pending(e.to_string(), attempts)
+            }
         };
+        if !matches!(outcome, StepOutcome::Pending { .. }) {
+            attempts.remove(&step.property);
+        }
         results.push((step, outcome));
     }
+    let any_pending = results
+        .iter()
+        .any(|(_, o)| matches!(o, StepOutcome::Pending { .. }));
     let (patch, apply) = report(&results, row.desired_version, now_ms());
+    let applied = applied_after(&row.desired, &row.applied, &results);
     let states: Vec<_> = apply.values().map(|s| s.state).collect();
+    for (property, status) in &apply {
+        if status.state == gatewayd_protocol::ApplyState::Refused {
+            warn!(property = %property, reason = status.reason.as_deref().unwrap_or(""), "desired property refused");
+        }
+    }
     let id = device.id.to_string();
     let version = row.desired_version;
-    let desired = row.desired.clone();
     let applied_count = results.len();
     twins
         .store
         .call(move |c| {
             let current = load_row(c, &id)?;
-            if current.applied_version >= version {
+            if current.applied_version > version {
                 return Ok(());
             }
             let mut reported = current.reported;
             merge_patch(&mut reported, &patch);
             c.execute(
                 "UPDATE twin SET applied = ?2, applied_version = ?3, reported = ?4 WHERE device = ?1",
-                params![id, desired.to_string(), version as i64, reported.to_string()],
+                params![id, applied.to_string(), version as i64, reported.to_string()],
             )?;
             if !(patch.as_object().is_some_and(|p| p.is_empty()) && apply.is_empty()) {
                 outbox::push(c, outbox::Kind::Reported, &id, &json!({"patch": patch, "apply": apply}))?;
@@ -282,8 +396,12 @@ async fn apply_round(
         twins.metrics.twin_apply(state);
     }
     outbox.wake();
-    info!(version, properties = applied_count, "desired state applied");
-    Ok(())
+    if any_pending {
+        info!(version, properties = applied_count, "desired state partly applied; the rest is retried");
+        return Ok(Round::Pending { after });
+    }
+    info!(version, properties = applied_count, full, "desired state applied");
+    Ok(Round::Done)
 }
 
 /// Calls the `read_back` method and picks the value it reports.
@@ -355,10 +473,22 @@ pub async fn poll_reported(
                 continue;
             };
             let id = device.id.to_string();
+            let twin_props: Vec<String> = device.actions.twin.keys().cloned().collect();
             let r = twins
                 .store
                 .call(move |c| {
                     let row = load_row(c, &id)?;
+                    // A twin property the gateway applied but the device no longer holds: it
+                    // was reset or changed locally, so the desired state is applied again.
+                    let drifted = twin_props.iter().any(|k| {
+                        let (Some(want), Some(got), Some(done)) =
+                            (row.desired.get(k), seen.get(k), row.applied.get(k))
+                        else {
+                            return false;
+                        };
+                        gatewayd_protocol::twin::same_value(want, done)
+                            && !gatewayd_protocol::twin::same_value(want, got)
+                    });
                     let mut patch = Map::new();
                     for (k, v) in seen {
                         let same = row
@@ -370,7 +500,7 @@ pub async fn poll_reported(
                         }
                     }
                     if patch.is_empty() {
-                        return Ok(false);
+                        return Ok((false, drifted));
                     }
                     let patch = Value::Object(patch);
                     let mut reported = row.reported;
@@ -381,15 +511,21 @@ pub async fn poll_reported(
                         params![id, reported.to_string()],
                     )?;
                     outbox::push(c, outbox::Kind::Reported, &id, &json!({"patch": patch}))?;
-                    Ok(true)
+                    Ok((true, drifted))
                 })
                 .await;
+            if let Ok((_, true)) = r {
+                if device.config.reapply_on_reconnect {
+                    info!("the device no longer holds its desired state: applying it again");
+                    twins.request_reapply(&device.id);
+                }
+            }
             match r {
-                Ok(true) => {
+                Ok((true, _)) => {
                     debug!("reported properties changed on the device");
                     outbox.wake();
                 }
-                Ok(false) => {}
+                Ok((false, _)) => {}
                 Err(e) => warn!(error = %e, "cannot record polled reported properties"),
             }
         }

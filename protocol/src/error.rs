@@ -40,11 +40,14 @@ pub enum ErrorCode {
     Internal,
     /// The operator API wants a valid bearer token.
     Unauthorized,
+    /// The device said it is busy (HTTP 408, 429, 503 or a serial busy line) and did not act;
+    /// the call may be made again later. RPCs are never retried by the gateway.
+    DeviceBusy,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order (`ALL[code as usize] == code`).
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::GatewayOffline,
         ErrorCode::DeviceOffline,
         ErrorCode::DeviceNotFound,
@@ -61,12 +64,16 @@ impl ErrorCode {
         ErrorCode::MessageNotFound,
         ErrorCode::Internal,
         ErrorCode::Unauthorized,
+        ErrorCode::DeviceBusy,
     ];
 
     /// The HTTP status the operator API answers with for this code.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::GatewayOffline | ErrorCode::DeviceOffline | ErrorCode::ShuttingDown => 503,
+            ErrorCode::GatewayOffline
+            | ErrorCode::DeviceOffline
+            | ErrorCode::ShuttingDown
+            | ErrorCode::DeviceBusy => 503,
             ErrorCode::DeviceNotFound | ErrorCode::MethodNotFound => 404,
             ErrorCode::InvalidParams | ErrorCode::BadRequest | ErrorCode::UnsupportedVersion => 400,
             ErrorCode::DeviceError => 502,
@@ -99,6 +106,7 @@ impl ErrorCode {
             ErrorCode::MessageNotFound => "message_not_found",
             ErrorCode::Internal => "internal",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::DeviceBusy => "device_busy",
         }
     }
 }
@@ -123,6 +131,13 @@ pub struct RpcError {
     /// For `device_error`: what the device said (its body, or the captured error text).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<serde_json::Value>,
+    /// For `device_error`: the device's own error code when it is text (`ERR:RANGE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_code: Option<String>,
+    /// For `timeout` and `device_error`: the request was written to the device, so it may
+    /// have acted although no usable answer came back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub may_have_run: bool,
 }
 
 impl RpcError {
@@ -133,6 +148,8 @@ impl RpcError {
             message: message.into(),
             device_status: None,
             detail: None,
+            device_code: None,
+            may_have_run: false,
         }
     }
 
@@ -143,6 +160,8 @@ impl RpcError {
             message: message.into(),
             device_status: Some(status),
             detail: Some(detail),
+            device_code: None,
+            may_have_run: false,
         }
     }
 }

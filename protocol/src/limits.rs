@@ -25,3 +25,6 @@ pub const MESSAGE_TTL_MIN_S: u64 = 1;
 pub const MESSAGE_TTL_MAX_S: u64 = 172_800;
 /// Message time-to-live when the caller gives none, seconds.
 pub const MESSAGE_TTL_DEFAULT_S: u64 = 3_600;
+/// Highest twin version either side accepts (2^53 - 1, exact in every JSON parser). A version
+/// above it is refused on receipt, so a hostile value can never wedge a twin or overflow.
+pub const MAX_TWIN_VERSION: u64 = (1 << 53) - 1;

@@ -15,8 +15,11 @@ pub enum FeedbackOutcome {
     Rejected,
     /// The TTL passed before it could be executed; never executed.
     Expired,
-    /// Could not be executed, with the reason.
+    /// Could not be executed, with the reason; the device certainly did not run it.
     Failed,
+    /// The command was written to the device but its answer was lost, garbled, cut off or
+    /// late: the device may have run it. Final; check the device before sending it again.
+    MayHaveRun,
 }
 
 /// A message's status as the operator API shows it.
@@ -29,6 +32,7 @@ pub enum MessageStatus {
     Rejected,
     Expired,
     Failed,
+    MayHaveRun,
     Purged,
 }
 
@@ -47,6 +51,7 @@ impl MessageStatus {
             MessageStatus::Rejected => "rejected",
             MessageStatus::Expired => "expired",
             MessageStatus::Failed => "failed",
+            MessageStatus::MayHaveRun => "may_have_run",
             MessageStatus::Purged => "purged",
         }
     }
@@ -60,6 +65,7 @@ impl MessageStatus {
             "rejected" => MessageStatus::Rejected,
             "expired" => MessageStatus::Expired,
             "failed" => MessageStatus::Failed,
+            "may_have_run" => MessageStatus::MayHaveRun,
             "purged" => MessageStatus::Purged,
             _ => return None,
         })
@@ -77,6 +83,7 @@ impl MessageStatus {
             FeedbackOutcome::Rejected => MessageStatus::Rejected,
             FeedbackOutcome::Expired => MessageStatus::Expired,
             FeedbackOutcome::Failed => MessageStatus::Failed,
+            FeedbackOutcome::MayHaveRun => MessageStatus::MayHaveRun,
         };
         if next == self {
             None
@@ -102,7 +109,14 @@ mod tests {
 
     #[test]
     fn final_statuses_never_change() {
-        for s in [S::Completed, S::Rejected, S::Expired, S::Failed, S::Purged] {
+        for s in [
+            S::Completed,
+            S::Rejected,
+            S::Expired,
+            S::Failed,
+            S::MayHaveRun,
+            S::Purged,
+        ] {
             assert!(s.is_final());
             for f in [
                 F::Received,
@@ -110,6 +124,7 @@ mod tests {
                 F::Rejected,
                 F::Expired,
                 F::Failed,
+                F::MayHaveRun,
             ] {
                 assert_eq!(s.apply(f), None, "{s:?} + {f:?}");
             }
@@ -125,6 +140,7 @@ mod tests {
             S::Rejected,
             S::Expired,
             S::Failed,
+            S::MayHaveRun,
             S::Purged,
         ] {
             assert_eq!(S::parse(s.as_str()), Some(s));

@@ -28,6 +28,15 @@ pub struct GatewayState {
     /// Gateway wall clock, unix milliseconds.
     #[serde(default)]
     pub at_ms: u64,
+    /// Identity of the gateway's store, made when the store was created. A new value for the
+    /// same gateway means its store was replaced or lost: the cloud sends again what it had
+    /// delivered there and never saw finish.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub store_id: String,
+    /// Set while the gateway cannot commit to its store (full disk, I/O error): it takes no
+    /// messages or desired updates until a later state clears it. RPCs still work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_error: Option<String>,
 }
 
 /// `up/catalog`, retained: every device of the gateway and what it supports.
@@ -311,15 +320,24 @@ pub struct ApplyStatus {
     pub reason: Option<String>,
     #[serde(default)]
     pub at_ms: u64,
+    /// For `pending`: how many times the gateway has tried so far.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
 }
 
-/// Applied as asked, applied but the device holds a different value, or refused.
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Applied as asked, applied but the device holds a different value, refused, or still
+/// being retried (the device was busy or not reachable; `reason` says which).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ApplyState {
     Applied,
     Different,
     Refused,
+    Pending,
 }
 
 /// `down/msg`: one cloud-to-device message.

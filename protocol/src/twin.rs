@@ -163,10 +163,11 @@ pub enum DesiredDecision {
 }
 
 /// The version rule. `is_snapshot` distinguishes a snapshot from a patch.
+/// A version above [`crate::limits::MAX_TWIN_VERSION`] is ignored whatever is held.
 pub fn decide_desired(held: u64, incoming: u64, is_snapshot: bool) -> DesiredDecision {
-    if incoming <= held {
+    if incoming <= held || incoming > crate::limits::MAX_TWIN_VERSION {
         DesiredDecision::Ignore
-    } else if is_snapshot || incoming == held + 1 {
+    } else if is_snapshot || Some(incoming) == held.checked_add(1) {
         DesiredDecision::Apply
     } else {
         DesiredDecision::Resync
@@ -264,5 +265,10 @@ mod tests {
         assert_eq!(decide_desired(4, 3, true), Ignore);
         assert_eq!(decide_desired(4, 7, false), Resync);
         assert_eq!(decide_desired(4, 7, true), Apply);
+        let max = crate::limits::MAX_TWIN_VERSION;
+        assert_eq!(decide_desired(4, u64::MAX, true), Ignore);
+        assert_eq!(decide_desired(4, max + 1, true), Ignore);
+        assert_eq!(decide_desired(max - 1, max, false), Apply);
+        assert_eq!(decide_desired(u64::MAX, 3, false), Ignore);
     }
 }

@@ -576,6 +576,27 @@ pub struct Site {
     pub dir: tempfile::TempDir,
 }
 
+/// How [`Site::start_opts`] sets gatewayd up.
+#[derive(Debug, Clone)]
+pub struct SiteOptions {
+    /// TOML appended to the generated configuration.
+    pub extra: String,
+    /// Whether the AGVs are probed on `/health` (else: no health path, as many devices have).
+    pub health_path: bool,
+    /// Directory of gatewayd's store (default: the site directory).
+    pub store_dir: Option<PathBuf>,
+}
+
+impl Default for SiteOptions {
+    fn default() -> Self {
+        Self {
+            extra: String::new(),
+            health_path: true,
+            store_dir: None,
+        }
+    }
+}
+
 /// Gateway id used by [`Site`].
 pub const SITE_GATEWAY: &str = "site-1";
 
@@ -594,20 +615,39 @@ impl Site {
 
     /// A site whose stub uses `broker` (e.g. an external Mosquitto).
     pub async fn start_on(broker: Broker, n: usize, extra: &str) -> Result<Site> {
+        Self::start_opts(
+            broker,
+            n,
+            SiteOptions {
+                extra: extra.to_string(),
+                ..SiteOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// A site with [`SiteOptions`].
+    pub async fn start_opts(broker: Broker, n: usize, opts: SiteOptions) -> Result<Site> {
         let dir = tempfile::tempdir()?;
         let stub_db = dir.path().join("cloud-stub.db").display().to_string();
         let stub = Stub::start(dir.path(), &broker, &stub_db).await?;
         let fleet = Fleet::start(dir.path(), "agv", n).await?;
-        let store = dir.path().join("gatewayd.db");
-        let text = config::GatewayConfig {
+        let store = match &opts.store_dir {
+            Some(d) => d.join("gatewayd.db"),
+            None => dir.path().join("gatewayd.db"),
+        };
+        let mut text = config::GatewayConfig {
             gateway_id: SITE_GATEWAY,
             broker: &stub.mqtt,
             store: &store,
             devices: &fleet.devices,
             probe_interval_ms: 100,
         }
-        .render()
-            + extra;
+        .render();
+        if !opts.health_path {
+            text = text.replace("path = \"/health\"\n", "");
+        }
+        text += &opts.extra;
         let config_path = dir.path().join("gatewayd.toml");
         std::fs::write(&config_path, text)?;
         let gateway = Self::gatewayd(dir.path(), &config_path)?;

@@ -230,6 +230,11 @@ impl<T: std::fmt::Debug> Inbox<T> {
             .expect("fake gateway running")
     }
 
+    /// The next one, waiting as long as it takes; `None` once the fake gateway stopped.
+    pub async fn next_or_closed(&mut self) -> Option<T> {
+        self.rx.recv().await
+    }
+
     /// Fails if one is already here.
     pub fn assert_empty(&mut self) {
         if let Ok(v) = self.rx.try_recv() {
@@ -325,6 +330,8 @@ impl FakeGateway {
             boot_id: boot_id.into(),
             software: "test".into(),
             at_ms: 0,
+            store_id: String::new(),
+            store_error: None,
         };
         self.publish(Up::State, serde_json::to_value(state).unwrap(), true)
             .await;

@@ -11,7 +11,7 @@
 //! Publishing never happens from inside `poll()`'s caller through an awaiting send: the link uses
 //! `try_publish` and keeps what does not fit for the next turn, so it never waits on itself.
 
-use super::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::metrics::Metrics;
 use rumqttc::{
     AsyncClient, ClientError, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS,
@@ -21,6 +21,9 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+/// A session that lasted this long counts as a successful connect for the backoff.
+const HEALTHY_SESSION: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// One publish to send (always QoS 1).
 #[derive(Debug)]
@@ -93,6 +96,9 @@ pub struct Link {
     pub events: mpsc::UnboundedSender<LinkEvent>,
     pub acks: mpsc::UnboundedSender<u64>,
     pub connected: watch::Sender<bool>,
+    /// Drop the connection (without DISCONNECT, so the broker forgets every unacknowledged
+    /// publish and the cloud sends them again), with the reason; the link then reconnects.
+    pub reset: mpsc::UnboundedReceiver<String>,
     pub backoff: Backoff,
     pub stop: CancellationToken,
     /// Counts reconnects (every ConnAck after the first).
@@ -110,10 +116,12 @@ impl Link {
             events,
             acks,
             connected,
+            mut reset,
             mut backoff,
             stop,
             metrics,
         } = self;
+        let mut connected_at: Option<std::time::Instant> = None;
         let mut waiting: VecDeque<Outbound> = VecDeque::new();
         let mut written: VecDeque<Option<u64>> = VecDeque::new();
         let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
@@ -149,6 +157,9 @@ impl Link {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         e = &mut poll => break e,
+                        Some(why) = reset.recv(), if up => break Err(ConnectionError::Io(
+                            std::io::Error::other(why),
+                        )),
                         o = outbound.recv(), if waiting.len() < 1024 => match o {
                             Some(o) if up => waiting.push_back(o),
                             Some(o) => debug!(topic = %o.topic, "link down: publish dropped"),
@@ -163,7 +174,7 @@ impl Link {
                         session_present = ack.session_present,
                         "connected to the cloud"
                     );
-                    backoff.reset();
+                    connected_at = Some(std::time::Instant::now());
                     if connected_before {
                         metrics.cloud_reconnected();
                     }
@@ -195,6 +206,19 @@ impl Link {
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    // A reset, or an error the event loop already acted on: either way the
+                    // connection is gone and nothing unacknowledged survives it.
+                    eventloop.network = None;
+                    // Only a session that lived a while resets the backoff: one lost within
+                    // seconds of its ConnAck (a broker refusing a publish, a store failing)
+                    // counts as a failed attempt, so nothing can make the link reconnect in a
+                    // tight loop.
+                    if connected_at
+                        .take()
+                        .is_some_and(|t| t.elapsed() >= HEALTHY_SESSION)
+                    {
+                        backoff.reset();
+                    }
                     up = false;
                     written.clear();
                     inflight.clear();

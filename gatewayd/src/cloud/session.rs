@@ -7,7 +7,7 @@
 //! - the presence task republishes the retained device snapshot when it changes;
 //! - the outbox sender (`outbox.rs`) delivers reported patches and feedback.
 
-use super::backoff::Backoff;
+use crate::backoff::Backoff;
 use super::link::{self, Link, LinkEvent, Publisher};
 use crate::clock::now_ms;
 use crate::config::{parse_broker, Config};
@@ -16,7 +16,8 @@ use crate::inbox::{Inbox, Receipt};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::rpc;
-use crate::store::Store;
+use crate::store::{Health, Store};
+use crate::supervise::Supervisor;
 use crate::twins::Twins;
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
 use gatewayd_protocol::twin::DesiredDecision;
@@ -63,6 +64,7 @@ pub struct Session {
     publisher: Publisher,
     gateway: GatewayId,
     boot_id: String,
+    store_id: String,
     connected: watch::Receiver<bool>,
     accepting: Arc<AtomicBool>,
     stop: CancellationToken,
@@ -77,6 +79,7 @@ impl Session {
         config: &Config,
         shared: Arc<Shared>,
         work: TaskTracker,
+        supervisor: Supervisor,
     ) -> Result<Session, SessionError> {
         let gateway = GatewayId::new(config.gateway.id.clone())
             .map_err(|e| SessionError::Broker(format!("gateway id: {e}")))?;
@@ -108,7 +111,7 @@ impl Session {
             .set_inflight(500)
             .set_last_will(LastWill::new(
                 Topics::up(&gateway, Up::State),
-                state_payload(false, &boot_id),
+                state_payload(false, &boot_id, shared.store.id(), None),
                 QoS::AtLeastOnce,
                 true,
             ));
@@ -122,9 +125,11 @@ impl Session {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let (connected_tx, connected) = watch::channel(false);
+        let (reset_tx, reset) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(
+        tasks.spawn(supervisor.critical(
+            "mqtt link",
             Link {
                 eventloop,
                 client: client.clone(),
@@ -132,14 +137,16 @@ impl Session {
                 events: events_tx,
                 acks: acks_tx,
                 connected: connected_tx,
+                reset,
                 backoff: Backoff::new(config.cloud.reconnect_min_ms, config.cloud.reconnect_max_ms),
                 stop: stop.clone(),
                 metrics: shared.metrics.clone(),
             }
             .run()
             .instrument(tracing::info_span!("mqtt", gateway = %gateway)),
-        );
-        tasks.spawn(
+        ));
+        tasks.spawn(supervisor.critical(
+            "outbox sender",
             outbox::Sender {
                 store: shared.store.clone(),
                 gateway: gateway.clone(),
@@ -150,15 +157,19 @@ impl Session {
                 stop: stop.clone(),
             }
             .run(),
-        );
+        ));
         let accepting = Arc::new(AtomicBool::new(true));
         let (acks, ack_slots) = mpsc::unbounded_channel();
         let generation = Arc::new(AtomicU64::new(0));
-        tasks.spawn(acker(
-            client.clone(),
-            ack_slots,
-            generation.clone(),
-            stop.clone(),
+        tasks.spawn(supervisor.critical(
+            "acker",
+            acker(
+                client.clone(),
+                ack_slots,
+                generation.clone(),
+                reset_tx,
+                stop.clone(),
+            ),
         ));
         let dispatcher = Dispatcher {
             client: client.clone(),
@@ -171,18 +182,33 @@ impl Session {
             acks,
             generation,
         };
-        tasks.spawn(dispatcher.run(events, stop.clone()));
-        tasks.spawn(publish_presence(
-            publisher.clone(),
-            gateway.clone(),
-            shared.devices.clone(),
-            connected.clone(),
-            stop.clone(),
+        tasks.spawn(supervisor.critical("dispatcher", dispatcher.run(events, stop.clone())));
+        tasks.spawn(supervisor.critical(
+            "presence publisher",
+            publish_presence(
+                publisher.clone(),
+                gateway.clone(),
+                shared.devices.clone(),
+                connected.clone(),
+                stop.clone(),
+            ),
+        ));
+        tasks.spawn(supervisor.critical(
+            "store health publisher",
+            publish_store_health(
+                publisher.clone(),
+                gateway.clone(),
+                boot_id.clone(),
+                shared.clone(),
+                connected.clone(),
+                stop.clone(),
+            ),
         ));
         Ok(Session {
             publisher,
             gateway,
             boot_id,
+            store_id: shared.store.id().to_string(),
             connected,
             accepting,
             stop,
@@ -208,7 +234,7 @@ impl Session {
             self.publisher
                 .publish_then_disconnect(
                     Topics::up(&self.gateway, Up::State),
-                    state_payload(false, &self.boot_id),
+                    state_payload(false, &self.boot_id, &self.store_id, None),
                 )
                 .await;
             let mut connected = self.connected.clone();
@@ -220,13 +246,20 @@ impl Session {
     }
 }
 
-fn state_payload(online: bool, boot_id: &str) -> Vec<u8> {
+fn state_payload(
+    online: bool,
+    boot_id: &str,
+    store_id: &str,
+    store_error: Option<String>,
+) -> Vec<u8> {
     serde_json::to_vec(&GatewayState {
         v: PROTOCOL_VERSION,
         online,
         boot_id: boot_id.to_string(),
         software: concat!("gatewayd ", env!("CARGO_PKG_VERSION")).to_string(),
         at_ms: now_ms(),
+        store_id: store_id.to_string(),
+        store_error,
     })
     .expect("state serializes")
 }
@@ -248,17 +281,23 @@ struct AckSlot {
     publish: Publish,
     /// The connection the publish arrived on.
     generation: u64,
-    /// Fires when the publish may be acknowledged (its commit finished); `None`: at once.
-    ready: Option<oneshot::Receiver<()>>,
+    /// Fires when the publish may be acknowledged (`true`: committed) or must not be
+    /// (`false`: the commit failed); `None`: at once.
+    ready: Option<oneshot::Receiver<bool>>,
 }
 
 /// Sends acknowledgements strictly in the order the publishes arrived, as MQTT requires (and
 /// rumqttd enforces by dropping the connection): each waits for its own commit and for every
 /// earlier one. Acks of an earlier connection are dropped, their packet ids mean nothing now.
+///
+/// A publish whose commit failed is never acknowledged: the connection is dropped instead (a
+/// later ack would break the order), every ack still queued for it is discarded, and the
+/// cloud sends again what it has no `received` feedback for once the gateway reconnects.
 async fn acker(
     client: AsyncClient,
     mut slots: mpsc::UnboundedReceiver<AckSlot>,
     generation: Arc<AtomicU64>,
+    reset: mpsc::UnboundedSender<String>,
     stop: CancellationToken,
 ) {
     loop {
@@ -266,11 +305,22 @@ async fn acker(
             s = slots.recv() => match s { Some(s) => s, None => return },
             _ = stop.cancelled() => return,
         };
-        if let Some(ready) = slot.ready {
-            let _ = ready.await;
+        if slot.generation != generation.load(Ordering::SeqCst) {
+            continue;
         }
-        if slot.generation == generation.load(Ordering::SeqCst) {
+        let stored = match slot.ready {
+            Some(ready) => ready.await.unwrap_or(false),
+            None => true,
+        };
+        if slot.generation != generation.load(Ordering::SeqCst) {
+            continue;
+        }
+        if stored {
             let _ = client.ack(&slot.publish).await;
+        } else {
+            generation.fetch_add(1, Ordering::SeqCst);
+            warn!(topic = %slot.publish.topic, "not stored, so not acknowledged: dropping the connection so the cloud sends it again");
+            let _ = reset.send("a received publish could not be stored".into());
         }
     }
 }
@@ -306,7 +356,7 @@ impl Dispatcher {
 
     /// Queues the acknowledgement of `p`, to be sent once the returned sender fires (after
     /// the commit) and every earlier one was sent.
-    fn ack_after(&self, p: Publish) -> oneshot::Sender<()> {
+    fn ack_after(&self, p: Publish) -> oneshot::Sender<bool> {
         let (tx, rx) = oneshot::channel();
         let _ = self.acks.send(AckSlot {
             publish: p,
@@ -339,7 +389,12 @@ impl Dispatcher {
         self.publisher
             .publish(
                 Topics::up(gw, Up::State),
-                state_payload(true, &self.boot_id),
+                state_payload(
+                    true,
+                    &self.boot_id,
+                    self.shared.store.id(),
+                    store_error(&self.shared.store),
+                ),
                 true,
                 None,
             )
@@ -406,7 +461,7 @@ impl Dispatcher {
         let gateway = self.gateway.clone();
         self.work.spawn(async move {
             let committed = committed.await;
-            let _ = acked.send(());
+            let _ = acked.send(matches!(committed, Ok(Ok(_))));
             match committed {
                 Ok(Ok(decision)) => match decision {
                     DesiredDecision::Apply => {
@@ -432,8 +487,8 @@ impl Dispatcher {
                         }
                     }
                 },
-                // Not committed (the disk failed): acknowledged all the same, since acks must
-                // keep their order; the sync at the next connect catches up.
+                // Not committed (the disk failed): not acknowledged, the connection is dropped
+                // and the twin sync at the next connect catches up.
                 Ok(Err(e)) => warn!(%device, version, error = %e, "desired update not stored"),
                 Err(_) => warn!(%device, version, "desired update not stored: the store stopped"),
             }
@@ -443,21 +498,42 @@ impl Dispatcher {
     /// Commit (inbox row and `received` feedback), then acknowledge; a redelivered id is
     /// acknowledged again and nothing else happens.
     fn on_message(&self, p: Publish, received_ms: u64) {
-        let msg: C2dMessage = match decode(&p.payload) {
-            Ok(m) => m,
+        let (id, device, committed) = match decode::<C2dMessage>(&p.payload) {
+            Ok(msg) => {
+                let (id, device) = (msg.id.clone(), msg.device.clone());
+                (id, device, self.shared.inbox.receive(msg, received_ms))
+            }
             Err(e) => {
-                warn!(error = %e, "malformed message dropped");
-                self.ack_now(p);
-                return;
+                // Answer with a coded feedback where the id and device can be read, so the
+                // message ends at once instead of waiting for its TTL.
+                #[derive(serde::Deserialize)]
+                struct Head {
+                    id: gatewayd_protocol::MessageId,
+                    device: DeviceId,
+                }
+                let Ok(head) = serde_json::from_slice::<Head>(&p.payload) else {
+                    warn!(error = %e, "malformed message dropped (no valid id to answer)");
+                    self.ack_now(p);
+                    return;
+                };
+                warn!(message = %head.id, error = %e, "malformed message rejected");
+                let code = match e {
+                    DecodeError::Version(_) => ErrorCode::UnsupportedVersion,
+                    DecodeError::Json(_) => ErrorCode::BadRequest,
+                };
+                let reason = format!("{code}: message refused: {e}");
+                let committed =
+                    self.shared
+                        .inbox
+                        .refuse(head.id.clone(), head.device.clone(), reason, received_ms);
+                (head.id, head.device, committed)
             }
         };
-        let (id, device) = (msg.id.clone(), msg.device.clone());
-        let committed = self.shared.inbox.receive(msg, received_ms);
         let acked = self.ack_after(p);
         let shared = self.shared.clone();
         self.work.spawn(async move {
             let committed = committed.await;
-            let _ = acked.send(());
+            let _ = acked.send(matches!(committed, Ok(Ok(_))));
             match committed {
                 Ok(Ok(receipt)) => match receipt {
                     Receipt::Queued => shared.inbox.wake(&device),
@@ -470,9 +546,8 @@ impl Dispatcher {
                         debug!(message = %id, "redelivered message acknowledged again")
                     }
                 },
-                // Not committed (the disk failed): acknowledged all the same, since acks must
-                // keep their order; without a `received` feedback the cloud sends it again at
-                // the next connect.
+                // Not committed (the disk failed): not acknowledged, the connection is dropped,
+                // and without a `received` feedback the cloud sends it again.
                 Ok(Err(e)) => warn!(message = %id, error = %e, "message not stored"),
                 Err(_) => warn!(message = %id, "message not stored: the store stopped"),
             }
@@ -558,6 +633,62 @@ impl Dispatcher {
                 None,
             )
             .await;
+    }
+}
+
+/// The store's failure, as the gateway state carries it.
+fn store_error(store: &Store) -> Option<String> {
+    match &*store.health().borrow() {
+        Health::Ok => None,
+        Health::Failing(why) => Some(why.clone()),
+    }
+}
+
+/// Tells the cloud when the store starts or stops failing: a retained state with
+/// `store_error` while it fails (the cloud holds messages back), and when it works again the
+/// state without it and a twin sync, so what could not be stored meanwhile flows again.
+async fn publish_store_health(
+    publisher: Publisher,
+    gateway: GatewayId,
+    boot_id: String,
+    shared: Arc<Shared>,
+    connected: watch::Receiver<bool>,
+    stop: CancellationToken,
+) {
+    let mut health = shared.store.health();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = health.changed() => { if r.is_err() { return } }
+        }
+        if !*connected.borrow() {
+            continue; // the next announce carries the current state
+        }
+        let error = store_error(&shared.store);
+        let recovered = error.is_none();
+        publisher
+            .publish(
+                Topics::up(&gateway, Up::State),
+                state_payload(true, &boot_id, shared.store.id(), error),
+                true,
+                None,
+            )
+            .await;
+        if recovered {
+            match shared.twins.held_versions().await {
+                Ok(devices) => {
+                    let body = serde_json::to_vec(&TwinSync {
+                        v: PROTOCOL_VERSION,
+                        devices,
+                    })
+                    .expect("sync serializes");
+                    publisher
+                        .publish(Topics::up(&gateway, Up::TwinSync), body, false, None)
+                        .await;
+                }
+                Err(e) => warn!(error = %e, "cannot read twin versions for the sync"),
+            }
+        }
     }
 }
 

@@ -131,6 +131,9 @@ static PROBES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
 pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: CancellationToken) {
     let health = device.config.health.clone();
     let Some(path) = health.path.clone() else {
+        if let Driver::Http(d) = &device.driver {
+            connect_probe_loop(&device, d, &presence, shutdown).await;
+        }
         return;
     };
     let interval = Duration::from_millis(health.interval_ms);
@@ -164,6 +167,49 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// Without a health path, call outcomes take an HTTP device offline, and this brings it back:
+/// while it is offline, a TCP connect to its base URL's host and port, with backoff from 1 s
+/// up to the probe interval; the first connect that succeeds marks it online.
+async fn connect_probe_loop(
+    device: &Device,
+    driver: &super::http::HttpDriver,
+    presence: &Presence,
+    shutdown: CancellationToken,
+) {
+    let mut online = presence.watch(&device.id);
+    let interval = device.config.health.interval_ms.max(1000);
+    let timeout = Duration::from_millis(device.config.health.timeout_ms);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = online.wait_for(|up| !*up) => { if r.is_err() { return } }
+        }
+        let mut backoff = crate::backoff::Backoff::new(1000, interval);
+        while !*online.borrow() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff.delay()) => {}
+                _ = online.changed() => continue,
+            }
+            let ok = {
+                let Ok(_permit) = PROBES.acquire().await else {
+                    return;
+                };
+                driver.connect_probe(timeout).await
+            };
+            match ok {
+                Ok(()) => {
+                    presence.set(&device.id, true, None, crate::clock::now_ms());
+                }
+                Err(why) => {
+                    tracing::debug!(device = %device.id, %why, "connect probe failed");
+                    presence.set(&device.id, false, Some(why), crate::clock::now_ms());
+                }
+            }
         }
     }
 }

@@ -1,20 +1,36 @@
 //! HTTP device driver: renders an action's templates into a request under the device's base
 //! URL, sends it with the caller's timeout, and maps the answer to a result or a `CallError`.
+//!
+//! What reached the device decides the error: a failure to connect (refused, DNS, connect
+//! timeout) is `Unreachable` and nothing was sent; any failure after the connection was made
+//! (dropped connection, malformed status line, oversize header, timeout) means the request may
+//! have been acted on. The body is read in chunks and reading stops at `max_answer_bytes`, so
+//! a device answering 200 MB costs at most the limit in memory.
 
 use super::{Answer, CallError};
 use crate::config::{ActionConfig, AuthConfig, DeviceConfig, HttpVerb, ResultMode};
 use crate::template::{render_json, Escape, Template};
-use gatewayd_protocol::limits::MAX_RPC_PAYLOAD;
 use gatewayd_protocol::DeviceId;
 use reqwest::{Client, Method, Url};
 use serde_json::{Map, Value};
 use std::time::Duration;
+
+/// Longest wait for a device's TCP connection. A failure within it provably sent nothing, so
+/// a message may be retried; a call whose whole timeout is shorter ends as a plain timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Most header bytes hyper reads of an answer (its default buffer limit), named in errors.
+const MAX_HEADER_BYTES: usize = 8192 + 4096 * 100;
+
+/// Longest `Retry-After` honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The shared HTTP client: keep-alive pools per device, no proxy (devices are local), Nagle off.
 pub fn client() -> Result<Client, String> {
     Client::builder()
         .no_proxy()
         .tcp_nodelay(true)
+        .connect_timeout(CONNECT_TIMEOUT)
         .pool_idle_timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(16)
         .build()
@@ -26,6 +42,7 @@ pub fn client() -> Result<Client, String> {
 pub fn probe_client() -> Result<Client, String> {
     Client::builder()
         .no_proxy()
+        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .pool_max_idle_per_host(0)
         .build()
@@ -41,6 +58,8 @@ pub struct HttpDriver {
     base: Url,
     auth: Option<AuthConfig>,
     headers: Vec<(String, String)>,
+    transient_status: Vec<u16>,
+    max_answer_bytes: usize,
 }
 
 impl HttpDriver {
@@ -68,6 +87,8 @@ impl HttpDriver {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            transient_status: config.transient_status.clone(),
+            max_answer_bytes: config.max_answer_bytes,
         })
     }
 
@@ -135,12 +156,27 @@ impl HttpDriver {
             req = req.json(&render_json(body, vars).unwrap_or(Value::Null));
         }
         let ms = timeout.as_millis() as u64;
-        let resp = req.send().await.map_err(|e| classify(e, ms))?;
+        let mut resp = req.send().await.map_err(|e| classify(e, ms))?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| classify(e, ms))?;
-        if bytes.len() > MAX_RPC_PAYLOAD {
-            return Err(CallError::TooLarge(bytes.len()));
+        let transient = action
+            .transient_status
+            .as_ref()
+            .unwrap_or(&self.transient_status);
+        if transient.contains(&status) {
+            let retry_after = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+            let bytes = read_limited(&mut resp, 1024, ms).await.unwrap_or_default();
+            return Err(CallError::Busy {
+                status: Some(status.into()),
+                reason: format!("answered {status}: {}", super::answer_text(&detail(&bytes))),
+                retry_after,
+            });
         }
+        let bytes = read_limited(&mut resp, self.max_answer_bytes, ms).await?;
         let ok = if action.ok_status.is_empty() {
             (200..300).contains(&status)
         } else {
@@ -212,6 +248,50 @@ impl HttpDriver {
     }
 }
 
+/// Reads the body chunk by chunk and stops once it passes `limit` bytes (a declared
+/// `Content-Length` above it is refused before reading anything).
+async fn read_limited(
+    resp: &mut reqwest::Response,
+    limit: usize,
+    timeout_ms: u64,
+) -> Result<Vec<u8>, CallError> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(CallError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| classify(e, timeout_ms))? {
+        if body.len() + chunk.len() > limit {
+            return Err(CallError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+impl HttpDriver {
+    /// A TCP connect to the base URL's host and port, closed at once: what a device without a
+    /// health endpoint is probed with.
+    pub async fn connect_probe(&self, timeout: Duration) -> Result<(), String> {
+        let host = self
+            .base
+            .host_str()
+            .unwrap_or("localhost")
+            .trim_matches(['[', ']'])
+            .to_string();
+        let port = self.base.port_or_known_default().unwrap_or(80);
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port)))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("connect to {host}:{port}: {e}")),
+            Err(_) => Err(format!(
+                "connect to {host}:{port}: no answer within {} ms",
+                timeout.as_millis()
+            )),
+        }
+    }
+}
+
 /// The device's error body as JSON when it is JSON, else as (truncated) text.
 fn detail(bytes: &[u8]) -> Value {
     serde_json::from_slice(bytes).unwrap_or_else(|_| {
@@ -220,16 +300,33 @@ fn detail(bytes: &[u8]) -> Value {
     })
 }
 
+/// Sorts a client error by what may have reached the device: only a failure to connect
+/// proves that nothing was sent.
 fn classify(e: reqwest::Error, timeout_ms: u64) -> CallError {
+    // The innermost cause names the real problem ("Connection refused (os error 111)").
+    let mut cause: &dyn std::error::Error = &e;
+    let mut head_too_large = false;
+    while let Some(next) = cause.source() {
+        cause = next;
+        if let Some(h) = cause.downcast_ref::<hyper::Error>() {
+            head_too_large |= h.is_parse_too_large();
+        }
+    }
+    if e.is_builder() {
+        return CallError::Refused(cause.to_string());
+    }
+    if e.is_connect() {
+        return CallError::Unreachable(cause.to_string());
+    }
     if e.is_timeout() {
         return CallError::Timeout(timeout_ms);
     }
-    // The innermost cause names the real problem ("Connection refused (os error 111)").
-    let mut cause: &dyn std::error::Error = &e;
-    while let Some(next) = cause.source() {
-        cause = next;
+    if head_too_large {
+        return CallError::TooLarge {
+            limit: MAX_HEADER_BYTES,
+        };
     }
-    CallError::Unreachable(cause.to_string())
+    CallError::BadAnswer(format!("after the request was sent: {cause}"))
 }
 
 #[cfg(test)]

@@ -23,23 +23,63 @@ pub struct Answer {
     pub result: Value,
 }
 
-/// Why a device call failed.
+/// Why a device call failed. Each variant says whether the request could have reached the
+/// device, which decides what may be retried (at most once, `docs/devices.md`):
+/// - nothing was written: [`CallError::Unreachable`], [`CallError::Refused`];
+/// - the device said it did not act: [`CallError::Busy`];
+/// - the device answered a failure: [`CallError::Status`], [`CallError::Coded`];
+/// - written, but the answer was lost, late, garbled or too large, so the device may have
+///   acted: [`CallError::Timeout`], [`CallError::BadAnswer`], [`CallError::TooLarge`].
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CallError {
+    /// The request was written but no full answer came within the time.
     #[error("device did not answer within {0} ms")]
     Timeout(u64),
+    /// No byte of the request reached the device: connection refused, DNS failure, connect
+    /// timeout, serial port not open. Safe to try again.
     #[error("device is unreachable: {0}")]
     Unreachable(String),
+    /// The device said it is busy (HTTP 408/429/503 or a configured transient status, a serial
+    /// busy line) and did not act; `retry_after` is its own hint.
+    #[error("device is busy: {reason}")]
+    Busy {
+        status: Option<i64>,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The device answered a failure with a numeric status (HTTP status, serial error code).
     #[error("device answered status {status}")]
     Status { status: i64, detail: Value },
+    /// The device answered a failure with a text code (`ERR:RANGE`).
+    #[error("device answered error {code}")]
+    Coded { code: String, detail: Value },
+    /// The request was written, but the answer could not be read: the connection dropped, the
+    /// status line or framing was malformed, the echo or the answer did not match.
     #[error("device sent an answer that could not be read: {0}")]
     BadAnswer(String),
-    #[error("device answer is {0} bytes, the limit is {limit}", limit = gatewayd_protocol::limits::MAX_RPC_PAYLOAD)]
-    TooLarge(usize),
+    /// The answer (or its headers) exceeded the limit; reading stopped there.
+    #[error("device answer exceeds the limit of {limit} bytes")]
+    TooLarge { limit: usize },
     /// The values would make the call leave what the configuration names (e.g. a path value
     /// `..` that URL normalisation would resolve); nothing was sent.
     #[error("call refused before reaching the device: {0}")]
     Refused(String),
+}
+
+impl CallError {
+    /// Whether the request may have reached the device and been acted on: the outcome is
+    /// unknown, so it must never be retried and is reported as "may have run".
+    pub fn may_have_run(&self) -> bool {
+        matches!(
+            self,
+            CallError::Timeout(_) | CallError::BadAnswer(_) | CallError::TooLarge { .. }
+        )
+    }
+
+    /// Whether the device certainly did not act and the call may be made again later.
+    pub fn retryable(&self) -> bool {
+        matches!(self, CallError::Unreachable(_) | CallError::Busy { .. })
+    }
 }
 
 /// What a device said when it refused, as a reason for an apply status or a message feedback:

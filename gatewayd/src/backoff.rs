@@ -1,4 +1,5 @@
-//! Capped exponential backoff with full jitter, for reconnects.
+//! Capped exponential backoff with full jitter: the one retry policy (reconnects, store
+//! recovery, message and twin retries).
 
 use rand::Rng;
 use std::time::Duration;
