@@ -17,6 +17,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// Bytes of topics and payloads per segment of a filter's log in the embedded broker.
+pub const SEGMENT_BYTES: usize = 64 * 1024;
+/// Segments a filter's log may hold for a subscriber that lags (64 MiB of publishes).
+pub const SEGMENT_COUNT: usize = 1024;
+
 /// What the embedded broker serves.
 #[derive(Debug, Clone)]
 pub struct EmbeddedBroker {
@@ -166,8 +171,13 @@ pub fn broker_config(broker: &EmbeddedBroker) -> Config {
         router: RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 200,
-            max_segment_size: 104_857_600,
-            max_segment_count: 10,
+            // Each subscription filter keeps a log of its publishes. The vendored router frees
+            // the segments every reader has passed, so what stays is the segment being filled
+            // (at most SEGMENT_BYTES of topics and payloads) plus what a subscriber has not
+            // read yet, up to SEGMENT_COUNT segments: a subscriber further behind loses the
+            // oldest.
+            max_segment_size: SEGMENT_BYTES,
+            max_segment_count: SEGMENT_COUNT,
             acl: broker.security.as_ref().map(BrokerSecurity::acl),
             ..RouterConfig::default()
         },

@@ -48,6 +48,10 @@ pub const DEFAULT_CLIENT_ID: &str = "cloud-stub";
 pub const DEFAULT_MAX_QUEUE: usize = 50;
 /// Messages published to a gateway and not yet acknowledged, at most, unless told otherwise.
 pub const DEFAULT_SEND_WINDOW: usize = 200;
+/// How long after its TTL a delivered message waits for its final feedback, unless told
+/// otherwise (see [`messages::queue::VERDICT_GRACE_MS`]).
+pub const DEFAULT_VERDICT_GRACE: Duration =
+    Duration::from_millis(messages::queue::VERDICT_GRACE_MS);
 
 /// How long calls in flight may still finish after shutdown begins.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
@@ -70,6 +74,10 @@ pub struct StubConfig {
     pub max_queue: usize,
     /// Messages published to one gateway and not yet acknowledged (`received`), at most.
     pub send_window: usize,
+    /// How long after its TTL a delivered message waits for the gateway's final feedback: at
+    /// a third of it the message is sent again (the gateway repeats its latest feedback), at
+    /// the end it is final `may_have_run`.
+    pub verdict_grace: Duration,
 }
 
 impl StubConfig {
@@ -83,6 +91,7 @@ impl StubConfig {
             api_token: None,
             max_queue: DEFAULT_MAX_QUEUE,
             send_window: DEFAULT_SEND_WINDOW,
+            verdict_grace: DEFAULT_VERDICT_GRACE,
         }
     }
 }
@@ -120,13 +129,16 @@ pub async fn run(
     let (store, store_thread) = store.spawn()?;
     let calls = Arc::new(PendingCalls::default());
     let (twins, desired_out) = Twins::new(store.clone());
-    let outbox = Outbox::new(
-        store.clone(),
-        Arc::clone(&registry),
-        config.max_queue,
-        config.send_window,
-        open,
-    );
+    let limits = messages::Limits {
+        max_queue: config.max_queue,
+        window: config.send_window,
+        verdict_grace_ms: config
+            .verdict_grace
+            .as_millis()
+            .try_into()
+            .unwrap_or(u64::MAX),
+    };
+    let outbox = Outbox::new(store.clone(), Arc::clone(&registry), limits, open);
 
     let tasks_stop = CancellationToken::new();
     let uplink = Uplink::new(

@@ -42,6 +42,12 @@ struct Cli {
     #[arg(long, default_value_t = cloud_stub::DEFAULT_SEND_WINDOW as u32, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     send_window: u32,
+    /// Seconds after its TTL that a delivered message waits for its final feedback: at a third
+    /// of it the message is sent again (the gateway repeats its feedback), at the end it is
+    /// `may_have_run`.
+    #[arg(long, default_value_t = cloud_stub::DEFAULT_VERDICT_GRACE.as_secs() as u32,
+          value_name = "SECONDS", value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    verdict_grace_seconds: u32,
     /// Embedded broker: also listen with TLS here (e.g. 0.0.0.0:8883), requiring client
     /// certificates; a certificate's common name must equal its client id (the gateway id).
     /// Secures the broker (logins on the plain listener, topic ACL).
@@ -172,6 +178,8 @@ fn main() {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never into a log file or journal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,rumqttd=warn".into()),
@@ -277,6 +285,7 @@ async fn serve(cli: Cli, secrets: Secrets) -> anyhow::Result<()> {
     config.api_token = secrets.api_token;
     config.max_queue = cli.max_queue as usize;
     config.send_window = cli.send_window as usize;
+    config.verdict_grace = Duration::from_secs(cli.verdict_grace_seconds.into());
     cloud_stub::run(config, api, shutdown).await?;
     Ok(())
 }

@@ -33,6 +33,11 @@ pub struct Gateway {
     pub software: String,
     /// When the cloud last heard from it, cloud clock, unix ms.
     pub last_seen_ms: u64,
+    /// The identity of its store as it last reported it; empty: unknown.
+    pub store_id: String,
+    /// Set while its newest online state says it cannot commit to its store: it is sent no
+    /// messages until a later state clears it.
+    pub store_error: Option<String>,
     /// The devices its newest catalog declares (minus ids a newer catalog took away).
     pub devices: BTreeSet<DeviceId>,
     /// Its newest presence snapshot, kept so a catalog arriving after it still finds it.
@@ -57,7 +62,7 @@ pub struct Device {
 }
 
 /// What a gateway state message changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StateChange {
     /// It was online and now is not.
     pub went_offline: bool,
@@ -68,6 +73,14 @@ pub struct StateChange {
     pub restarted: bool,
     /// A late will of a previous run, ignored.
     pub stale_will: bool,
+    /// It reported another store than the one the cloud knew (old, new): its store was
+    /// replaced or lost, with every message the cloud had delivered there.
+    pub store_replaced: Option<(String, String)>,
+    /// Its store started failing (it cannot take messages).
+    pub store_failing: bool,
+    /// Its store works again after failing, while it stayed online: like a new birth, messages
+    /// it did not acknowledge are sent again.
+    pub store_recovered: bool,
 }
 
 /// Where an RPC goes once every check passed.
@@ -98,6 +111,7 @@ impl Registry {
             let mut gw = Gateway::new(g.last_seen_ms);
             gw.boot_id = g.boot_id;
             gw.software = g.software;
+            gw.store_id = g.store_id;
             reg.gateways.insert(g.id, gw);
         }
         for d in devices {
@@ -123,6 +137,8 @@ impl Registry {
 
     /// Applies a gateway's retained state and says what changed. An offline state carrying
     /// another boot id than the online gateway's is a late will of a previous run: ignored.
+    /// A non-empty `store_id` is remembered (an empty one is unknown, not a change); an online
+    /// state sets or clears `store_error`.
     pub fn apply_state(
         &mut self,
         id: &GatewayId,
@@ -138,12 +154,28 @@ impl Registry {
                 ..StateChange::default()
             };
         }
+        let store_replaced = (!state.store_id.is_empty()
+            && !gw.store_id.is_empty()
+            && gw.store_id != state.store_id)
+            .then(|| (gw.store_id.clone(), state.store_id.clone()));
+        let came_online = state.online && (!gw.online || other_boot);
+        let was_failing = gw.online && gw.store_error.is_some();
+        let failing = state.online && state.store_error.is_some();
         let change = StateChange {
             went_offline: gw.online && !state.online,
-            came_online: state.online && (!gw.online || other_boot),
+            came_online,
             restarted: other_boot,
             stale_will: false,
+            store_replaced,
+            store_failing: failing && !was_failing,
+            store_recovered: state.online && was_failing && !failing && !came_online,
         };
+        if !state.store_id.is_empty() {
+            gw.store_id.clone_from(&state.store_id);
+        }
+        if state.online {
+            gw.store_error.clone_from(&state.store_error);
+        }
         gw.online = state.online;
         gw.last_seen_ms = now_ms;
         if !state.boot_id.is_empty() {
@@ -313,6 +345,19 @@ impl Registry {
         self.gateways.get(id).is_some_and(|g| g.online)
     }
 
+    /// Whether the gateway takes messages now: online, and its store works.
+    pub fn gateway_accepting(&self, id: &GatewayId) -> bool {
+        self.gateways
+            .get(id)
+            .is_some_and(|g| g.online && g.store_error.is_none())
+    }
+
+    /// The gateway of the device when that gateway takes messages now.
+    pub fn accepting_owner(&self, device: &DeviceId) -> Option<&GatewayId> {
+        let (gw, _) = self.owner(device)?;
+        self.gateway_accepting(gw).then_some(gw)
+    }
+
     /// Every gateway, by id.
     pub fn gateways(&self) -> impl Iterator<Item = (&GatewayId, &Gateway)> {
         self.gateways.iter()
@@ -337,6 +382,7 @@ impl Registry {
             boot_id: gw.boot_id.clone(),
             software: gw.software.clone(),
             last_seen_ms: gw.last_seen_ms,
+            store_id: gw.store_id.clone(),
         };
         let devices = gw
             .devices
@@ -368,6 +414,8 @@ impl Gateway {
             boot_id: String::new(),
             software: String::new(),
             last_seen_ms,
+            store_id: String::new(),
+            store_error: None,
             devices: BTreeSet::new(),
             presence: BTreeMap::new(),
         }

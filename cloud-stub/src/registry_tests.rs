@@ -202,3 +202,54 @@ fn mark_all_offline_reports_who_was_online() {
     assert_eq!(reg.mark_all_offline(), vec![gw("g1")]);
     assert!(!reg.gateway_online(&gw("g1")));
 }
+
+fn store_state(online: bool, boot: &str, store_id: &str, error: Option<&str>) -> GatewayState {
+    serde_json::from_value(json!({"v": 1, "online": online, "boot_id": boot,
+        "store_id": store_id, "store_error": error}))
+    .unwrap()
+}
+
+#[test]
+fn a_new_store_id_is_a_replaced_store_and_an_empty_one_is_unknown() {
+    let mut reg = Registry::default();
+    let g1 = gw("g1");
+    let change = reg.apply_state(&g1, &store_state(true, "b1", "s1", None), 1);
+    assert_eq!(change.store_replaced, None, "first sighting");
+    let change = reg.apply_state(&g1, &store_state(true, "b1", "", None), 2);
+    assert_eq!(change.store_replaced, None, "empty: unknown");
+    let change = reg.apply_state(&g1, &store_state(true, "b2", "s2", None), 3);
+    assert_eq!(change.store_replaced, Some(("s1".into(), "s2".into())));
+    assert!(change.came_online, "a new boot is a new birth too");
+    let change = reg.apply_state(&g1, &store_state(false, "b2", "s2", None), 4);
+    assert_eq!(change.store_replaced, None);
+    let (record, _) = reg.records(&g1).unwrap();
+    assert_eq!(record.store_id, "s2", "remembered for the next run");
+    let restored = Registry::from_records(vec![record], Vec::new());
+    let mut restored = restored;
+    let change = restored.apply_state(&g1, &store_state(true, "b3", "s3", None), 5);
+    assert_eq!(change.store_replaced, Some(("s2".into(), "s3".into())));
+}
+
+#[test]
+fn a_failing_store_holds_messages_until_a_state_clears_it() {
+    let mut reg = online_registry();
+    let g1 = gw("g1");
+    assert_eq!(reg.accepting_owner(&dev("agv-1")), Some(&g1));
+    let change = reg.apply_state(&g1, &store_state(true, "b1", "s1", Some("disk full")), 2);
+    assert!(change.store_failing && !change.came_online && !change.store_recovered);
+    assert_eq!(reg.accepting_owner(&dev("agv-1")), None);
+    assert!(
+        reg.route(&dev("agv-1"), "status").is_ok(),
+        "RPCs still work"
+    );
+    let change = reg.apply_state(&g1, &store_state(true, "b1", "s1", Some("disk full")), 3);
+    assert!(!change.store_failing, "still failing is no news");
+    let change = reg.apply_state(&g1, &store_state(true, "b1", "s1", None), 4);
+    assert!(change.store_recovered && !change.came_online);
+    assert_eq!(reg.accepting_owner(&dev("agv-1")), Some(&g1));
+    // Recovered across an offline spell: the birth itself resends.
+    reg.apply_state(&g1, &store_state(true, "b1", "s1", Some("disk full")), 5);
+    reg.apply_state(&g1, &store_state(false, "b1", "s1", None), 6);
+    let change = reg.apply_state(&g1, &store_state(true, "b1", "s1", None), 7);
+    assert!(change.came_online && !change.store_recovered);
+}

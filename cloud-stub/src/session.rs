@@ -1,16 +1,29 @@
 //! The cloud's MQTT session: one rumqttc client whose event loop runs in its own task. That
 //! task only polls and hands incoming messages to the [`Uplink`]; everything that sends
-//! (subscribe, RPC requests) goes through the client's bounded request channel, which only
-//! `poll()` drains, so the polling task never waits on itself.
+//! (subscribe, RPC requests, acknowledgements) goes through the client's bounded request
+//! channel, which only `poll()` drains, so the polling task never waits on itself.
+//!
+//! Acknowledgements are manual, and leave strictly in the order the publishes arrived (MQTT
+//! 3.1.1 §4.6; rumqttd drops a session that acknowledges out of order): the acker task sends
+//! each one once its own store commit (feedback, reported patch, twin sync) and every earlier
+//! one are done. The session is persistent, so a publish the stub received but never committed
+//! (it crashed, or the store failed) is sent again by the broker. Acks still queued when the
+//! connection drops are discarded: their packet ids belong to the old connection.
 
 use crate::security::Secret;
+use crate::store::Commit;
 use crate::uplink::Uplink;
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
 use gatewayd_protocol::Topics;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, Publish, QoS,
+};
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -122,6 +135,7 @@ pub fn spawn(
         // gateways publish for it (feedback, reported patches), so nothing a gateway already
         // handed over is lost across a stub restart.
         .set_clean_session(false)
+        .set_manual_acks(true)
         .set_max_packet_size(MAX_MQTT_PACKET, MAX_MQTT_PACKET);
     if let Some(password) = password {
         options.set_credentials(client_id, password.expose());
@@ -136,55 +150,139 @@ pub fn spawn(
         client: client.clone(),
     };
     let target = target.clone();
+    let (acks, slots) = mpsc::unbounded_channel();
+    let acker = Acker {
+        client: client.clone(),
+        generation: Arc::new(AtomicU64::new(0)),
+    };
+    let mut acking = tokio::spawn(acker.clone().run(slots));
     let task = tokio::spawn(async move {
         tracing::info!(broker = %target, "mqtt session starting");
-        drive(&mut eventloop, &client, &uplink, &stop).await;
+        let session = Session {
+            client: &client,
+            uplink: &uplink,
+            acker: &acker,
+            acks: &acks,
+        };
+        session.drive(&mut eventloop, &stop).await;
+        // The acks of what is committed by now leave before the DISCONNECT (the request
+        // channel is FIFO); the rest the broker sends again to the next run.
+        drop(acks);
+        if tokio::time::timeout(DISCONNECT_GRACE, &mut acking)
+            .await
+            .is_err()
+        {
+            acking.abort();
+        }
         disconnect(&mut eventloop, &client).await;
         tracing::info!("mqtt session stopped");
     });
     (publisher, task)
 }
 
-async fn drive(
-    eventloop: &mut EventLoop,
-    client: &AsyncClient,
-    uplink: &Uplink,
-    stop: &CancellationToken,
-) {
-    let mut backoff = MIN_BACKOFF;
-    let mut connected = false;
-    loop {
-        // Cancel safety: dropping `poll()` at shutdown may lose a half-read packet, which is
-        // fine because the session ends there.
-        let event = tokio::select! {
-            _ = stop.cancelled() => return,
-            event = eventloop.poll() => event,
-        };
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                tracing::info!("connected to broker");
-                connected = true;
-                backoff = MIN_BACKOFF;
-                subscribe(client);
+/// One acknowledgement waiting for its turn.
+struct AckSlot {
+    /// Packet id and QoS of the publish (nothing else is kept).
+    publish: Publish,
+    /// The connection it arrived on.
+    generation: u64,
+    /// The store work it waits for; `None`: acknowledged as soon as the order allows.
+    commit: Option<Commit>,
+}
+
+/// Sends acknowledgements in arrival order; see the module docs.
+#[derive(Clone)]
+struct Acker {
+    client: AsyncClient,
+    /// Bumped at every ConnAck.
+    generation: Arc<AtomicU64>,
+}
+
+impl Acker {
+    /// Runs until the session drops its sender and every queued slot is handled.
+    async fn run(self, mut slots: mpsc::UnboundedReceiver<AckSlot>) {
+        // Once one publish of a connection cannot be acknowledged (the store stopped), none
+        // after it may be: that would break the order.
+        let mut stalled: Option<u64> = None;
+        while let Some(slot) = slots.recv().await {
+            let committed = match slot.commit {
+                Some(commit) => commit.done().await,
+                None => true,
+            };
+            if !committed {
+                stalled = Some(slot.generation);
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                uplink.handle(&p.topic, &p.payload, crate::now_ms());
+            let current = self.generation.load(Ordering::SeqCst);
+            if slot.generation != current || stalled == Some(current) {
+                continue;
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                tracing::debug!(return_codes = ?ack.return_codes, "subscribed");
+            if let Err(e) = self.client.ack(&slot.publish).await {
+                tracing::debug!(error = %e, "cannot queue an acknowledgement");
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
+        }
+    }
+}
+
+/// What the polling task holds.
+struct Session<'a> {
+    client: &'a AsyncClient,
+    uplink: &'a Uplink,
+    acker: &'a Acker,
+    acks: &'a mpsc::UnboundedSender<AckSlot>,
+}
+
+impl Session<'_> {
+    async fn drive(&self, eventloop: &mut EventLoop, stop: &CancellationToken) {
+        let (client, uplink) = (self.client, self.uplink);
+        let mut backoff = MIN_BACKOFF;
+        let mut connected = false;
+        loop {
+            // Cancel safety: dropping `poll()` at shutdown may lose a half-read packet, which is
+            // fine because the session ends there.
+            let event = tokio::select! {
+                _ = stop.cancelled() => return,
+                event = eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    tracing::info!(session_present = ack.session_present, "connected to broker");
+                    // Acks still queued belong to the previous connection's packet ids.
+                    self.acker.generation.fetch_add(1, Ordering::SeqCst);
+                    connected = true;
+                    backoff = MIN_BACKOFF;
+                    subscribe(client);
+                    uplink.link_up();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let commit = uplink.handle(&p.topic, &p.payload, crate::now_ms());
+                    if p.qos != QoS::AtMostOnce {
+                        let mut publish = Publish::new("", p.qos, Vec::new());
+                        publish.pkid = p.pkid;
+                        let _ = self.acks.send(AckSlot {
+                            publish,
+                            generation: self.acker.generation.load(Ordering::SeqCst),
+                            commit,
+                        });
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    tracing::debug!(return_codes = ?ack.return_codes, "subscribed");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64,
                     "mqtt connection error");
-                if std::mem::replace(&mut connected, false) {
-                    uplink.link_lost();
+                    // rumqttc dropped the queued acks of this connection; drop ours too.
+                    self.acker.generation.fetch_add(1, Ordering::SeqCst);
+                    if std::mem::replace(&mut connected, false) {
+                        uplink.link_lost();
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
     }

@@ -6,10 +6,14 @@
 //! read-check-write of a conditional patch is atomic per device without any lock, and a patch
 //! is answered only once committed. Desired updates to publish leave from the job's completion,
 //! so they reach the [`run_publisher`] task in commit (hence version) order.
+//!
+//! Versions and `seq` numbers are bounded by [`MAX_TWIN_VERSION`] (2^53 - 1): a wire value
+//! above it is refused where it enters, and no arithmetic on one can overflow.
 
 use crate::registry::{self, SharedRegistry};
 use crate::session::Publisher;
-use crate::store::{StoreError, StoreHandle, TwinRow};
+use crate::store::{Commit, StoreError, StoreHandle, TwinRow};
+use gatewayd_protocol::limits::MAX_TWIN_VERSION;
 use gatewayd_protocol::twin::{self, TwinDocError};
 use gatewayd_protocol::{
     ApplyStatus, DesiredBody, DesiredUpdate, DeviceId, Down, GatewayId, ReportedUpdate, Topics,
@@ -61,6 +65,9 @@ pub enum PatchError {
         device: DeviceId,
         error: TwinDocError,
     },
+    /// The desired version reached [`MAX_TWIN_VERSION`]; no higher one exists.
+    #[error("desired version of {device} is at the highest there is ({MAX_TWIN_VERSION})")]
+    VersionLimit { device: DeviceId },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -197,14 +204,22 @@ impl Twins {
     }
 
     /// Answers a gateway's `twin/sync` for the devices it owns: a snapshot for each whose cloud
-    /// version differs from the one the gateway holds.
-    pub fn on_sync(&self, gateway: GatewayId, held: Vec<(DeviceId, u64)>) {
+    /// version differs from the one the gateway holds. The returned commit resolves once the
+    /// answer is committed and queued for publishing.
+    pub fn on_sync(&self, gateway: GatewayId, held: Vec<(DeviceId, u64)>) -> Commit {
         let out = self.out.clone();
         let job_gateway = gateway.clone();
-        self.store.submit(
+        self.store.write_for_ack(
+            "twin sync",
             move |conn| {
                 let mut updates = Vec::new();
-                for (device, held) in held {
+                for (device, held) in held.iter().cloned() {
+                    if held > MAX_TWIN_VERSION {
+                        tracing::warn!(gateway = %job_gateway, device = %device, held,
+                            max = MAX_TWIN_VERSION,
+                            "twin sync states a version above the limit; answered as if it \
+                             held none");
+                    }
                     let mut row = TwinRow::load(conn, &device)?.unwrap_or_default();
                     match sync_action(row.desired_version, held) {
                         SyncAction::Nothing => continue,
@@ -227,30 +242,36 @@ impl Twins {
                 }
                 Ok(updates)
             },
-            move |result| match result {
-                Ok(updates) => {
-                    for update in updates {
-                        let _ = out.send(Outgoing {
-                            gateway: Some(gateway.clone()),
-                            update,
-                        });
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(gateway = %gateway, error = %e, "cannot answer twin sync")
+            move |updates| {
+                for update in updates {
+                    let _ = out.send(Outgoing {
+                        gateway: Some(gateway.clone()),
+                        update,
+                    });
                 }
             },
-        );
+        )
     }
 
-    /// Applies a reported patch from `gateway` (already checked to own the device).
-    pub fn on_reported(&self, gateway: GatewayId, update: ReportedUpdate, now_ms: u64) {
-        self.store.write("reported twin", move |conn| {
-            let device = update.device.clone();
-            let mut row = TwinRow::load(conn, &device)?.unwrap_or_default();
+    /// Applies a reported patch from `gateway` (already checked to own the device). The
+    /// returned commit resolves once it is committed (or refused).
+    pub fn on_reported(
+        &self,
+        gateway: GatewayId,
+        update: ReportedUpdate,
+        now_ms: u64,
+    ) -> Option<Commit> {
+        if update.seq > MAX_TWIN_VERSION {
+            tracing::warn!(gateway = %gateway, device = %update.device, seq = update.seq,
+                max = MAX_TWIN_VERSION, "reported patch with a seq above the limit refused");
+            return None;
+        }
+        let job = move |conn: &rusqlite::Connection| {
+            let device = &update.device;
+            let mut row = TwinRow::load(conn, device)?.unwrap_or_default();
             match apply_reported(&mut row, gateway.as_str(), &update, now_ms) {
                 Reported::Applied => {
-                    row.save(conn, &device)?;
+                    row.save(conn, device)?;
                     tracing::debug!(gateway = %gateway, device = %device, seq = update.seq,
                         version = row.reported_version, "reported twin updated");
                 }
@@ -262,9 +283,14 @@ impl Twins {
                     tracing::warn!(gateway = %gateway, device = %device, seq = update.seq,
                         error = %e, "reported patch refused");
                 }
+                Reported::SeqTooHigh => {
+                    tracing::warn!(gateway = %gateway, device = %device, seq = update.seq,
+                        "reported patch with a seq above the limit refused");
+                }
             }
             Ok(())
-        });
+        };
+        Some(self.store.write_for_ack("reported twin", job, |()| {}))
     }
 }
 
@@ -298,9 +324,16 @@ pub fn apply_desired(
         },
         other => PatchError::Invalid(other),
     })?;
+    let version = row
+        .desired_version
+        .checked_add(1)
+        .filter(|v| *v <= MAX_TWIN_VERSION)
+        .ok_or_else(|| PatchError::VersionLimit {
+            device: device.clone(),
+        })?;
     stamp(&mut row.desired_updated_ms, props, now_ms);
     row.desired = merged;
-    row.desired_version += 1;
+    row.desired_version = version;
     Ok(true)
 }
 
@@ -314,6 +347,8 @@ pub enum Reported {
     },
     /// Not a valid document, or the merged document would be too large.
     Refused(TwinDocError),
+    /// Its `seq` is above [`MAX_TWIN_VERSION`].
+    SeqTooHigh,
 }
 
 /// Applies a reported patch from `gateway` to `row`. Nothing is changed unless `Applied`.
@@ -328,6 +363,9 @@ pub fn apply_reported(
             last: row.reported_seq,
         };
     }
+    if update.seq > MAX_TWIN_VERSION {
+        return Reported::SeqTooHigh;
+    }
     if let Err(e) = twin::validate_patch(&update.patch) {
         return Reported::Refused(e);
     }
@@ -340,7 +378,7 @@ pub fn apply_reported(
         stamp(&mut row.reported_updated_ms, props, now_ms);
     }
     row.reported = merged;
-    row.reported_version += 1;
+    row.reported_version = row.reported_version.saturating_add(1);
     for (prop, status) in &update.apply {
         row.apply.insert(prop.clone(), status.clone());
     }
@@ -373,13 +411,19 @@ pub enum SyncAction {
     Jump(u64),
 }
 
-/// The sync rule.
+/// The sync rule. A held version above [`MAX_TWIN_VERSION`] is not believed: the answer is as
+/// if the gateway held none (a snapshot of whatever the cloud has). A gateway holding the
+/// highest version there is cannot be passed; it gets a snapshot it will ignore.
 pub fn sync_action(cloud: u64, held: u64) -> SyncAction {
     use std::cmp::Ordering::*;
+    let held = if held > MAX_TWIN_VERSION { 0 } else { held };
     match cloud.cmp(&held) {
         Equal => SyncAction::Nothing,
         Greater => SyncAction::Snapshot,
-        Less => SyncAction::Jump(held + 1),
+        Less => match held.checked_add(1).filter(|v| *v <= MAX_TWIN_VERSION) {
+            Some(to) => SyncAction::Jump(to),
+            None => SyncAction::Snapshot,
+        },
     }
 }
 

@@ -161,3 +161,29 @@ fn sync_rule() {
     assert_eq!(sync_action(5, 4), SyncAction::Snapshot);
     assert_eq!(sync_action(0, 7), SyncAction::Jump(8));
 }
+
+#[test]
+fn hostile_versions_are_bounded() {
+    let max = MAX_TWIN_VERSION;
+    // A held version above the limit is not believed: answered as if none were held.
+    assert_eq!(sync_action(5, u64::MAX), SyncAction::Snapshot);
+    assert_eq!(sync_action(0, u64::MAX), SyncAction::Nothing);
+    assert_eq!(sync_action(0, max + 1), SyncAction::Nothing);
+    assert_eq!(sync_action(0, max - 1), SyncAction::Jump(max));
+    // Nothing passes the highest version: a snapshot the gateway ignores, no overflow.
+    assert_eq!(sync_action(3, max), SyncAction::Snapshot);
+
+    let mut row = TwinRow::default();
+    let seq = reported(u64::MAX, json!({"maxSpeed": 1}));
+    assert_eq!(
+        apply_reported(&mut row, "g1", &seq, 1),
+        Reported::SeqTooHigh
+    );
+    assert_eq!(row, TwinRow::default());
+
+    row.desired_version = max;
+    let before = row.clone();
+    let err = patch(&mut row, json!({"maxSpeed": 1}), None).unwrap_err();
+    assert!(matches!(err, PatchError::VersionLimit { .. }), "{err}");
+    assert_eq!(row, before);
+}

@@ -1,12 +1,14 @@
 //! What the cloud does with each message a gateway publishes under `gw/{gateway}/up/`: update
 //! the registry, persist it, complete or fail pending RPC calls, and hand twin and message
 //! traffic to [`Twins`] and [`Outbox`]. Synchronous and quick (store work is queued, never
-//! awaited), so the session can run it inline between polls.
+//! awaited), so the session can run it inline between polls. What must be committed before
+//! the publish is acknowledged (feedback, reported patches, twin syncs) comes back as a
+//! [`Commit`] the session's acker waits for.
 
 use crate::calls::PendingCalls;
 use crate::messages::Outbox;
 use crate::registry::{self, SharedRegistry};
-use crate::store::StoreHandle;
+use crate::store::{Commit, StoreHandle};
 use crate::twins::Twins;
 use gatewayd_protocol::{
     decode, Catalog, DevicePresence, ErrorCode, Feedback, GatewayId, GatewayState, ReportedUpdate,
@@ -44,10 +46,11 @@ impl Uplink {
     }
 
     /// Handles one incoming publish. Malformed topics and payloads are logged and dropped.
-    pub fn handle(&self, topic: &str, payload: &[u8], now_ms: u64) {
+    /// Returns the store work its acknowledgement must wait for, if any.
+    pub fn handle(&self, topic: &str, payload: &[u8], now_ms: u64) -> Option<Commit> {
         let Some((gw, kind)) = Topics::parse_up(topic) else {
             tracing::debug!(topic, "ignoring message on a foreign topic");
-            return;
+            return None;
         };
         match kind {
             Up::State => {
@@ -75,21 +78,26 @@ impl Uplink {
                 }
             }
             Up::TwinReported => {
-                if let Some(update) = parse::<ReportedUpdate>(&gw, kind, payload) {
-                    self.on_reported(gw, update, now_ms);
-                }
+                let update = parse::<ReportedUpdate>(&gw, kind, payload)?;
+                return self.on_reported(gw, update, now_ms);
             }
             Up::TwinSync => {
-                if let Some(sync) = parse::<TwinSync>(&gw, kind, payload) {
-                    self.on_sync(gw, sync);
-                }
+                let sync = parse::<TwinSync>(&gw, kind, payload)?;
+                return self.on_sync(gw, sync);
             }
             Up::MessageFeedback => {
-                if let Some(feedback) = parse::<Feedback>(&gw, kind, payload) {
-                    self.outbox.on_feedback(&gw, &feedback, now_ms);
-                }
+                let feedback = parse::<Feedback>(&gw, kind, payload)?;
+                return self.outbox.on_feedback(&gw, &feedback, now_ms);
             }
         }
+        None
+    }
+
+    /// Our own broker link is up (again): feedback may have been lost while it was down, or
+    /// while the cloud was not running, so delivered messages are sent again once their
+    /// gateway takes messages (it repeats its latest feedback).
+    pub fn link_up(&self) {
+        self.outbox.probe_all();
     }
 
     /// Our own broker link dropped: every gateway's state is unknown until the retained
@@ -120,8 +128,21 @@ impl Uplink {
         }
         self.persist(gw);
         tracing::info!(gateway = %gw, online = state.online, boot_id = %state.boot_id,
-            "gateway state");
-        if change.came_online {
+            store_error = ?state.store_error, "gateway state");
+        if let Some((old, new)) = &change.store_replaced {
+            tracing::error!(gateway = %gw, old_store_id = %old, new_store_id = %new,
+                "gateway store replaced or lost; sending again every message it had been \
+                 delivered and not finished");
+            self.outbox.store_replaced(gw);
+        }
+        if change.store_failing {
+            tracing::warn!(gateway = %gw, error = ?state.store_error,
+                "gateway cannot commit to its store; holding its messages");
+        }
+        if change.store_recovered {
+            tracing::info!(gateway = %gw, "gateway store works again");
+        }
+        if change.came_online || change.store_recovered {
             self.outbox.gateway_online(gw);
         }
         let message = if change.went_offline {
@@ -153,19 +174,19 @@ impl Uplink {
         tracing::info!(gateway = %gw, devices = count, "gateway catalog");
     }
 
-    fn on_reported(&self, gw: GatewayId, update: ReportedUpdate, now_ms: u64) {
+    fn on_reported(&self, gw: GatewayId, update: ReportedUpdate, now_ms: u64) -> Option<Commit> {
         let owner = registry::lock(&self.registry)
             .owner(&update.device)
             .map(|(owner, _)| owner.clone());
         if owner.as_ref() != Some(&gw) {
             tracing::debug!(gateway = %gw, device = %update.device, owner = ?owner,
                 "reported patch for a device this gateway does not own ignored");
-            return;
+            return None;
         }
-        self.twins.on_reported(gw, update, now_ms);
+        self.twins.on_reported(gw, update, now_ms)
     }
 
-    fn on_sync(&self, gw: GatewayId, sync: TwinSync) {
+    fn on_sync(&self, gw: GatewayId, sync: TwinSync) -> Option<Commit> {
         let held: Vec<_> = {
             let reg = registry::lock(&self.registry);
             sync.devices
@@ -180,9 +201,10 @@ impl Uplink {
                 })
                 .collect()
         };
-        if !held.is_empty() {
-            self.twins.on_sync(gw, held);
+        if held.is_empty() {
+            return None;
         }
+        Some(self.twins.on_sync(gw, held))
     }
 
     fn persist(&self, gw: &GatewayId) {
@@ -220,7 +242,12 @@ mod tests {
         let calls = Arc::new(PendingCalls::default());
         let (store, _thread) = Store::open(&DbLocation::Memory).unwrap().spawn().unwrap();
         let (twins, _rx) = Twins::new(store.clone());
-        let outbox = Outbox::new(store.clone(), Arc::clone(&registry), 50, 200, Vec::new());
+        let limits = crate::messages::Limits {
+            max_queue: 50,
+            window: 200,
+            verdict_grace_ms: 90_000,
+        };
+        let outbox = Outbox::new(store.clone(), Arc::clone(&registry), limits, Vec::new());
         let up = Uplink::new(
             Arc::clone(&registry),
             Arc::clone(&calls),

@@ -474,3 +474,35 @@ async fn thousands_of_messages_complete() {
     );
     stub.stop().await;
 }
+
+/// `may_have_run` from the gateway (the command was written, the answer lost) is final like
+/// the others, and an operator can read and filter it.
+#[tokio::test]
+async fn may_have_run_is_a_final_status_an_operator_can_read() {
+    let (stub, mut gateway) = setup().await;
+    let id = send(&stub, DEVICE, json!({"command": "RESTART"}), 60).await;
+    gateway.messages.next().await;
+    gateway.feedback(DEVICE, &id, "received", json!({})).await;
+    let reason = "answer lost after the command was written";
+    gateway
+        .feedback(DEVICE, &id, "may_have_run", json!({"reason": reason}))
+        .await;
+    let m = stub.wait_message(DEVICE, &id, "may_have_run").await;
+    assert_eq!(m["reason"], reason);
+    assert!(m["finished_at_ms"].as_u64().is_some());
+    let path = format!("/api/v1/devices/{DEVICE}/messages?status=may_have_run");
+    let (status, listed) = stub.get(&path).await;
+    assert_eq!((status, listed.as_array().map(Vec::len)), (200, Some(1)));
+    gateway.feedback(DEVICE, &id, "completed", json!({})).await;
+    let (status, body) = stub
+        .get(&format!("/api/v1/devices/{DEVICE}/messages?status=lost"))
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("may_have_run"),
+        "{body}"
+    );
+    let (_, m) = stub.message(DEVICE, &id).await;
+    assert_eq!(m["status"], "may_have_run", "final never changes");
+    stub.stop().await;
+}

@@ -4,8 +4,11 @@
 
 mod common;
 
-use common::{setup, DEVICE, GW};
+use cloud_stub::security::Secret;
+use cloud_stub::StubConfig;
+use common::{setup, FakeGateway, Stub, DEVICE, GW};
 use gatewayd_protocol::{RpcError, RpcOutcome, RpcSuccess};
+use reqwest::Method;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -189,5 +192,77 @@ async fn an_offline_gateway_fails_calls_immediately() {
     gateway.requests.assert_empty();
     let (_, gateways) = stub.get("/api/v1/gateways").await;
     assert_eq!(gateways[0]["online"], false);
+    stub.stop().await;
+}
+
+/// `GET /` lists every route, behind the token like the rest; each listed route is served.
+#[tokio::test]
+async fn the_root_is_an_index_of_the_api() {
+    let broker = common::broker().await;
+    let mut config = StubConfig::new(broker, cloud_stub::DbLocation::Memory);
+    config.api_token = Some(Secret::new("s3cret"));
+    let stub = Stub::start_with(config).await;
+    let gateway = FakeGateway::connect(&stub.broker).await;
+    gateway.announce().await;
+    let auth = [("authorization", "Bearer s3cret")];
+
+    let a = stub.request(Method::GET, "/", Value::Null, &[]).await;
+    assert_eq!(
+        (a.status, a.body["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let a = stub
+        .request(Method::GET, "/healthz", Value::Null, &[])
+        .await;
+    assert_eq!(a.status, 200, "liveness stays open");
+    let index = stub.request(Method::GET, "/", Value::Null, &auth).await;
+    assert_eq!(index.status, 200);
+    assert!(index.body["message_statuses"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("may_have_run")));
+    let routes = index.body["routes"].as_array().unwrap();
+    assert_eq!(routes.len(), cloud_stub::api::ROUTES.len());
+    let deadline = Instant::now() + common::WAIT;
+    while stub
+        .request(
+            Method::GET,
+            &format!("/api/v1/devices/{DEVICE}"),
+            Value::Null,
+            &auth,
+        )
+        .await
+        .body["online"]
+        != true
+    {
+        assert!(Instant::now() < deadline, "device never online");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for route in routes {
+        let method: Method = route["method"].as_str().unwrap().parse().unwrap();
+        let path = route["path"]
+            .as_str()
+            .unwrap()
+            .replace("{id}", DEVICE)
+            .replace("{method}", "status")
+            .replace("{msg_id}", "0123456789abcdef0123456789abcdef");
+        assert!(!route["description"].as_str().unwrap().is_empty());
+        let body = match method {
+            Method::POST if path.ends_with("/messages") => json!({"payload": 1}),
+            Method::POST => json!({"timeout_seconds": 1}),
+            Method::PATCH => json!({"maxSpeed": 1}),
+            _ => Value::Null,
+        };
+        let a = stub.request(method.clone(), &path, body, &auth).await;
+        let routed = a.status != 405
+            && !a.body["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("no route"));
+        assert!(
+            routed,
+            "{method} {path} is listed but not served: {}",
+            a.body
+        );
+    }
     stub.stop().await;
 }

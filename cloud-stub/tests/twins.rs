@@ -380,3 +380,46 @@ async fn twins_survive_a_restart() {
     assert_eq!(a.body["desired_version"], 3);
     stub.stop().await;
 }
+
+/// Someone published a desired snapshot at version 2^64 - 1 on the gateway's down topic, and
+/// the gateway reports holding it. The cloud refuses to believe it (above 2^53 - 1), answers as
+/// if the gateway held nothing, and every twin and message call keeps working.
+#[tokio::test]
+async fn a_hostile_held_version_wedges_nothing() {
+    let (stub, mut gateway) = setup().await;
+    let a = stub
+        .patch_desired(DEVICE, json!({"maxSpeed": 30}), None)
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(gateway.desired.next().await.version, 1);
+    gateway
+        .publish(
+            Up::TwinSync,
+            json!({"v": 1, "devices": {DEVICE: u64::MAX}}),
+            false,
+        )
+        .await;
+    let update = gateway.desired.next().await;
+    assert_eq!(
+        (update.version, update.body),
+        (1, DesiredBody::Snapshot(json!({"maxSpeed": 30})))
+    );
+    let twin = stub.twin(DEVICE).await;
+    assert_eq!(
+        (twin.status, &twin.body["desired_version"]),
+        (200, &json!(1))
+    );
+    let a = stub
+        .patch_desired(DEVICE, json!({"maxSpeed": 31}), None)
+        .await;
+    assert_eq!((a.status, &a.body["desired_version"]), (200, &json!(2)));
+    let (status, _) = stub
+        .send(DEVICE, json!({"payload": {"command": "RESTART"}}))
+        .await;
+    assert_eq!(status, 202);
+    let (status, _) = stub
+        .get(&format!("/api/v1/devices/{DEVICE}/messages"))
+        .await;
+    assert_eq!(status, 200);
+    stub.stop().await;
+}

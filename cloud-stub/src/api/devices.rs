@@ -16,6 +16,10 @@ pub struct GatewayView {
     pub boot_id: String,
     pub software: String,
     pub last_seen_ms: u64,
+    /// The identity of its store as it last reported it; empty: unknown.
+    pub store_id: String,
+    /// Why it cannot commit to its store, while it says so: it is sent no messages.
+    pub store_error: Option<String>,
     pub devices: Vec<DeviceId>,
 }
 
@@ -48,6 +52,8 @@ pub async fn list_gateways(State(app): State<AppState>) -> Json<Vec<GatewayView>
             boot_id: gw.boot_id.clone(),
             software: gw.software.clone(),
             last_seen_ms: gw.last_seen_ms,
+            store_id: gw.store_id.clone(),
+            store_error: gw.store_error.clone(),
             devices: gw.devices.iter().cloned().collect(),
         })
         .collect();
@@ -120,6 +126,7 @@ mod tests {
             boot_id: "b".into(),
             software: "s".into(),
             last_seen_ms: 1,
+            store_id: "st-1".into(),
         };
         let device = DeviceRecord {
             gateway: gw.clone(),

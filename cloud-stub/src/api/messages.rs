@@ -43,6 +43,19 @@ impl Default for SendBody {
     }
 }
 
+/// Every status a message can have, as `?status=` takes it: `queued` and `delivered` are open,
+/// the others final.
+pub const STATUSES: [MessageStatus; 8] = [
+    MessageStatus::Queued,
+    MessageStatus::Delivered,
+    MessageStatus::Completed,
+    MessageStatus::Rejected,
+    MessageStatus::Expired,
+    MessageStatus::Failed,
+    MessageStatus::MayHaveRun,
+    MessageStatus::Purged,
+];
+
 /// `?status=queued` and the like.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,12 +132,10 @@ pub async fn list(
     let status = match query.status.as_deref() {
         None => None,
         Some(s) => Some(MessageStatus::parse(s).ok_or_else(|| {
+            let known: Vec<&str> = STATUSES.iter().map(|s| s.as_str()).collect();
             ApiError::new(
                 ErrorCode::BadRequest,
-                format!(
-                    "unknown status '{s}'; one of queued, delivered, completed, rejected, \
-                     expired, failed, purged"
-                ),
+                format!("unknown status '{s}'; one of {}", known.join(", ")),
             )
         })?),
     };
@@ -201,6 +212,16 @@ mod tests {
             check_body(&body(json!({"payload": 1, "ttl_seconds": 172_800}))).unwrap(),
             172_800
         );
+    }
+
+    #[test]
+    fn every_status_is_listed_once() {
+        for s in STATUSES {
+            assert_eq!(MessageStatus::parse(s.as_str()), Some(s));
+        }
+        let names: std::collections::BTreeSet<&str> = STATUSES.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names.len(), STATUSES.len());
+        assert!(names.contains("may_have_run"));
     }
 
     #[test]

@@ -4,11 +4,13 @@
 mod auth;
 mod devices;
 mod error;
+mod index;
 mod messages;
 mod rpc;
 mod twin;
 
 pub use error::ApiError;
+pub use index::{RouteDoc, ROUTES};
 
 use crate::calls::PendingCalls;
 use crate::messages::Outbox;
@@ -45,10 +47,12 @@ pub struct AppState {
     pub api_token: Option<Arc<crate::security::Secret>>,
 }
 
-/// The API's routes, behind the bearer token check when a token is configured.
+/// The API's routes ([`ROUTES`] lists them for `GET /`), behind the bearer token check when a
+/// token is configured.
 pub fn router(state: AppState) -> Router {
     let token = state.api_token.clone();
     Router::new()
+        .route("/", get(index::index))
         .route("/healthz", get(healthz))
         .route("/api/v1/gateways", get(devices::list_gateways))
         .route("/api/v1/devices", get(devices::list_devices))

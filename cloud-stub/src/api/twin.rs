@@ -62,6 +62,7 @@ pub async fn patch_desired(
             }
             PatchError::Invalid(_) => ApiError::new(ErrorCode::BadRequest, e.to_string()),
             PatchError::TooLarge { .. } => ApiError::new(ErrorCode::PayloadTooLarge, e.to_string()),
+            PatchError::VersionLimit { .. } => ApiError::new(ErrorCode::Internal, e.to_string()),
             PatchError::Store(e) => ApiError::store(e),
         })?;
     Ok((etag(patched.desired_version), Json(patched)).into_response())

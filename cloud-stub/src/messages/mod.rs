@@ -5,15 +5,19 @@
 //! Invariants:
 //! - the queue lock is never held across an await; store writes are queued (not awaited) while
 //!   it is held, so they reach SQLite in the order the queue decided them;
-//! - a message is published only after its row is committed, and only within its TTL;
-//! - the operator gets `202` only after the row is committed.
+//! - a message is published only after its row is committed, only within its TTL, and only to
+//!   a gateway that takes messages (online, its store working);
+//! - the operator gets `202` only after the row is committed;
+//! - a feedback is acknowledged to the broker only once its write is committed (the returned
+//!   [`Commit`]);
+//! - no message stays open past its TTL plus a grace (see [`queue`]).
 
 pub mod expiry;
 pub mod queue;
 pub mod sender;
 
 use crate::registry::{self, SharedRegistry};
-use crate::store::{self, MessageRecord, StoreError, StoreHandle};
+use crate::store::{self, Commit, MessageRecord, MessageWrite, StoreError, StoreHandle};
 use gatewayd_protocol::message::MessageStatus;
 use gatewayd_protocol::{C2dMessage, DeviceId, Feedback, GatewayId, MessageId, PROTOCOL_VERSION};
 use queue::{Publish, Queue, QueueFull};
@@ -42,6 +46,17 @@ pub enum EnqueueError {
     Store(#[from] StoreError),
 }
 
+/// The bounds an [`Outbox`] keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open (queued or delivered) messages per device.
+    pub max_queue: usize,
+    /// Messages published to one gateway and not yet acknowledged.
+    pub window: usize,
+    /// How long after its TTL a delivered message waits for its final feedback.
+    pub verdict_grace_ms: u64,
+}
+
 /// The messages side of the cloud. Shared by the API, the uplink and the two tasks.
 pub struct Outbox {
     queue: Mutex<Queue>,
@@ -56,15 +71,16 @@ pub struct Outbox {
 
 impl Outbox {
     /// An outbox allowing `max_queue` open messages per device and `window` unacknowledged
-    /// ones per gateway, holding the `open` messages loaded from the store.
+    /// ones per gateway, holding the `open` messages loaded from the store. A delivered message
+    /// waits `verdict_grace_ms` after its TTL for its final feedback.
     pub fn new(
         store: StoreHandle,
         registry: SharedRegistry,
-        max_queue: usize,
-        window: usize,
+        limits: Limits,
         open: Vec<MessageRecord>,
     ) -> Arc<Outbox> {
-        let mut queue = Queue::new(max_queue, window);
+        let mut queue =
+            Queue::new(limits.max_queue, limits.window).with_verdict_grace(limits.verdict_grace_ms);
         for record in &open {
             match encode(
                 &record.id,
@@ -158,34 +174,66 @@ impl Outbox {
     }
 
     /// Applies feedback from gateway `from`; what does not apply is logged at debug level.
-    pub fn on_feedback(&self, from: &GatewayId, fb: &Feedback, now_ms: u64) {
+    /// Returns the write its acknowledgement must wait for, if it changed anything.
+    pub fn on_feedback(&self, from: &GatewayId, fb: &Feedback, now_ms: u64) -> Option<Commit> {
         let owner = registry::lock(&self.registry)
             .owner(&fb.device)
             .map(|(gw, _)| gw.clone());
         let mut q = self.lock();
         match q.feedback(from, owner.as_ref(), fb, now_ms) {
             Ok(applied) => {
-                self.store.write_messages(vec![applied.write]);
+                // Submitted under the lock, like every message write: in decision order.
+                let writes = [applied.write];
+                let commit = self.store.write_for_ack(
+                    "message feedback",
+                    move |conn| store::apply_message_writes(conn, &writes),
+                    |()| {},
+                );
                 drop(q);
                 tracing::debug!(gateway = %from, message = %fb.id, status = applied.status.as_str(),
                     "message feedback");
                 if applied.freed_window {
                     self.wake_sender.notify_one();
                 }
+                Some(commit)
             }
             Err(why) => {
                 drop(q);
                 tracing::debug!(gateway = %from, message = %fb.id, device = %fb.device,
                     outcome = ?fb.outcome, why = ?why, "message feedback ignored");
+                None
             }
         }
     }
 
-    /// A new birth of `gateway`: resend what it has not acknowledged.
+    /// A new birth of `gateway` (or its store works again): resend what it has not
+    /// acknowledged.
     pub fn gateway_online(&self, gateway: &GatewayId) {
         let again = self.lock().gateway_online(gateway);
         if again > 0 {
             tracing::info!(gateway = %gateway, messages = again, "resending unacknowledged messages");
+        }
+        self.wake_sender.notify_one();
+    }
+
+    /// `gateway` lost its store: every message delivered there and not finished is sent again
+    /// (it takes them as new).
+    pub fn store_replaced(&self, gateway: &GatewayId) {
+        let again = self.lock().probe_delivered(Some(gateway));
+        tracing::info!(gateway = %gateway, messages = again,
+            "resending delivered messages to a replaced store");
+        self.wake_sender.notify_one();
+    }
+
+    /// Sends every delivered message again to its gateway once that gateway takes messages:
+    /// its final feedback may have been lost while the cloud was down or disconnected.
+    pub fn probe_all(&self) {
+        let again = self.lock().probe_delivered(None);
+        if again > 0 {
+            tracing::info!(
+                messages = again,
+                "asking gateways again for the outcome of delivered messages"
+            );
         }
         self.wake_sender.notify_one();
     }
@@ -234,40 +282,62 @@ impl Outbox {
             .await
     }
 
-    /// Takes the next messages to publish (see [`Queue::take_sends`]) and queues their writes.
+    /// Takes the next messages to publish, delivered ones sent again first (see
+    /// [`Queue::take_probes`], [`Queue::take_sends`]), and queues their writes. Only gateways
+    /// that take messages (online, store working) get any.
     fn take_sends(&self, now_ms: u64, max: usize) -> Vec<Publish> {
-        let ready = self.lock().ready_devices();
-        if ready.is_empty() {
+        let (ready, probing) = {
+            let q = self.lock();
+            (q.ready_devices(), q.probe_gateways())
+        };
+        if ready.is_empty() && probing.is_empty() {
             return Vec::new();
         }
-        let routes: HashMap<DeviceId, GatewayId> = {
+        let (routes, accepting): (HashMap<DeviceId, GatewayId>, Vec<GatewayId>) = {
             let reg = registry::lock(&self.registry);
-            ready
+            let routes = ready
                 .into_iter()
-                .filter_map(|d| reg.online_owner(&d).cloned().map(|gw| (d, gw)))
-                .collect()
+                .filter_map(|d| reg.accepting_owner(&d).cloned().map(|gw| (d, gw)))
+                .collect();
+            let accepting = probing
+                .into_iter()
+                .filter(|gw| reg.gateway_accepting(gw))
+                .collect();
+            (routes, accepting)
         };
-        if routes.is_empty() {
+        if routes.is_empty() && accepting.is_empty() {
             return Vec::new();
         }
         let mut q = self.lock();
-        let (sends, writes) = q.take_sends(&routes, now_ms, max);
+        let (mut sends, mut writes) = q.take_probes(&accepting, now_ms, max);
+        if sends.len() < max && !routes.is_empty() {
+            let (more, more_writes) = q.take_sends(&routes, now_ms, max - sends.len());
+            sends.extend(more);
+            writes.extend(more_writes);
+        }
         self.store.write_messages(writes);
         sends
     }
 
-    /// Expires what is due and returns the next deadline.
+    /// Acts on what is due (expiry, a second send, `may_have_run`) and returns the next
+    /// deadline.
     fn expire_due(&self, now_ms: u64) -> Option<u64> {
         let mut q = self.lock();
-        let writes = q.expire_due(now_ms);
+        let done = q.expire_due(now_ms);
         let next = q.next_deadline();
-        if !writes.is_empty() {
-            tracing::info!(
-                expired = writes.len(),
-                "messages expired in the cloud queue"
-            );
+        let ended = count_statuses(&done.writes);
+        self.store.write_messages(done.writes);
+        drop(q);
+        if !ended.is_empty() {
+            tracing::info!(ended = ?ended, "messages ended by the cloud");
         }
-        self.store.write_messages(writes);
+        if done.probes > 0 {
+            tracing::info!(
+                messages = done.probes,
+                "delivered messages past their ttl sent again for their outcome"
+            );
+            self.wake_sender.notify_one();
+        }
         self.armed_expiry
             .store(next.unwrap_or(u64::MAX), Ordering::Relaxed);
         next
@@ -276,6 +346,17 @@ impl Outbox {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// How many writes end in each status, for the log.
+fn count_statuses(writes: &[MessageWrite]) -> std::collections::BTreeMap<&'static str, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for w in writes {
+        if let MessageWrite::Status { status, .. } = w {
+            *counts.entry(status.as_str()).or_default() += 1;
+        }
+    }
+    counts
 }
 
 /// The wire form of a message, encoded once and published as is (again on resend).

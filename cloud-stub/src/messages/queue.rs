@@ -8,6 +8,18 @@
 //! window) -> `received` feedback (delivered: the gateway owns it) -> a final feedback, expiry or
 //! purge removes it. A new birth of the gateway puts its in-flight messages back to waiting, in
 //! their original order.
+//!
+//! Nothing stays open past its TTL plus a grace:
+//! - waiting, never published: `expired` at the TTL;
+//! - published, never acknowledged: `expired` at TTL + [`UNACKED_GRACE_MS`];
+//! - delivered without a final feedback: sent again at TTL + a third of the verdict grace (the
+//!   gateway recognises the id and repeats its latest feedback, final one included), and
+//!   `may_have_run` at TTL + the verdict grace ([`VERDICT_GRACE_MS`] unless configured): it
+//!   reached the gateway, so it may have run.
+//!
+//! Delivered messages are also sent again ("probes", outside the window) when the cloud may
+//! have lost their final feedback: after the cloud's own (re)connect, and when a gateway's
+//! store was replaced.
 
 use crate::store::{MessageRecord, MessageWrite};
 use gatewayd_protocol::message::MessageStatus;
@@ -19,6 +31,11 @@ use std::sync::Arc;
 /// gateway's own verdict (it may have executed it just in time, by its clock) before the cloud
 /// calls it expired.
 pub const UNACKED_GRACE_MS: u64 = 30_000;
+/// How long after its TTL a delivered message waits for its final feedback before it ends
+/// `may_have_run`, unless configured. The gateway runs a command started before the TTL to its
+/// end (the device call's own timeout) and then publishes the outcome; at a third of this the
+/// cloud sends the message again so a gateway that has the outcome repeats it.
+pub const VERDICT_GRACE_MS: u64 = 90_000;
 /// Most messages taken from one device per pass, so one busy device cannot starve the others
 /// of the same gateway's window.
 const QUANTUM: usize = 32;
@@ -27,6 +44,10 @@ const QUANTUM: usize = 32;
 pub const EXPIRED_IN_CLOUD: &str = "ttl passed in the cloud queue";
 /// Reason recorded when a published message's TTL (plus grace) passes without an answer.
 pub const EXPIRED_UNACKED: &str = "ttl passed before the gateway acknowledged it";
+/// Reason recorded when a delivered message's TTL (plus the verdict grace) passes without a
+/// final feedback.
+pub const NO_VERDICT: &str =
+    "no final feedback from the gateway within ttl + grace; it reached the gateway, so it may have run";
 /// Reason recorded on purge.
 pub const PURGED: &str = "purged by operator";
 
@@ -47,14 +68,21 @@ struct Entry {
     sent_to: Option<GatewayId>,
     /// Published and not yet acknowledged: counts in `sent_to`'s window.
     inflight: bool,
+    /// Delivered and to be sent again to `sent_to` (in `Queue::probes`).
+    probe: bool,
+    /// Delivered and already sent again after its TTL: the next deadline ends it.
+    rechecked: bool,
 }
 
 impl Entry {
-    /// When the cloud expires it, if it still can.
-    fn deadline(&self) -> Option<u64> {
+    /// When the cloud acts on it next (expires, sends again or ends it), if ever.
+    fn deadline(&self, verdict_grace_ms: u64) -> Option<u64> {
+        let after = |ms: u64| Some(self.expires_at_ms.saturating_add(ms));
         match (self.status, &self.sent_to) {
             (MessageStatus::Queued, None) => Some(self.expires_at_ms),
-            (MessageStatus::Queued, Some(_)) => Some(self.expires_at_ms + UNACKED_GRACE_MS),
+            (MessageStatus::Queued, Some(_)) => after(UNACKED_GRACE_MS),
+            (MessageStatus::Delivered, _) if self.rechecked => after(verdict_grace_ms),
+            (MessageStatus::Delivered, _) => after(verdict_grace_ms / 3),
             _ => None,
         }
     }
@@ -105,11 +133,21 @@ pub struct Applied {
     pub freed_window: bool,
 }
 
+/// What expiry did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Expired {
+    /// The final statuses to persist.
+    pub writes: Vec<MessageWrite>,
+    /// Delivered messages now waiting to be sent again.
+    pub probes: usize,
+}
+
 /// The index. See the module docs.
 #[derive(Debug)]
 pub struct Queue {
     max_queue: usize,
     window: usize,
+    verdict_grace_ms: u64,
     next_order: u64,
     entries: HashMap<MessageId, Entry>,
     devices: HashMap<DeviceId, DeviceQueue>,
@@ -117,6 +155,8 @@ pub struct Queue {
     inflight: HashMap<GatewayId, usize>,
     /// Devices with at least one waiting message.
     ready: BTreeSet<DeviceId>,
+    /// Delivered messages to send again, per gateway, by order.
+    probes: BTreeMap<GatewayId, BTreeMap<u64, MessageId>>,
     /// The device served last, so passes go round.
     cursor: Option<DeviceId>,
 }
@@ -128,14 +168,22 @@ impl Queue {
         Queue {
             max_queue,
             window: window.max(1),
+            verdict_grace_ms: VERDICT_GRACE_MS,
             next_order: 0,
             entries: HashMap::new(),
             devices: HashMap::new(),
             deadlines: BTreeSet::new(),
             inflight: HashMap::new(),
             ready: BTreeSet::new(),
+            probes: BTreeMap::new(),
             cursor: None,
         }
+    }
+
+    /// Sets how long after its TTL a delivered message waits for its final feedback.
+    pub fn with_verdict_grace(mut self, ms: u64) -> Self {
+        self.verdict_grace_ms = ms;
+        self
     }
 
     /// Restores an open message from the store (at start, in enqueue order). One that was
@@ -155,6 +203,8 @@ impl Queue {
             status: record.status,
             sent_to: record.gateway.clone(),
             inflight,
+            probe: false,
+            rechecked: false,
         };
         if let (true, Some(gw)) = (inflight, &record.gateway) {
             *self.inflight.entry(gw.clone()).or_default() += 1;
@@ -194,6 +244,8 @@ impl Queue {
             status: MessageStatus::Queued,
             sent_to: None,
             inflight: false,
+            probe: false,
+            rechecked: false,
         };
         self.insert(id, entry);
         Ok(())
@@ -317,6 +369,78 @@ impl Queue {
         again.len()
     }
 
+    /// Marks delivered messages to be sent again to the gateway that has them (all gateways, or
+    /// only `gateway`), in their order: the gateway repeats its latest feedback for an id it
+    /// knows, and takes one it lost as new. Returns how many.
+    pub fn probe_delivered(&mut self, gateway: Option<&GatewayId>) -> usize {
+        let chosen: Vec<(GatewayId, u64, MessageId)> = self
+            .entries
+            .iter_mut()
+            .filter(|(_, e)| e.status == MessageStatus::Delivered && !e.probe)
+            .filter_map(|(id, e)| {
+                let to = e.sent_to.clone()?;
+                if gateway.is_some_and(|g| g != &to) {
+                    return None;
+                }
+                e.probe = true;
+                Some((to, e.order, id.clone()))
+            })
+            .collect();
+        for (to, order, id) in &chosen {
+            self.probes
+                .entry(to.clone())
+                .or_default()
+                .insert(*order, id.clone());
+        }
+        chosen.len()
+    }
+
+    /// Gateways with delivered messages waiting to be sent again.
+    pub fn probe_gateways(&self) -> Vec<GatewayId> {
+        self.probes.keys().cloned().collect()
+    }
+
+    /// Takes up to `max` delivered messages to send again, in order, to the gateways in
+    /// `accepting`. They do not count in the window: the gateway answers with feedback it
+    /// already has. Returns the publishes and the writes to persist.
+    pub fn take_probes(
+        &mut self,
+        accepting: &[GatewayId],
+        now_ms: u64,
+        max: usize,
+    ) -> (Vec<Publish>, Vec<MessageWrite>) {
+        let mut sends = Vec::new();
+        let mut writes = Vec::new();
+        for gw in accepting {
+            while sends.len() < max {
+                let Some(line) = self.probes.get_mut(gw) else {
+                    break;
+                };
+                let Some((_, id)) = line.pop_first() else {
+                    break;
+                };
+                if line.is_empty() {
+                    self.probes.remove(gw);
+                }
+                let Some(e) = self.entries.get_mut(&id) else {
+                    continue;
+                };
+                e.probe = false;
+                writes.push(MessageWrite::Sent {
+                    id: id.clone(),
+                    gateway: gw.clone(),
+                    at_ms: now_ms,
+                });
+                sends.push(Publish {
+                    gateway: gw.clone(),
+                    id,
+                    body: Arc::clone(&e.body),
+                });
+            }
+        }
+        (sends, writes)
+    }
+
     /// Applies gateway feedback from `from`. `owner` is the device's gateway now, which may
     /// answer for a message never published in this run. Forward only; a final status removes
     /// the message.
@@ -376,20 +500,40 @@ impl Queue {
         })
     }
 
-    /// Expires every message whose deadline is at or before `now_ms`.
-    pub fn expire_due(&mut self, now_ms: u64) -> Vec<MessageWrite> {
-        let mut writes = Vec::new();
+    /// Acts on every deadline at or before `now_ms`: expires what never reached a gateway,
+    /// sends a delivered message again once, and ends it `may_have_run` at its last deadline.
+    pub fn expire_due(&mut self, now_ms: u64) -> Expired {
+        let mut done = Expired::default();
         while let Some((at, id)) = self.deadlines.first().cloned() {
             if at > now_ms {
                 break;
             }
-            let reason = match self.entries.get(&id).and_then(|e| e.sent_to.as_ref()) {
-                None => EXPIRED_IN_CLOUD,
-                Some(_) => EXPIRED_UNACKED,
+            let Some(e) = self.entries.get(&id) else {
+                self.deadlines.pop_first();
+                continue;
             };
-            writes.push(self.finish(&id, MessageStatus::Expired, reason, now_ms));
+            match (e.status, e.sent_to.clone(), e.rechecked) {
+                (MessageStatus::Delivered, Some(to), false) => {
+                    self.reschedule(&id, |e| e.rechecked = true);
+                    if self.probe(&id, to) {
+                        done.probes += 1;
+                    }
+                }
+                (MessageStatus::Delivered, _, _) => {
+                    let write = self.finish(&id, MessageStatus::MayHaveRun, NO_VERDICT, now_ms);
+                    done.writes.push(write);
+                }
+                (_, None, _) => {
+                    let write = self.finish(&id, MessageStatus::Expired, EXPIRED_IN_CLOUD, now_ms);
+                    done.writes.push(write);
+                }
+                (_, Some(_), _) => {
+                    let write = self.finish(&id, MessageStatus::Expired, EXPIRED_UNACKED, now_ms);
+                    done.writes.push(write);
+                }
+            }
         }
-        writes
+        done
     }
 
     /// The earliest expiry deadline.
@@ -409,6 +553,21 @@ impl Queue {
             .collect()
     }
 
+    /// Puts one delivered message in its gateway's probe line; false if it already was.
+    fn probe(&mut self, id: &MessageId, to: GatewayId) -> bool {
+        let Some(e) = self.entries.get_mut(id) else {
+            return false;
+        };
+        if std::mem::replace(&mut e.probe, true) {
+            return false;
+        }
+        self.probes
+            .entry(to)
+            .or_default()
+            .insert(e.order, id.clone());
+        true
+    }
+
     fn bump_order(&mut self) -> u64 {
         self.next_order += 1;
         self.next_order
@@ -422,7 +581,7 @@ impl Queue {
             q.waiting.insert(entry.order, id.clone());
             self.ready.insert(entry.device.clone());
         }
-        if let Some(at) = entry.deadline() {
+        if let Some(at) = entry.deadline(self.verdict_grace_ms) {
             self.deadlines.insert((at, id.clone()));
         }
         self.entries.insert(id, entry);
@@ -451,11 +610,12 @@ impl Queue {
         let Some(e) = self.entries.get_mut(id) else {
             return;
         };
-        if let Some(at) = e.deadline() {
+        let grace = self.verdict_grace_ms;
+        if let Some(at) = e.deadline(grace) {
             self.deadlines.remove(&(at, id.clone()));
         }
         change(e);
-        if let Some(at) = e.deadline() {
+        if let Some(at) = e.deadline(grace) {
             self.deadlines.insert((at, id.clone()));
         }
     }
@@ -482,8 +642,16 @@ impl Queue {
     fn remove(&mut self, id: &MessageId) -> Option<Entry> {
         self.release(id);
         let e = self.entries.remove(id)?;
-        if let Some(at) = e.deadline() {
+        if let Some(at) = e.deadline(self.verdict_grace_ms) {
             self.deadlines.remove(&(at, id.clone()));
+        }
+        if let (true, Some(to)) = (e.probe, &e.sent_to) {
+            if let Some(line) = self.probes.get_mut(to) {
+                line.remove(&e.order);
+                if line.is_empty() {
+                    self.probes.remove(to);
+                }
+            }
         }
         if let Some(q) = self.devices.get_mut(&e.device) {
             q.open.remove(&e.order);

@@ -1,6 +1,6 @@
 //! Message rows: every message ever accepted, in enqueue order, with its status and times.
 
-use super::{to_json, u64_of, StoreError};
+use super::{i64_of, to_json, u64_of, StoreError};
 use gatewayd_protocol::message::MessageStatus;
 use gatewayd_protocol::{DeviceId, GatewayId, MessageId};
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -72,11 +72,11 @@ impl MessageRecord {
             self.reason,
             self.device_status,
             self.gateway.as_ref().map(|g| g.as_str()),
-            self.enqueued_at_ms as i64,
-            self.expires_at_ms as i64,
-            self.sent_at_ms.map(|v| v as i64),
-            self.delivered_at_ms.map(|v| v as i64),
-            self.finished_at_ms.map(|v| v as i64),
+            i64_of(self.enqueued_at_ms),
+            i64_of(self.expires_at_ms),
+            self.sent_at_ms.map(i64_of),
+            self.delivered_at_ms.map(i64_of),
+            self.finished_at_ms.map(i64_of),
         ])?;
         Ok(())
     }
@@ -115,7 +115,8 @@ impl MessageRecord {
     }
 }
 
-/// Applies writes in order.
+/// Applies writes in order. A status write never changes a final row, so a write retried
+/// after a later one (see [`super::Commit`]) cannot move a message backwards.
 pub fn apply(conn: &Connection, writes: &[MessageWrite]) -> Result<(), StoreError> {
     for w in writes {
         match w {
@@ -123,7 +124,11 @@ pub fn apply(conn: &Connection, writes: &[MessageWrite]) -> Result<(), StoreErro
                 conn.prepare_cached(
                     "UPDATE messages SET sent_at_ms = ?2, gateway = ?3 WHERE id = ?1",
                 )?
-                .execute(params![id.as_str(), *at_ms as i64, gateway.as_str()])?;
+                .execute(params![
+                    id.as_str(),
+                    i64_of(*at_ms),
+                    gateway.as_str()
+                ])?;
             }
             MessageWrite::Status {
                 id,
@@ -139,15 +144,15 @@ pub fn apply(conn: &Connection, writes: &[MessageWrite]) -> Result<(), StoreErro
                         device_status = COALESCE(?4, device_status),
                         delivered_at_ms = COALESCE(delivered_at_ms, ?5),
                         finished_at_ms = COALESCE(finished_at_ms, ?6)
-                     WHERE id = ?1",
+                     WHERE id = ?1 AND status IN ('queued', 'delivered')",
                 )?
                 .execute(params![
                     id.as_str(),
                     status.as_str(),
                     reason,
                     device_status,
-                    delivered_at_ms.map(|v| v as i64),
-                    finished_at_ms.map(|v| v as i64),
+                    delivered_at_ms.map(i64_of),
+                    finished_at_ms.map(i64_of),
                 ])?;
             }
         }

@@ -10,13 +10,16 @@
 //! - a job sees the writes of every job submitted before it (one thread, FIFO);
 //! - a completion runs only after its writes are committed: the operator API answers from
 //!   completions, so a `200`/`202` means committed;
-//! - completions run in commit order, which is how twin publishes keep their version order.
+//! - completions run in commit order, which is how twin publishes keep their version order;
+//! - a job or completion that panics answers its own caller with [`StoreError::Panicked`] (its
+//!   writes rolled back with its savepoint); the thread and every other job go on.
 //!
 //! Schema (version in `PRAGMA user_version`, upgraded by [`MIGRATIONS`] in order, each in its
 //! own transaction):
 //!
 //! ```text
-//! gateways(id TEXT PK, online INTEGER, boot_id TEXT, software TEXT, last_seen_ms INTEGER)
+//! gateways(id TEXT PK, online INTEGER, boot_id TEXT, software TEXT, last_seen_ms INTEGER,
+//!          store_id TEXT)   -- the gateway's last reported store identity ('' = unknown)
 //! devices(id TEXT PK, gateway_id TEXT, kind TEXT, info_json TEXT, online INTEGER,
 //!         since_ms INTEGER, reason TEXT NULL, last_seen_ms INTEGER)   -- index on gateway_id
 //! twins(device TEXT PK, desired_json, desired_version, desired_updated_json,
@@ -32,22 +35,26 @@
 //! ones map a top-level property to when it last changed. A `twins` row exists for every device
 //! any catalog ever declared: that is what "known device" means, and it never expires.
 //! `messages.seq` is the enqueue order; `gateway` is where the message was last published.
+//! A message's status only moves forward: a status write never touches a final row.
 //!
 //! Registry rows are write-behind: a crash may lose the last ones, which the gateways' retained
 //! messages restore on the next connect. The database runs in WAL mode with
 //! `synchronous=NORMAL`: a commit survives a crash of the stub, a power cut may lose the last
 //! transactions.
 
+mod commit;
 mod messages;
 mod registry;
 mod twins;
 
+pub use commit::Commit;
 pub use messages::{apply as apply_message_writes, MessageRecord, MessageWrite};
 pub use registry::{DeviceRecord, GatewayRecord};
 pub use twins::TwinRow;
 
 use gatewayd_protocol::DeviceId;
 use rusqlite::Connection;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
@@ -117,6 +124,8 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX messages_by_device ON messages(device, seq);
     CREATE INDEX messages_open ON messages(status) WHERE status IN ('queued', 'delivered');",
+    // 3: the identity of each gateway's store, to notice when a gateway lost it
+    "ALTER TABLE gateways ADD COLUMN store_id TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Why the store failed.
@@ -144,6 +153,9 @@ pub enum StoreError {
     /// The batch this job ran in could not be committed.
     #[error("commit failed: {0}")]
     Commit(String),
+    /// The job (or its completion) panicked; its writes were rolled back.
+    #[error("store job panicked: {0}")]
+    Panicked(String),
     /// The store thread has stopped.
     #[error("the store has stopped")]
     Gone,
@@ -245,7 +257,8 @@ impl StoreHandle {
         C: FnOnce(Result<T, StoreError>) + Send + 'static,
     {
         let job: Job = Box::new(move |conn| {
-            let result = job(conn);
+            let result = catch_unwind(AssertUnwindSafe(|| job(conn)))
+                .unwrap_or_else(|panic| Err(StoreError::Panicked(panic_message(&*panic))));
             let ok = result.is_ok();
             let done: Done = Box::new(move |commit| {
                 then(match (result, commit) {
@@ -346,7 +359,11 @@ fn run_batch(conn: &mut Connection, jobs: &mut Vec<Job>) {
         let mut tx = conn.transaction()?;
         for job in jobs.drain(..) {
             let sp = tx.savepoint()?;
-            let (ok, done) = job(&sp);
+            // `submit` catches a panic of the job itself; this catches one of its wrapper.
+            let Ok((ok, done)) = catch_unwind(AssertUnwindSafe(|| job(&sp))) else {
+                tracing::error!("store job panicked outside its guard; rolled back");
+                continue;
+            };
             dones.push(done);
             if ok {
                 sp.commit()?;
@@ -362,7 +379,21 @@ fn run_batch(conn: &mut Connection, jobs: &mut Vec<Job>) {
     // callers see the store as gone.
     jobs.clear();
     for done in dones {
-        done(commit.clone());
+        let commit = commit.clone();
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| done(commit))) {
+            tracing::error!(panic = %panic_message(&*panic), "store job completion panicked");
+        }
+    }
+}
+
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-text panic".to_string()
     }
 }
 
@@ -387,6 +418,11 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 /// Reads a non-negative integer column stored as SQLite's signed 64-bit.
 fn u64_of(v: i64) -> u64 {
     v.max(0) as u64
+}
+
+/// A non-negative number as SQLite's signed 64-bit, saturating (no wire value wraps negative).
+pub(crate) fn i64_of(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// Encodes a value as JSON text for a column.

@@ -1,6 +1,6 @@
 //! Registry rows: gateways and the devices their newest catalog declares.
 
-use super::{to_json, u64_of, StoreError};
+use super::{i64_of, to_json, u64_of, StoreError};
 use gatewayd_protocol::{DeviceInfo, GatewayId};
 use rusqlite::{params, Connection};
 
@@ -12,6 +12,8 @@ pub struct GatewayRecord {
     pub boot_id: String,
     pub software: String,
     pub last_seen_ms: u64,
+    /// The identity of its store as it last reported it; empty: unknown.
+    pub store_id: String,
 }
 
 /// One persisted device; its id is `info.id`.
@@ -29,8 +31,9 @@ pub struct DeviceRecord {
 pub(super) fn load(
     conn: &Connection,
 ) -> Result<(Vec<GatewayRecord>, Vec<DeviceRecord>), StoreError> {
-    let mut stmt = conn
-        .prepare("SELECT id, online, boot_id, software, last_seen_ms FROM gateways ORDER BY id")?;
+    let mut stmt = conn.prepare(
+        "SELECT id, online, boot_id, software, last_seen_ms, store_id FROM gateways ORDER BY id",
+    )?;
     let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
@@ -38,11 +41,12 @@ pub(super) fn load(
             r.get::<_, String>(2)?,
             r.get::<_, String>(3)?,
             r.get::<_, i64>(4)?,
+            r.get::<_, String>(5)?,
         ))
     })?;
     let mut gateways = Vec::new();
     for row in rows {
-        let (id, online, boot_id, software, last_seen_ms) = row?;
+        let (id, online, boot_id, software, last_seen_ms, store_id) = row?;
         match GatewayId::new(&id) {
             Ok(id) => gateways.push(GatewayRecord {
                 id,
@@ -50,6 +54,7 @@ pub(super) fn load(
                 boot_id,
                 software,
                 last_seen_ms: u64_of(last_seen_ms),
+                store_id,
             }),
             Err(e) => tracing::warn!(gateway = %id, error = %e, "skipping stored gateway"),
         }
@@ -103,15 +108,16 @@ pub(super) fn save_gateway(
     devices: &[DeviceRecord],
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "INSERT OR REPLACE INTO gateways (id, online, boot_id, software, last_seen_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
+        "INSERT OR REPLACE INTO gateways (id, online, boot_id, software, last_seen_ms, store_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?
     .execute(params![
         gateway.id.as_str(),
         gateway.online,
         gateway.boot_id,
         gateway.software,
-        gateway.last_seen_ms as i64
+        i64_of(gateway.last_seen_ms),
+        gateway.store_id,
     ])?;
     conn.prepare_cached("DELETE FROM devices WHERE gateway_id = ?1")?
         .execute([gateway.id.as_str()])?;
@@ -128,9 +134,9 @@ pub(super) fn save_gateway(
             d.info.kind,
             info,
             d.online,
-            d.since_ms as i64,
+            i64_of(d.since_ms),
             d.reason,
-            d.last_seen_ms as i64
+            i64_of(d.last_seen_ms)
         ])?;
     }
     Ok(())

@@ -12,6 +12,7 @@ fn gateway(id: &str, online: bool) -> GatewayRecord {
         boot_id: "b1".into(),
         software: "0.1".into(),
         last_seen_ms: 42,
+        store_id: "st-1".into(),
     }
 }
 
@@ -150,16 +151,53 @@ fn the_registry_migration_gives_known_devices_a_twin() {
     let conn = Connection::open_in_memory().unwrap();
     conn.execute_batch(MIGRATIONS[0]).unwrap();
     conn.pragma_update(None, "user_version", 1_i64).unwrap();
+    conn.execute_batch(
+        "INSERT INTO gateways VALUES ('g1', 1, 'b1', '0.1', 42);
+         INSERT INTO devices VALUES ('a', 'g1', 'serial', '{\"id\":\"a\",\"kind\":\"serial\"}',
+                                     1, 1, NULL, 2);",
+    )
+    .unwrap();
     let mut store = Store { conn };
-    store
-        .save_gateway(&gateway("g1", true), &[device("a", "g1")])
-        .unwrap();
     migrate(&mut store.conn).unwrap();
     assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len());
     assert_eq!(
         store.load_known_devices().unwrap(),
         vec![DeviceId::new("a").unwrap()]
     );
+    let (gateways, _) = store.load().unwrap();
+    assert_eq!(
+        gateways[0].store_id, "",
+        "unknown until the gateway reports one"
+    );
+}
+
+#[test]
+fn a_status_write_never_changes_a_final_message() {
+    let store = Store::open(&DbLocation::Memory).unwrap();
+    let m = message("m1", "a");
+    m.insert(&store.conn).unwrap();
+    let write = |status, delivered| MessageWrite::Status {
+        id: m.id.clone(),
+        status,
+        reason: None,
+        device_status: None,
+        delivered_at_ms: delivered,
+        finished_at_ms: status.is_final().then_some(50),
+    };
+    // A retried `delivered` lands after the final one.
+    apply_message_writes(
+        &store.conn,
+        &[
+            write(MessageStatus::Completed, None),
+            write(MessageStatus::Delivered, Some(30)),
+        ],
+    )
+    .unwrap();
+    let got = MessageRecord::get(&store.conn, &m.device, &m.id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.status, MessageStatus::Completed);
+    assert_eq!(got.finished_at_ms, Some(50));
 }
 
 #[test]
@@ -215,6 +253,44 @@ fn message_writes_apply_in_order_and_times_are_set_once() {
     assert_eq!(queued.len(), 1);
     let open = store.load_open_messages().unwrap();
     assert_eq!(open.len(), 2, "m2 and x1");
+}
+
+#[tokio::test]
+async fn a_panicking_job_answers_with_an_error_and_the_store_goes_on() {
+    let store = Store::open(&DbLocation::Memory).unwrap();
+    let (handle, thread) = store.spawn().unwrap();
+    let before = handle.call(|conn| message("m1", "a").insert(conn));
+    let panics = handle.call(|conn| -> Result<(), StoreError> {
+        message("m2", "a").insert(conn)?;
+        let wire: u64 = u64::MAX;
+        let next = wire.checked_add(1).expect("an overflow in a job");
+        Err(StoreError::Commit(next.to_string()))
+    });
+    // A completion that panics is contained as well.
+    handle.submit(
+        |_| Ok(()),
+        |_: Result<(), StoreError>| panic!("completion bug"),
+    );
+    let after = handle.call(|conn| message("m3", "a").insert(conn));
+    let (before, panics, after) = tokio::join!(before, panics, after);
+    before.unwrap();
+    after.unwrap();
+    match panics {
+        Err(StoreError::Panicked(why)) => assert_eq!(why, "an overflow in a job"),
+        other => panic!("expected a panic answer, got {other:?}"),
+    }
+    let listed = handle
+        .call(|conn| MessageRecord::list(conn, &DeviceId::new("a").unwrap(), None))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = listed.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec!["m1", "m3"],
+        "the panicking job's write is rolled back"
+    );
+    handle.stop();
+    thread.join().unwrap();
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! Twin rows: one per device any catalog ever declared, read and rewritten whole.
 
-use super::{to_json, u64_of, StoreError};
+use super::{i64_of, to_json, u64_of, StoreError};
 use gatewayd_protocol::{ApplyStatus, DeviceId};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{Map, Value};
@@ -98,12 +98,12 @@ impl TwinRow {
         .execute(params![
             device.as_str(),
             to_json(what, &self.desired)?,
-            self.desired_version as i64,
+            i64_of(self.desired_version),
             to_json(what, &self.desired_updated_ms)?,
             to_json(what, &self.reported)?,
-            self.reported_version as i64,
+            i64_of(self.reported_version),
             to_json(what, &self.reported_updated_ms)?,
-            self.reported_seq as i64,
+            i64_of(self.reported_seq),
             self.reported_seq_gateway,
             to_json(what, &self.apply)?,
         ])?;

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod process;
+
 use cloud_stub::{DbLocation, MqttTarget, StubConfig};
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
 use gatewayd_protocol::{
@@ -324,14 +326,25 @@ impl FakeGateway {
     }
 
     pub async fn set_state(&self, online: bool, boot_id: &str) {
+        self.set_store_state(online, boot_id, "", None).await;
+    }
+
+    /// A retained state with a store identity and, while it fails, the store's error.
+    pub async fn set_store_state(
+        &self,
+        online: bool,
+        boot_id: &str,
+        store_id: &str,
+        store_error: Option<&str>,
+    ) {
         let state = GatewayState {
             v: 1,
             online,
             boot_id: boot_id.into(),
             software: "test".into(),
             at_ms: 0,
-            store_id: String::new(),
-            store_error: None,
+            store_id: store_id.into(),
+            store_error: store_error.map(str::to_string),
         };
         self.publish(Up::State, serde_json::to_value(state).unwrap(), true)
             .await;

@@ -22,6 +22,12 @@ impl Graveyard {
         self.connections.remove(id)
     }
 
+    /// gatewayd patch: the trackers of disconnected persistent sessions, whose cursors the
+    /// commit logs must keep.
+    pub fn trackers(&self) -> impl Iterator<Item = &Tracker> {
+        self.connections.values().map(|s| &s.tracker)
+    }
+
     /// Save connection tracker
     pub fn save(
         &mut self,

@@ -203,6 +203,14 @@ impl Outgoing {
         Some(())
     }
 
+    /// gatewayd patch: the log position of every unacknowledged publish (retained ones have
+    /// none); the commit log must keep them for retransmission.
+    pub fn inflight_cursors(&self) -> impl Iterator<Item = (FilterIdx, Cursor)> + '_ {
+        self.inflight_buffer
+            .iter()
+            .filter_map(|(_, filter_idx, cursor)| cursor.map(|c| (*filter_idx, c)))
+    }
+
     // Here we are assuming that the first unique filter_idx we find while iterating will have the
     // least corresponding cursor because of the way we insert into the inflight_buffer
     pub fn retransmission_map(&self) -> HashMap<FilterIdx, Cursor> {

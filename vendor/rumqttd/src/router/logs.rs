@@ -61,6 +61,8 @@ pub struct DataLog {
     retained_publishes: HashMap<Topic, PublishData>,
     /// List of filters associated with a topic
     publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// gatewayd patch: a log started a new segment since the router last freed consumed ones.
+    pub(crate) rolled: bool,
 }
 
 impl DataLog {
@@ -87,6 +89,7 @@ impl DataLog {
             publish_filters,
             filter_indexes,
             retained_publishes,
+            rolled: false,
         })
     }
 

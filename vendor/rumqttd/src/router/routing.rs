@@ -228,6 +228,12 @@ impl Router {
             self.consume();
         }
 
+        // gatewayd patch: every data request is back with its tracker, its waiters or the
+        // graveyard here, so the lowest cursor of each filter is known.
+        if std::mem::take(&mut self.datalog.rolled) {
+            self.free_consumed_segments();
+        }
+
         // self.send_all_alerts();
         Ok(())
     }
@@ -262,6 +268,59 @@ impl Router {
                 #[cfg(feature = "validate-tenant-prefix")]
                 _tenant_id,
             ),
+        }
+    }
+
+    /// gatewayd patch: frees the commit-log segments that every reader of their filter has
+    /// passed. Upstream keeps `max_segment_count` full segments per filter whether or not
+    /// anyone still needs them, so memory grew with every publish up to that bound (about
+    /// 1 GiB per filter with the stub's settings). A segment is kept while any reader needs it:
+    /// a connected subscriber's cursor (in its tracker or parked as a waiter), a disconnected
+    /// persistent session's cursor, a shared group's cursor, or an unacknowledged publish
+    /// (retransmitted from its position when a persistent session resumes).
+    fn free_consumed_segments(&mut self) {
+        fn keep(lowest: &mut HashMap<FilterIdx, u64>, filter_idx: FilterIdx, segment: u64) {
+            let low = lowest.entry(filter_idx).or_insert(segment);
+            *low = (*low).min(segment);
+        }
+        let groups = &self.shared_subscriptions;
+        let mut lowest: HashMap<FilterIdx, u64> = HashMap::new();
+        let mut keep_request = |lowest: &mut HashMap<FilterIdx, u64>, r: &DataRequest| {
+            keep(lowest, r.filter_idx, r.cursor.0);
+            if let Some(group) = r.group.as_ref().and_then(|g| groups.get(g)) {
+                keep(lowest, r.filter_idx, group.cursor.0);
+            }
+        };
+        for (_, tracker) in self.scheduler.trackers.iter() {
+            for r in tracker.get_data_requests() {
+                keep_request(&mut lowest, r);
+            }
+        }
+        for tracker in self.graveyard.trackers() {
+            for r in tracker.get_data_requests() {
+                keep_request(&mut lowest, r);
+            }
+        }
+        for (_, data) in self.datalog.native.iter() {
+            for (_, r) in data.waiters.waiters() {
+                keep_request(&mut lowest, r);
+            }
+        }
+        for (_, r) in self.notifications.iter() {
+            keep_request(&mut lowest, r);
+        }
+        for (_, outgoing) in self.obufs.iter() {
+            for (filter_idx, cursor) in outgoing.inflight_cursors() {
+                keep(&mut lowest, filter_idx, cursor.0);
+            }
+        }
+        let mut freed = 0;
+        for (filter_idx, data) in self.datalog.native.iter_mut() {
+            let needed = lowest.get(&filter_idx).copied().unwrap_or(u64::MAX);
+            freed += data.log.drop_segments_before(needed);
+        }
+        if freed > 0 {
+            trace!(freed, "consumed commit-log segments freed");
         }
     }
 
@@ -482,7 +541,9 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        // Save state for persistent sessions
+        // Save state for persistent sessions. gatewayd patch: a clean session leaves nothing
+        // behind; upstream kept its connection events (for the console) under its client id
+        // forever, so every client id ever seen cost memory until the broker stopped.
         if !connection.clean {
             // Add inflight data requests back to tracker
             inflight_data_requests
@@ -508,14 +569,6 @@ impl Router {
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
-            );
-        } else {
-            // Only save metrics in clean session
-            self.graveyard.save(
-                Tracker::new(client_id),
-                HashSet::new(),
-                connection.events,
-                VecDeque::new(),
             );
         }
         self.router_meters.total_connections -= 1;
@@ -1265,17 +1318,22 @@ fn append_to_commitlog(
     };
 
     let mut o = (0, 0);
+    let mut rolled = false;
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        let segment = datalog.log.next_offset().0;
         let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
         );
+        // gatewayd patch: a new segment began; the router frees consumed ones.
+        rolled |= offset.0 != segment;
 
         o = offset;
     }
+    datalog.rolled |= rolled;
 
     // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
     Ok(o)
@@ -1331,17 +1389,22 @@ fn append_will_message(
     };
 
     let mut o = (0, 0);
+    let mut rolled = false;
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        let segment = datalog.log.next_offset().0;
         let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
         );
+        // gatewayd patch: a new segment began; the router frees consumed ones.
+        rolled |= offset.0 != segment;
 
         o = offset;
     }
+    datalog.rolled |= rolled;
 
     Ok(o)
 }

@@ -72,7 +72,9 @@ where
             panic!("at least 1 segment needs to exist in memory else what's the point of log");
         }
 
-        let mut segments = VecDeque::with_capacity(max_mem_segments);
+        // gatewayd patch: no up-front capacity; a generous segment count then costs nothing
+        // until the segments exist.
+        let mut segments = VecDeque::new();
         segments.push_back(Segment::new());
 
         Ok(Self {
@@ -161,6 +163,18 @@ where
                 .push_back(Segment::with_offset(absolute_offset));
             self.tail += 1;
         }
+    }
+
+    /// gatewayd patch: frees every segment before segment index `segment` (the lowest one a
+    /// reader of this log still needs), never the active one. Returns how many were freed.
+    pub fn drop_segments_before(&mut self, segment: u64) -> usize {
+        let mut freed = 0;
+        while self.head < segment.min(self.tail) {
+            self.segments.pop_front();
+            self.head += 1;
+            freed += 1;
+        }
+        freed
     }
 
     #[inline]

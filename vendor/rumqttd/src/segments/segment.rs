@@ -29,14 +29,17 @@ where
 {
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // gatewayd patch: grows as needed instead of reserving 1,024 entries (about 250 KiB)
+            // for every segment of every filter.
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            // gatewayd patch: see `with_offset`.
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }

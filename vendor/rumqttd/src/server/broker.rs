@@ -14,7 +14,7 @@ use flume::{RecvError, SendError, Sender};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use tracing::{error, field, info, warn, Instrument};
+use tracing::{debug, error, field, info, warn, Instrument};
 
 #[cfg(feature = "websocket")]
 use async_tungstenite::tokio::accept_hdr_async;
@@ -528,6 +528,12 @@ async fn remote<P: Protocol>(
 
     let connect_packet = match mqtt_connect(config, &mut network).await {
         Ok(p) => p,
+        // gatewayd patch: a peer that closes before sending CONNECT (a port probe, a health
+        // check) is ordinary, not an error.
+        Err(e) if closed_by_peer(&e) => {
+            debug!(error=?e, "connection closed before CONNECT");
+            return;
+        }
         Err(e) => {
             error!(error=?e, "Error while handling MQTT connect packet");
             return;
@@ -607,6 +613,11 @@ async fn remote<P: Protocol>(
             error!(error=?e, "router-drop");
             send_disconnect = false;
         }
+        // gatewayd patch: the peer closing its connection between packets is how every
+        // client without a DISCONNECT (and many with one) goes away: ordinary, not an error.
+        Err(e) if closed_by_peer(&e) => {
+            info!(error=?e, "Disconnected by peer");
+        }
         // Any other error
         Err(e) => {
             error!(error=?e, "Disconnected!!");
@@ -646,4 +657,15 @@ async fn remote<P: Protocol>(
         // but might affect logs?
         router_tx.send((connection_id, message)).ok();
     }
+}
+
+/// gatewayd patch: the peer closed its connection cleanly, at a packet boundary (the network
+/// layer reports `ConnectionAborted` "connection closed by peer" only then; a close in the
+/// middle of a packet is `ConnectionReset` and stays an error).
+fn closed_by_peer(e: &remote::Error) -> bool {
+    matches!(
+        e,
+        remote::Error::Network(crate::link::network::Error::Io(io))
+            if io.kind() == io::ErrorKind::ConnectionAborted
+    )
 }

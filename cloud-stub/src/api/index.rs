@@ -1,0 +1,89 @@
+//! `GET /`: a JSON index of the operator API, so a person or a script can find its way
+//! without the docs. Keep [`ROUTES`] in step with [`super::router`] (a test walks every entry).
+
+use axum::Json;
+use serde_json::{json, Value};
+
+/// One route of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteDoc {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub description: &'static str,
+}
+
+const fn route(method: &'static str, path: &'static str, description: &'static str) -> RouteDoc {
+    RouteDoc {
+        method,
+        path,
+        description,
+    }
+}
+
+/// Every route, in the order a newcomer would use them.
+pub const ROUTES: &[RouteDoc] = &[
+    route("GET", "/", "this index"),
+    route("GET", "/healthz", "liveness; never needs the bearer token"),
+    route(
+        "GET",
+        "/api/v1/gateways",
+        "gateways: online, boot id, software, store error, devices",
+    ),
+    route(
+        "GET",
+        "/api/v1/devices",
+        "devices with their methods, twin properties, commands and presence",
+    ),
+    route("GET", "/api/v1/devices/{id}", "one device"),
+    route(
+        "POST",
+        "/api/v1/devices/{id}/methods/{method}",
+        "synchronous call: {\"params\", \"timeout_seconds\"} -> {\"status\", \"result\"}",
+    ),
+    route(
+        "GET",
+        "/api/v1/devices/{id}/twin",
+        "desired and reported halves, versions, delta and apply states (ETag: desired version)",
+    ),
+    route(
+        "PATCH",
+        "/api/v1/devices/{id}/twin/desired",
+        "JSON merge patch of the desired half, optionally If-Match: \"<version>\"",
+    ),
+    route(
+        "POST",
+        "/api/v1/devices/{id}/messages",
+        "queue a message: {\"payload\", \"ttl_seconds\"} -> 202 {\"id\", \"status\": \"queued\"}",
+    ),
+    route(
+        "GET",
+        "/api/v1/devices/{id}/messages",
+        "the device's messages in enqueue order; ?status= filters",
+    ),
+    route(
+        "DELETE",
+        "/api/v1/devices/{id}/messages",
+        "purge every message that is not final",
+    ),
+    route(
+        "GET",
+        "/api/v1/devices/{id}/messages/{msg_id}",
+        "one message with its status, reason and times",
+    ),
+];
+
+/// `GET /`.
+pub async fn index() -> Json<Value> {
+    let routes: Vec<Value> = ROUTES
+        .iter()
+        .map(|r| json!({"method": r.method, "path": r.path, "description": r.description}))
+        .collect();
+    Json(json!({
+        "name": "cloud-stub operator API",
+        "version": env!("CARGO_PKG_VERSION"),
+        "auth": "Authorization: Bearer <token> on every route but /healthz, when a token is set",
+        "errors": "{\"code\", \"message\"} with the code's HTTP status",
+        "message_statuses": super::messages::STATUSES,
+        "routes": routes,
+    }))
+}
