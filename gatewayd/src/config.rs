@@ -268,6 +268,18 @@ pub struct DeviceConfig {
     /// sharing a port are told apart by it).
     #[serde(default)]
     pub address: Option<String>,
+    /// Serial devices: whether the device sends back every request before answering; overrides
+    /// its port's `echo`.
+    #[serde(default)]
+    pub echo: Option<bool>,
+    /// Serial devices: regexes of lines that never answer a request (unsolicited status lines),
+    /// added to its port's `ignore`.
+    #[serde(default)]
+    pub ignore: Vec<String>,
+    /// Serial devices: regexes of lines saying the device is busy and did not act, added to
+    /// its port's `busy`.
+    #[serde(default)]
+    pub busy: Vec<String>,
     /// HTTP statuses meaning "busy, did not act" (an action may override it): a message is
     /// retried with backoff until its TTL (honouring `Retry-After`), a twin property stays
     /// `pending` and is retried, an RPC gets `device_busy` at once.

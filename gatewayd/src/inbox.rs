@@ -24,8 +24,8 @@ use crate::device::{answer_text, CallError, Device, Devices};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::store::{pause_after_failure, Store, StoreError};
-use gatewayd_protocol::message::FeedbackOutcome;
 use gatewayd_protocol::limits::MAX_MESSAGE_PAYLOAD;
+use gatewayd_protocol::message::FeedbackOutcome;
 use gatewayd_protocol::{validate_params, C2dMessage, DeviceId, Feedback, PROTOCOL_VERSION};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{Map, Value};
@@ -476,9 +476,13 @@ enum Attempt {
 fn outcome_of(result: Result<(), CallError>) -> (FeedbackOutcome, Option<String>, Option<i64>) {
     match result {
         Ok(()) => (FeedbackOutcome::Completed, None, None),
-        Err(CallError::Status { status, detail }) if (400..500).contains(&status) => (
+        // A 4xx, or a serial device's own error code: the device said no.
+        Err(CallError::Status { status, detail }) if !(500..600).contains(&status) => (
             FeedbackOutcome::Rejected,
-            Some(format!("device answered {status}: {}", answer_text(&detail))),
+            Some(format!(
+                "device answered {status}: {}",
+                answer_text(&detail)
+            )),
             Some(status),
         ),
         Err(CallError::Status { status, detail }) => (
@@ -491,7 +495,10 @@ fn outcome_of(result: Result<(), CallError>) -> (FeedbackOutcome, Option<String>
         ),
         Err(CallError::Coded { code, detail }) => (
             FeedbackOutcome::Rejected,
-            Some(format!("device answered error {code}: {}", answer_text(&detail))),
+            Some(format!(
+                "device answered error {code}: {}",
+                answer_text(&detail)
+            )),
             None,
         ),
         Err(CallError::Refused(why)) => (FeedbackOutcome::Rejected, Some(why), None),
@@ -521,7 +528,14 @@ async fn execute(device: &Device, inbox: &Inbox, msg: &Next, stop: &Cancellation
         Ok(a) => a,
         Err(why) => {
             return match inbox
-                .end(device, &msg.id, FeedbackOutcome::Rejected, Some(why), None, stop)
+                .end(
+                    device,
+                    &msg.id,
+                    FeedbackOutcome::Rejected,
+                    Some(why),
+                    None,
+                    stop,
+                )
                 .await
             {
                 true => Attempt::Done,

@@ -69,10 +69,8 @@ pub async fn run(
     );
     let background = TaskTracker::new();
     let supervisor = supervise::Supervisor::new(shutdown.clone());
-    background.spawn(supervisor.critical(
-        "store health",
-        store::heal(store.clone(), shutdown.clone()),
-    ));
+    background
+        .spawn(supervisor.critical("store health", store::heal(store.clone(), shutdown.clone())));
     for d in devices.all() {
         background.spawn(device::health::probe_loop(
             d.clone(),

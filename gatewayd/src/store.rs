@@ -315,7 +315,9 @@ impl Store {
 fn store_id(conn: &Connection, path: &Path) -> Result<String, StoreError> {
     let sql = StoreError::Sql;
     let held: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| r.get(0))
+        .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |r| {
+            r.get(0)
+        })
         .map(Some)
         .or_else(|e| match e {
             rusqlite::Error::QueryReturnedNoRows => Ok(None),

@@ -94,14 +94,11 @@ pub fn report(
 /// property the device refused, holds differently, or has not taken yet keeps its previously
 /// applied value (or stays absent). So a later desired version, even one that asks the same
 /// value again, applies it again: a new version is the operator asking again.
-pub fn applied_after(
-    desired: &Value,
-    previous: &Value,
-    steps: &[(Step, StepOutcome)],
-) -> Value {
+pub fn applied_after(desired: &Value, previous: &Value, steps: &[(Step, StepOutcome)]) -> Value {
     let mut doc = desired.as_object().cloned().unwrap_or_default();
     for (step, outcome) in steps {
-        let taken = matches!(outcome, StepOutcome::Accepted { holds } if same_value(holds, &step.value));
+        let taken =
+            matches!(outcome, StepOutcome::Accepted { holds } if same_value(holds, &step.value));
         if !taken {
             match previous.get(&step.property) {
                 Some(v) => doc.insert(step.property.clone(), v.clone()),
@@ -172,9 +169,20 @@ mod tests {
             value: v,
         };
         let steps = vec![
-            (step("a", json!(1)), StepOutcome::Accepted { holds: json!(1) }),
-            (step("b", json!(30)), StepOutcome::Accepted { holds: json!(20) }),
-            (step("c", json!(5)), StepOutcome::Refused { reason: "no".into() }),
+            (
+                step("a", json!(1)),
+                StepOutcome::Accepted { holds: json!(1) },
+            ),
+            (
+                step("b", json!(30)),
+                StepOutcome::Accepted { holds: json!(20) },
+            ),
+            (
+                step("c", json!(5)),
+                StepOutcome::Refused {
+                    reason: "no".into(),
+                },
+            ),
             (
                 step("d", json!(true)),
                 StepOutcome::Pending {

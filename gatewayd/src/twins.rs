@@ -7,11 +7,11 @@
 //! recovered by the twin sync at the next connect. A `kill -9` between the device call and the
 //! commit re-applies the same final state after restart (idempotent settings), never a stale one.
 
+use crate::backoff::Backoff;
 use crate::clock::now_ms;
 use crate::device::{answer_text, CallError, Device, Devices};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
-use crate::backoff::Backoff;
 use crate::store::{pause_after_failure, Store, StoreError};
 use crate::twin::{applied_after, plan, report, Step, StepOutcome};
 use gatewayd_protocol::twin::{decide_desired, merge_patch, validate_doc, DesiredDecision};
@@ -332,9 +332,11 @@ async fn apply_round(
             Err(CallError::Coded { code, detail }) => StepOutcome::Refused {
                 reason: format!("device answered error {code}: {}", answer_text(&detail)),
             },
-            Err(e @ (CallError::BadAnswer(_) | CallError::Refused(_) | CallError::TooLarge { .. })) => {
-                StepOutcome::Refused { reason: e.to_string() }
-            }
+            Err(
+                e @ (CallError::BadAnswer(_) | CallError::Refused(_) | CallError::TooLarge { .. }),
+            ) => StepOutcome::Refused {
+                reason: e.to_string(),
+            },
             Err(CallError::Busy {
                 reason,
                 retry_after,
@@ -397,10 +399,19 @@ async fn apply_round(
     }
     outbox.wake();
     if any_pending {
-        info!(version, properties = applied_count, "desired state partly applied; the rest is retried");
+        info!(
+            version,
+            properties = applied_count,
+            "desired state partly applied; the rest is retried"
+        );
         return Ok(Round::Pending { after });
     }
-    info!(version, properties = applied_count, full, "desired state applied");
+    info!(
+        version,
+        properties = applied_count,
+        full,
+        "desired state applied"
+    );
     Ok(Round::Done)
 }
 

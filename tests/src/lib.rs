@@ -114,7 +114,7 @@ impl Proc {
     pub fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        lines[lines.len().saturating_sub(200)..].join("\n")
     }
 
     /// Sends a signal (`"HUP"`, `"TERM"`, ...) without waiting for anything.

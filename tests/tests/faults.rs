@@ -89,7 +89,10 @@ async fn a_device_going_offline_during_a_command_never_runs_it_twice() -> Result
             let (_, rows) = get(&format!("{admin}/api/inbox?device=agv-1")).await?;
             Ok(rows
                 .as_array()
-                .is_some_and(|r| r.iter().any(|m| m["id"] == id.as_str() && m["state"] == "running"))
+                .is_some_and(|r| {
+                    r.iter()
+                        .any(|m| m["id"] == id.as_str() && m["state"] == "running")
+                })
                 .then_some(()))
         }
     })
@@ -128,7 +131,8 @@ async fn a_huge_device_answer_is_cut_at_the_limit() -> Result<()> {
         .await?;
     let mut calls = Vec::new();
     for _ in 0..4 {
-        calls.push(invoke(&site.stub.api, "agv-1", "status", json!({}), 30));
+        let api = site.stub.api.clone();
+        calls.push(async move { invoke(&api, "agv-1", "status", json!({}), 30).await });
     }
     let answers = futures_join(calls).await;
     let peak = proc_kb(pid, "VmHWM:")?;
@@ -248,7 +252,7 @@ async fn a_full_disk_acknowledges_nothing_and_recovers_by_itself() -> Result<()>
         ids.push(send_ok(&site, "agv-1", json!({"command": "RESTART"}), 120).await?);
     }
     let (s, b) = site
-        .patch_desired("agv-1", json!({"mode": "eco"}), None)
+        .patch_desired("agv-1", json!({"mode": "manual"}), None)
         .await?;
     anyhow::ensure!(s == 200, "patch: {s} {b}");
 
@@ -258,9 +262,10 @@ async fn a_full_disk_acknowledges_nothing_and_recovers_by_itself() -> Result<()>
         async move {
             let (s, b) = get(&format!("{admin}/readyz")).await?;
             Ok((s == 503
-                && b["reasons"]
-                    .as_array()
-                    .is_some_and(|r| r.iter().any(|x| x.as_str().unwrap_or("").contains("store failing"))))
+                && b["reasons"].as_array().is_some_and(|r| {
+                    r.iter()
+                        .any(|x| x.as_str().unwrap_or("").contains("store failing"))
+                }))
             .then_some((s, b)))
         }
     })
@@ -298,10 +303,11 @@ async fn a_full_disk_acknowledges_nothing_and_recovers_by_itself() -> Result<()>
         assert_eq!(m["status"], "completed", "{m}");
     }
     let twin = site
-        .await_twin("agv-1", "mode eco reported", |t| {
-            t["reported"]["mode"] == "eco"
+        .await_twin("agv-1", "mode manual reported", |t| {
+            t["reported"]["mode"] == "manual"
         })
-        .await?;
+        .await
+        .with_context(|| format!("gatewayd log:\n{}", site.gateway.proc.tail()))?;
     let view = site.fleet.view("agv-1").await?;
     for id in &ids {
         assert_eq!(executions(&view, id), 1, "{id}");

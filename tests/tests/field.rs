@@ -57,6 +57,9 @@ async fn a_device_without_a_health_path_comes_back_by_itself() -> Result<()> {
         .await?;
     let message_took = back.elapsed();
     assert_eq!(m["status"], "completed", "{m}");
+    // The cloud refuses RPCs to a device it sees offline: wait for the presence update (it
+    // may trail the message's feedback by a few milliseconds), then call.
+    await_device_online(&site.stub.api, "agv-1", true).await?;
     let (s, b, _) = invoke(&site.stub.api, "agv-1", "status", json!({}), 10).await?;
     assert_eq!(s, 200, "{b}");
     let rpc_took = back.elapsed();
@@ -75,9 +78,7 @@ async fn a_device_without_a_health_path_comes_back_by_itself() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_device_is_retried_where_that_is_safe() -> Result<()> {
     let site = Site::start(1).await?;
-    site.fleet
-        .fault("agv-1", json!({"busy_every": 5}))
-        .await?;
+    site.fleet.fault("agv-1", json!({"busy_every": 5})).await?;
     let mut ids = Vec::new();
     for _ in 0..20 {
         ids.push(send_ok(&site, "agv-1", json!({"command": "RESTART"}), 60).await?);
@@ -85,7 +86,7 @@ async fn a_busy_device_is_retried_where_that_is_safe() -> Result<()> {
     let (s, b) = site
         .patch_desired(
             "agv-1",
-            json!({"maxSpeed": 12, "mode": "eco", "led": true}),
+            json!({"maxSpeed": 12, "mode": "manual", "led": true}),
             None,
         )
         .await?;
@@ -133,17 +134,19 @@ async fn the_desired_state_is_applied_again_when_asked_or_lost() -> Result<()> {
     site.fleet
         .fault("agv-1", json!({"error_status": 500}))
         .await?;
-    site.patch_desired("agv-1", json!({"mode": "eco"}), None)
+    site.patch_desired("agv-1", json!({"mode": "manual"}), None)
         .await?;
-    site.await_twin("agv-1", "mode refused", |t| apply_state(t, "mode") == "refused")
-        .await?;
+    site.await_twin("agv-1", "mode refused", |t| {
+        apply_state(t, "mode") == "refused"
+    })
+    .await?;
     site.fleet
         .fault("agv-1", json!({"error_status": null}))
         .await?;
-    site.patch_desired("agv-1", json!({"mode": "eco"}), None)
+    site.patch_desired("agv-1", json!({"mode": "manual"}), None)
         .await?;
     site.await_twin("agv-1", "mode applied after asking again", |t| {
-        apply_state(t, "mode") == "applied" && t["reported"]["mode"] == "eco"
+        apply_state(t, "mode") == "applied" && t["reported"]["mode"] == "manual"
     })
     .await?;
 
@@ -153,10 +156,14 @@ async fn the_desired_state_is_applied_again_when_asked_or_lost() -> Result<()> {
     site.fleet.fault("agv-1", json!({"reset": true})).await?;
     let started = Instant::now();
     site.fleet.fault("agv-1", json!({"offline": false})).await?;
-    eventually("device holds mode eco again", Duration::from_secs(20), || async {
-        let v = site.fleet.view("agv-1").await?;
-        Ok((v["config"]["mode"] == "eco").then_some(()))
-    })
+    eventually(
+        "device holds mode manual again",
+        Duration::from_secs(20),
+        || async {
+            let v = site.fleet.view("agv-1").await?;
+            Ok((v["config"]["mode"] == "manual").then_some(()))
+        },
+    )
     .await?;
     println!(
         "field: reset to defaults while offline: desired state back on the device {:?} after it returned",

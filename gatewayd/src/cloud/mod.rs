@@ -1,7 +1,6 @@
 //! The cloud link: one MQTT session carrying every device of this gateway. Only this module
 //! knows MQTT; everything else sees decoded protocol payloads and a `Publisher`.
 
-
 mod link;
 mod session;
 

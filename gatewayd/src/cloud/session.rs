@@ -7,8 +7,8 @@
 //! - the presence task republishes the retained device snapshot when it changes;
 //! - the outbox sender (`outbox.rs`) delivers reported patches and feedback.
 
-use crate::backoff::Backoff;
 use super::link::{self, Link, LinkEvent, Publisher};
+use crate::backoff::Backoff;
 use crate::clock::now_ms;
 use crate::config::{parse_broker, Config};
 use crate::device::Devices;
@@ -128,36 +128,43 @@ impl Session {
         let (reset_tx, reset) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(supervisor.critical(
-            "mqtt link",
-            Link {
-                eventloop,
-                client: client.clone(),
-                outbound,
-                events: events_tx,
-                acks: acks_tx,
-                connected: connected_tx,
-                reset,
-                backoff: Backoff::new(config.cloud.reconnect_min_ms, config.cloud.reconnect_max_ms),
-                stop: stop.clone(),
-                metrics: shared.metrics.clone(),
-            }
-            .run()
-            .instrument(tracing::info_span!("mqtt", gateway = %gateway)),
-        ));
-        tasks.spawn(supervisor.critical(
-            "outbox sender",
-            outbox::Sender {
-                store: shared.store.clone(),
-                gateway: gateway.clone(),
-                publisher: publisher.clone(),
-                acks,
-                connected: connected.clone(),
-                wake: shared.outbox.clone(),
-                stop: stop.clone(),
-            }
-            .run(),
-        ));
+        tasks.spawn(
+            supervisor.critical(
+                "mqtt link",
+                Link {
+                    eventloop,
+                    client: client.clone(),
+                    outbound,
+                    events: events_tx,
+                    acks: acks_tx,
+                    connected: connected_tx,
+                    reset,
+                    backoff: Backoff::new(
+                        config.cloud.reconnect_min_ms,
+                        config.cloud.reconnect_max_ms,
+                    ),
+                    stop: stop.clone(),
+                    metrics: shared.metrics.clone(),
+                }
+                .run()
+                .instrument(tracing::info_span!("mqtt", gateway = %gateway)),
+            ),
+        );
+        tasks.spawn(
+            supervisor.critical(
+                "outbox sender",
+                outbox::Sender {
+                    store: shared.store.clone(),
+                    gateway: gateway.clone(),
+                    publisher: publisher.clone(),
+                    acks,
+                    connected: connected.clone(),
+                    wake: shared.outbox.clone(),
+                    stop: stop.clone(),
+                }
+                .run(),
+            ),
+        );
         let accepting = Arc::new(AtomicBool::new(true));
         let (acks, ack_slots) = mpsc::unbounded_channel();
         let generation = Arc::new(AtomicU64::new(0));
@@ -522,10 +529,12 @@ impl Dispatcher {
                     DecodeError::Json(_) => ErrorCode::BadRequest,
                 };
                 let reason = format!("{code}: message refused: {e}");
-                let committed =
-                    self.shared
-                        .inbox
-                        .refuse(head.id.clone(), head.device.clone(), reason, received_ms);
+                let committed = self.shared.inbox.refuse(
+                    head.id.clone(),
+                    head.device.clone(),
+                    reason,
+                    received_ms,
+                );
                 (head.id, head.device, committed)
             }
         };

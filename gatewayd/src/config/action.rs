@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 /// One call against a device: an RPC method (and, with the same shape, a twin property or a
 /// message command). Templates use `{{name}}` placeholders filled from the params. An http
 /// device's action has a `path` (and optionally verb, query, headers, body); a serial device's
-/// has a `request` (and optionally response, fields, errors).
+/// has a `request` (and optionally response, fields, errors, busy, lines or until).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionConfig {
@@ -45,6 +45,10 @@ pub struct ActionConfig {
     /// Device statuses that mean success; default: any 2xx. Others become `device_error`.
     #[serde(default)]
     pub ok_status: Vec<u16>,
+    /// HTTP statuses meaning "busy, did not act" for this call; defaults to the device's
+    /// `transient_status`.
+    #[serde(default)]
+    pub transient_status: Option<Vec<u16>>,
     /// Timeout of this call, milliseconds; defaults to the device's `timeout_ms`. For a serial
     /// device it is also the response timeout (instead of the port's `timeout_ms`).
     #[serde(default)]
@@ -61,19 +65,44 @@ pub struct ActionConfig {
     /// request terminator is appended. Control characters in values become spaces.
     #[serde(default)]
     pub request: Option<String>,
-    /// Serial: a regex the whole answer line must match, e.g. `'TEMP (?P<temp>-?[0-9.]+)'`; its
-    /// named captures become the result object. Without it, the result is the line as a string.
+    /// Serial: a regex the whole answer must match, e.g. `'TEMP (?P<temp>-?[0-9.]+)'`; its
+    /// named captures become the result object. Without it, the result is the answer as a
+    /// string. The answer is one line, or with `lines`/`until` the block's lines joined with
+    /// `\n`, matched as one text: anchored at its start and end, no flags set, so write line
+    /// breaks as `\n`, start with `(?s)` for `.` to cross them or `(?m)` for `^`/`$` at each
+    /// line.
     #[serde(default)]
     pub response: Option<String>,
     /// Serial: declared types of the response captures (`number`, `integer`, `string`,
     /// `bool`); undeclared captures are strings.
     #[serde(default)]
     pub fields: BTreeMap<String, FieldType>,
-    /// Serial: regexes of error answers, tried before `response`; a match is a `device_error`
-    /// with the capture `code` as device_status (0 without one) and `text` (else the line)
-    /// as detail.
+    /// Serial: regexes of error lines, e.g. `['ERR (?P<code>\d+) (?P<text>.*)', 'NAK']`, tried
+    /// on every answer line before it counts as part of the answer (a block ends at an error
+    /// line). A match fails the call with `device_error`. The `code` capture is the device's
+    /// error code: an integer (`ERR 3`) is its `device_status`, any other text (`ERR:RANGE`
+    /// with `'ERR:(?P<code>\w+)'` gives `RANGE`) its `device_code`; without one (`NAK`) the
+    /// status is 0. The `text` capture is the detail (else the whole line). No other capture
+    /// names are allowed, nor an unnamed group without a `code` one (group with `(?:...)`).
     #[serde(default)]
     pub errors: Vec<String>,
+    /// Serial: regexes of busy lines for this action, added to its device's and port's (same
+    /// form as theirs): the device did not act, the call fails with `device_busy`.
+    #[serde(default)]
+    pub busy: Vec<String>,
+    /// Serial: the answer is this many lines (1 to 1000; default 1), joined with `\n`. Lines
+    /// matching an `ignore` pattern are not counted; empty lines are. At most 65536 bytes of
+    /// text in all.
+    #[serde(default)]
+    pub lines: Option<usize>,
+    /// Serial: the answer is every line up to and including the first that matches this
+    /// regex (all of that line), e.g. `'END|OK'`; joined with `\n`, at most 65536 bytes of
+    /// text. Not with `lines`.
+    #[serde(default)]
+    pub until: Option<String>,
+    /// The serial half compiled once (request template, patterns); validation fills it.
+    #[serde(skip)]
+    pub compiled_serial: serial::CompiledSerial,
 }
 
 /// HTTP verbs a mapping may use.

@@ -77,7 +77,11 @@ impl Presence {
         if online {
             tracing::info!(device = %id, "device online");
         } else {
-            tracing::warn!(device = %id, reason = ?self.reason(id), "device offline");
+            tracing::warn!(
+                device = %id,
+                reason = self.reason(id).as_deref().unwrap_or(""),
+                "device offline"
+            );
         }
         self.generation.send_modify(|g| *g += 1);
         true

@@ -279,8 +279,11 @@ impl HttpDriver {
             .trim_matches(['[', ']'])
             .to_string();
         let port = self.base.port_or_known_default().unwrap_or(80);
-        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host.as_str(), port)))
-            .await
+        match tokio::time::timeout(
+            timeout,
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
         {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(format!("connect to {host}:{port}: {e}")),

@@ -1,12 +1,10 @@
 //! The serial line protocol core, with no I/O: framing (split on a terminator, bounded
-//! length), request rendering (templates whose values cannot inject a command) and answer
-//! interpretation (anchored patterns with named captures turned into typed JSON).
+//! length), request rendering (templates whose values cannot inject a command) and the
+//! patterns answers are matched with.
 
-use crate::config::serial::FieldType;
 use crate::template::{Escape, Template};
 use regex::Regex;
-use serde_json::{Map, Number, Value};
-use std::collections::BTreeMap;
+use serde_json::{Map, Value};
 
 /// Splits incoming bytes into lines ended by a terminator, refusing lines longer than a limit.
 #[derive(Debug, Clone)]
@@ -42,24 +40,59 @@ impl Framer {
     /// The next complete line without its terminator, an error for an over-long one (the
     /// buffered input is dropped then), or `None` until more input arrives.
     pub fn next_frame(&mut self) -> Option<Result<Vec<u8>, FrameError>> {
+        match self.line_end()? {
+            Ok(end) => {
+                let frame = self.buf[..end].to_vec();
+                self.consume(end + self.terminator.len());
+                Some(Ok(frame))
+            }
+            Err(e) => {
+                self.buf.clear();
+                Some(Err(e))
+            }
+        }
+    }
+
+    /// Where the first complete line ends (its length, the terminator not counted), an error
+    /// when the limit passed without a terminator, or `None` until more input arrives. Takes
+    /// nothing from the buffer.
+    pub fn line_end(&self) -> Option<Result<usize, FrameError>> {
+        self.line_end_from(0)
+    }
+
+    /// Like [`Framer::line_end`] for a line starting at `start` in the buffer; the length
+    /// counts from `start`.
+    pub fn line_end_from(&self, start: usize) -> Option<Result<usize, FrameError>> {
         let t = self.terminator.len();
+        let buf = self.buf.get(start..).unwrap_or_default();
         // A terminator can only start within the first max_len + 1 positions.
-        let scan = self.buf.len().min(self.max_len + t);
-        if let Some(pos) = find(&self.buf[..scan], &self.terminator) {
-            let frame = self.buf[..pos].to_vec();
-            self.buf.drain(..pos + t);
-            return Some(Ok(frame));
+        let scan = buf.len().min(self.max_len + t);
+        if let Some(pos) = find(&buf[..scan], &self.terminator) {
+            return Some(Ok(pos));
         }
-        if self.buf.len() >= self.max_len + t {
-            self.buf.clear();
-            return Some(Err(FrameError::TooLong(self.max_len)));
-        }
-        None
+        (buf.len() >= self.max_len + t).then_some(Err(FrameError::TooLong(self.max_len)))
+    }
+
+    /// The terminator's length.
+    pub fn terminator_len(&self) -> usize {
+        self.terminator.len()
     }
 
     /// Bytes received but not yet part of a complete line.
     pub fn pending(&self) -> &[u8] {
         &self.buf
+    }
+
+    /// Drops the first `n` buffered bytes (all of them when fewer are buffered).
+    pub fn consume(&mut self, n: usize) {
+        self.cut(0, n);
+    }
+
+    /// Drops `n` buffered bytes from `start` on (fewer when fewer are buffered).
+    pub fn cut(&mut self, start: usize, n: usize) {
+        let start = start.min(self.buf.len());
+        let end = start.saturating_add(n).min(self.buf.len());
+        self.buf.drain(start..end);
     }
 
     /// Forgets buffered input.
@@ -112,7 +145,10 @@ pub fn render_request(
     line
 }
 
-/// A compiled answer pattern: it must match a whole line.
+/// A compiled answer pattern: it must match a whole text (one line, or a block of lines
+/// joined with `\n`). It is anchored at the text's start and end (`\A`, `\z`) and sets no
+/// flag: `.` does not match a line break unless the pattern sets `(?s)`, and `^`/`$` match
+/// at every line only with `(?m)`.
 #[derive(Debug, Clone)]
 pub struct Pattern {
     regex: Regex,
@@ -128,7 +164,7 @@ impl Pattern {
             let last = last.strip_prefix("error: ").unwrap_or(last);
             format!("'{text}' is not a valid regex: {last}")
         })?;
-        let regex = Regex::new(&format!("^(?:{text})$"))
+        let regex = Regex::new(&format!(r"\A(?:{text})\z"))
             .map_err(|e| format!("'{text}' is not a valid regex: {e}"))?;
         Ok(Pattern { regex })
     }
@@ -138,10 +174,20 @@ impl Pattern {
         self.regex.capture_names().flatten()
     }
 
-    /// The named captures of `line` when the whole line matches; a capture that took no part
+    /// Whether it has a capture group without a name (`(a|b)` rather than `(?:a|b)`).
+    pub fn has_unnamed_groups(&self) -> bool {
+        self.regex.capture_names().skip(1).any(|n| n.is_none())
+    }
+
+    /// Whether the whole `text` matches.
+    pub fn is_match(&self, text: &str) -> bool {
+        self.regex.is_match(text)
+    }
+
+    /// The named captures of `text` when the whole text matches; a capture that took no part
     /// in the match is `None`.
-    pub fn captures<'l>(&self, line: &'l str) -> Option<Vec<(&str, Option<&'l str>)>> {
-        let caps = self.regex.captures(line)?;
+    pub fn captures<'l>(&self, text: &'l str) -> Option<Vec<(&str, Option<&'l str>)>> {
+        let caps = self.regex.captures(text)?;
         Some(
             self.regex
                 .capture_names()
@@ -150,100 +196,13 @@ impl Pattern {
                 .collect(),
         )
     }
-}
 
-/// What a device's answer line means.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Reply {
-    /// It matched the response pattern: the typed captures (or the line itself as a string
-    /// when there is no response pattern).
-    Ok(Value),
-    /// It matched an error pattern: the `code` capture (when an integer) and the `text` capture
-    /// (or the whole line).
-    Refused { code: Option<i64>, text: String },
-}
-
-/// Why an answer line could not be taken as a reply.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AnswerError {
-    #[error("unexpected answer {0:?} (matches neither the response nor an error pattern)")]
-    Unexpected(String),
-    #[error("capture '{name}' is {value:?}, which is not {ty}")]
-    Field {
-        name: String,
-        value: String,
-        ty: &'static str,
-    },
-}
-
-/// How one action reads answers: its response pattern, declared capture types and error
-/// patterns.
-#[derive(Debug, Clone, Default)]
-pub struct AnswerSpec {
-    pub response: Option<Pattern>,
-    pub fields: BTreeMap<String, FieldType>,
-    pub errors: Vec<Pattern>,
-}
-
-impl AnswerSpec {
-    /// Interprets one answer line. Error patterns are tried first, so a catch-all response
-    /// pattern cannot swallow an error.
-    pub fn interpret(&self, line: &str) -> Result<Reply, AnswerError> {
-        for e in &self.errors {
-            if let Some(caps) = e.captures(line) {
-                let get = |n: &str| caps.iter().find(|(k, _)| *k == n).and_then(|(_, v)| *v);
-                return Ok(Reply::Refused {
-                    code: get("code").and_then(|c| c.trim().parse().ok()),
-                    text: get("text").unwrap_or(line).to_string(),
-                });
-            }
-        }
-        let Some(response) = &self.response else {
-            return Ok(Reply::Ok(Value::String(line.to_string())));
-        };
-        let caps = response
-            .captures(line)
-            .ok_or_else(|| AnswerError::Unexpected(line.to_string()))?;
-        let mut out = Map::new();
-        for (name, value) in caps {
-            let typed = match value {
-                None => Value::Null,
-                Some(v) => typed(name, v, self.fields.get(name).copied())?,
-            };
-            out.insert(name.to_string(), typed);
-        }
-        Ok(Reply::Ok(Value::Object(out)))
+    /// The capture `name` of `text` when the whole text matches (`Some(None)`: it matched,
+    /// without that capture).
+    pub fn capture<'l>(&self, text: &'l str, name: &str) -> Option<Option<&'l str>> {
+        let caps = self.regex.captures(text)?;
+        Some(caps.name(name).map(|m| m.as_str()))
     }
-}
-
-/// A capture converted to its declared type; undeclared captures are strings.
-fn typed(name: &str, text: &str, ty: Option<FieldType>) -> Result<Value, AnswerError> {
-    let fail = |ty: &'static str| AnswerError::Field {
-        name: name.to_string(),
-        value: text.to_string(),
-        ty,
-    };
-    let t = text.trim();
-    Ok(match ty {
-        None | Some(FieldType::String) => Value::String(text.to_string()),
-        Some(FieldType::Number) => t
-            .parse::<f64>()
-            .ok()
-            .and_then(Number::from_f64)
-            .map(Value::Number)
-            .ok_or_else(|| fail("a number"))?,
-        Some(FieldType::Integer) => t
-            .strip_prefix('+')
-            .unwrap_or(t)
-            .parse::<i64>()
-            .map(Value::from)
-            .map_err(|_| fail("an integer"))?,
-        Some(FieldType::Bool) => match t.to_ascii_lowercase().as_str() {
-            "1" | "true" | "on" | "yes" => Value::Bool(true),
-            "0" | "false" | "off" | "no" => Value::Bool(false),
-            _ => return Err(fail("a bool (1/0, true/false, on/off, yes/no)")),
-        },
-    })
 }
 
 #[cfg(test)]
@@ -336,96 +295,6 @@ mod tests {
         let t = Template::parse("{{address}}X").unwrap();
         let out = render_request(&t, &vars(json!({"address": "99"})), None, "\r");
         assert_eq!(out, b"X\r");
-    }
-
-    fn spec(response: &str, fields: Value, errors: &[&str]) -> AnswerSpec {
-        AnswerSpec {
-            response: Some(Pattern::parse(response).unwrap()),
-            fields: serde_json::from_value(fields).unwrap(),
-            errors: errors.iter().map(|e| Pattern::parse(e).unwrap()).collect(),
-        }
-    }
-
-    #[test]
-    fn captures_become_typed_json() {
-        let s = spec(
-            r"TEMP (?P<temp>\S+)(?: (?P<unit>[CF]))?(?: ALARM=(?P<alarm>\d))?(?: N=(?P<n>\S+))?",
-            json!({"temp": "number", "alarm": "bool", "n": "integer"}),
-            &[],
-        );
-        assert_eq!(
-            s.interpret("TEMP 21.5"),
-            Ok(Reply::Ok(
-                json!({"temp": 21.5, "unit": null, "alarm": null, "n": null})
-            ))
-        );
-        assert_eq!(
-            s.interpret("TEMP -3 C ALARM=1 N=+7"),
-            Ok(Reply::Ok(
-                json!({"temp": -3.0, "unit": "C", "alarm": true, "n": 7})
-            ))
-        );
-        assert_eq!(
-            s.interpret("TEMP warm"),
-            Err(AnswerError::Field {
-                name: "temp".into(),
-                value: "warm".into(),
-                ty: "a number"
-            })
-        );
-        assert_eq!(
-            s.interpret("TEMP 1 N=1.5").unwrap_err().to_string(),
-            "capture 'n' is \"1.5\", which is not an integer"
-        );
-    }
-
-    #[test]
-    fn patterns_match_whole_lines_only() {
-        let s = spec("OK", json!({}), &[]);
-        assert_eq!(s.interpret("OK"), Ok(Reply::Ok(json!({}))));
-        assert_eq!(
-            s.interpret("xOKx"),
-            Err(AnswerError::Unexpected("xOKx".into()))
-        );
-        assert_eq!(
-            s.interpret("\u{15}#!~garbage").unwrap_err().to_string(),
-            "unexpected answer \"\\u{15}#!~garbage\" (matches neither the response nor an error pattern)"
-        );
-        // An unbalanced pattern is refused rather than re-parsed inside the anchors.
-        assert!(Pattern::parse("a)(b").is_err());
-    }
-
-    #[test]
-    fn error_patterns_win_and_carry_code_and_text() {
-        let s = spec(
-            "(?P<any>.*)",
-            json!({}),
-            &[r"ERR (?P<code>\d+) (?P<text>.*)", "NAK"],
-        );
-        assert_eq!(
-            s.interpret("ERR 3 OUT OF RANGE"),
-            Ok(Reply::Refused {
-                code: Some(3),
-                text: "OUT OF RANGE".into()
-            })
-        );
-        assert_eq!(
-            s.interpret("NAK"),
-            Ok(Reply::Refused {
-                code: None,
-                text: "NAK".into()
-            })
-        );
-        assert_eq!(s.interpret("fine"), Ok(Reply::Ok(json!({"any": "fine"}))));
-    }
-
-    #[test]
-    fn without_a_response_pattern_the_line_is_the_result() {
-        let s = AnswerSpec::default();
-        assert_eq!(
-            s.interpret("ACME TC-100,SN1234,1.0"),
-            Ok(Reply::Ok(json!("ACME TC-100,SN1234,1.0")))
-        );
     }
 
     #[test]

@@ -1,16 +1,23 @@
 //! The task that owns one serial port. A half-duplex bus serves one exchange at a time, so
 //! every request of every device on the port arrives here through one channel and is served
-//! in arrival order: discard stale input, write the request, read one answer line. The task
-//! also watches the idle port (unsolicited input is discarded; a hang-up closes it) and, while
-//! the port is closed, reopens it every second and brings its devices back online.
+//! in arrival order: read what arrived since the last exchange, write the request, read its
+//! answer (`exchange` decides what is echo, ignored, answer). The task also reads the idle
+//! port (unsolicited lines are dropped; a hang-up closes it) and, while the port is closed,
+//! reopens it every second and brings its devices back online.
+//!
+//! Once the first byte of a request was written, no failure is reported as "not sent": a port
+//! that fails then gives [`ExchangeError::Lost`], whose device may have acted.
 
-use super::frame::{FrameError, Framer};
+use super::exchange::{Exchange, Heard, ReadError};
+use super::frame::Framer;
+use super::rules::{LineRules, SerialAction, MAX_ANSWER};
 use crate::clock::now_ms;
 use crate::config::serial::{FlowControl, Parity};
 use crate::config::SerialPortConfig;
 use crate::device::health::Presence;
 use gatewayd_protocol::DeviceId;
 use std::io;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -27,33 +34,77 @@ pub const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Job {
     /// The request line, terminator included.
     pub request: Vec<u8>,
+    /// How the device's lines are read.
+    pub lines: Arc<LineRules>,
+    /// The action: how its answer is read.
+    pub action: Arc<SerialAction>,
     /// How long the device may take to answer once the request is written.
     pub response_timeout: Duration,
     /// The caller's deadline: a job still waiting for the bus then is never sent.
     pub deadline: Instant,
-    /// Where the answer line (without terminator) goes.
-    pub reply: oneshot::Sender<Result<Vec<u8>, ExchangeError>>,
+    /// Taken by the task right before writing, or abandoned by the caller: never both.
+    pub ticket: Arc<Ticket>,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Result<Heard, ExchangeError>>,
 }
 
-/// Why an exchange gave no answer line.
+/// Who settles a job first: the port task taking it to write, or its caller giving up on it.
+/// Exactly one wins, so a request its caller reports as not sent is never written.
+#[derive(Debug, Default)]
+pub struct Ticket(AtomicU8);
+
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
+
+impl Ticket {
+    /// The port task is about to write: `false` when the caller already gave up.
+    pub fn take(&self) -> bool {
+        self.0
+            .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// The caller gives up: `true` when the request was not, and will never be, written.
+    pub fn abandon(&self) -> bool {
+        match self
+            .0
+            .compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => true,
+            Err(now) => now == ABANDONED,
+        }
+    }
+}
+
+/// Why an exchange gave no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExchangeError {
-    /// The deadline passed while the job waited for the bus; nothing was sent.
+    /// The deadline passed (or the caller gave up) while the job waited for the bus; nothing
+    /// was sent.
     #[error("deadline passed while waiting for the bus; not sent")]
     Expired,
-    /// No complete line before the deadline.
+    /// The port could not be opened, or failed before the request was written: the devices
+    /// on it are offline; nothing was sent.
+    #[error("{0}")]
+    PortDown(String),
+    /// The port took no byte of the request before the deadline (held by flow control);
+    /// nothing was sent.
+    #[error("{0}")]
+    NotWritten(String),
+    /// Written, but no complete answer before the deadline.
     #[error("no complete answer within {waited_ms} ms")]
     Timeout {
         waited_ms: u64,
         /// Bytes of an unterminated line, if any arrived.
         partial: Vec<u8>,
     },
-    /// The answer line exceeded `max_frame_len`.
+    /// Written, but the answer could not be read (an over-long line or answer, a wrong echo).
     #[error(transparent)]
-    Frame(#[from] FrameError),
-    /// The port could not be opened, or failed: the devices on it are offline.
+    Read(#[from] ReadError),
+    /// The port failed once (part of) the request was written: the device may have acted.
     #[error("{0}")]
-    PortDown(String),
+    Lost(String),
 }
 
 /// Everything the port task owns.
@@ -65,6 +116,7 @@ pub struct PortTask {
     /// Devices on this port: they go offline and online with it.
     devices: Vec<DeviceId>,
     port: Option<SerialStream>,
+    /// Lines between exchanges; holds a line still arriving when a request is written.
     framer: Framer,
     last_exchange: Option<Instant>,
     next_reopen: Instant,
@@ -113,7 +165,7 @@ impl PortTask {
                 },
                 read = read_idle(&mut self.port, &mut scratch) => match read {
                     Ok(0) => self.port_down(format!("serial port {} hung up", self.config.path)),
-                    Ok(n) => debug!(port = %self.name, bytes = n, "discarded unsolicited input"),
+                    Ok(n) => self.unsolicited(&scratch[..n]),
                     Err(e) => self.port_down(format!("serial port {} failed: {e}", self.config.path)),
                 },
                 _ = sleep_until(self.next_reopen), if closed => {
@@ -151,7 +203,7 @@ impl PortTask {
         let _ = job.reply.send(outcome);
     }
 
-    async fn exchange(&mut self, job: &Job) -> Result<Vec<u8>, ExchangeError> {
+    async fn exchange(&mut self, job: &Job) -> Result<Heard, ExchangeError> {
         if Instant::now() >= job.deadline {
             return Err(ExchangeError::Expired);
         }
@@ -168,74 +220,136 @@ impl PortTask {
             let free = last + Duration::from_millis(self.config.inter_request_gap_ms);
             sleep_until(free.min(job.deadline)).await;
         }
-        if let Err(e) = self.discard_stale() {
-            return Err(self.fail(e));
+        if let Err(e) = self.read_waiting() {
+            let why = format!("serial port {} failed: {e}", self.config.path);
+            self.port_down(why.clone());
+            return Err(ExchangeError::PortDown(why));
         }
-        // Checked again right before writing: the gap or the discard may have used it up.
-        if Instant::now() >= job.deadline {
+        // Checked again right before writing: the gap may have used the time up, or the
+        // caller given up.
+        if Instant::now() >= job.deadline || !job.ticket.take() {
             return Err(ExchangeError::Expired);
         }
         let port = self.port.as_mut().expect("opened above");
-        match timeout_at(job.deadline, write_all(port, &job.request)).await {
+        let mut written = 0;
+        let wrote = timeout_at(job.deadline, write_all(port, &job.request, &mut written)).await;
+        match wrote {
+            Err(_) if written == 0 => {
+                return Err(ExchangeError::NotWritten(format!(
+                "serial port {} took no byte of the request before the deadline (flow control?)",
+                self.config.path
+            )))
+            }
             Err(_) => {
                 return Err(ExchangeError::Timeout {
                     waited_ms: 0,
                     partial: Vec::new(),
                 })
             }
-            Ok(Err(e)) => return Err(self.fail(e)),
+            Ok(Err(e)) if written == 0 => {
+                let why = format!("serial port {} failed: {e}", self.config.path);
+                self.port_down(why.clone());
+                return Err(ExchangeError::PortDown(why));
+            }
+            Ok(Err(e)) => return Err(self.lost(e)),
             Ok(Ok(())) => {}
         }
         let sent = Instant::now();
         let until = (sent + job.response_timeout).min(job.deadline);
+        let framer = self.framer.clone();
+        self.framer.clear();
+        let mut x = Exchange::new(
+            &job.request,
+            framer,
+            &job.lines,
+            &job.action.reply,
+            MAX_ANSWER,
+        );
         let mut buf = [0u8; 512];
-        loop {
-            if let Some(frame) = self.framer.next_frame() {
-                return frame.map_err(ExchangeError::from);
-            }
+        let outcome = loop {
             let port = self.port.as_mut().expect("open during an exchange");
             match timeout_at(until, port.read(&mut buf)).await {
                 Err(_) => {
-                    return Err(ExchangeError::Timeout {
+                    break Err(ExchangeError::Timeout {
                         waited_ms: until.saturating_duration_since(sent).as_millis() as u64,
-                        partial: self.framer.pending().to_vec(),
+                        partial: x.pending().to_vec(),
                     })
                 }
                 Ok(Ok(0)) => {
-                    return Err(self.fail(io::Error::new(io::ErrorKind::UnexpectedEof, "hung up")))
+                    break Ok(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "hung up")))
                 }
-                Ok(Ok(n)) => self.framer.push(&buf[..n]),
-                Ok(Err(e)) => return Err(self.fail(e)),
+                Ok(Ok(n)) => {
+                    if let Some(done) = x.push(&buf[..n]) {
+                        break Ok(Ok(done));
+                    }
+                }
+                Ok(Err(e)) => break Ok(Err(e)),
             }
+        };
+        if x.ignored() > 0 {
+            debug!(port = %self.name, lines = x.ignored(), "ignored lines during an exchange");
+        }
+        self.framer = x.into_framer();
+        match outcome {
+            Ok(Ok(done)) => done.map_err(ExchangeError::Read),
+            Ok(Err(e)) => Err(self.lost(e)),
+            Err(e) => Err(e),
         }
     }
 
-    /// Drops input that arrived before this request: the kernel buffer and what is readable.
-    fn discard_stale(&mut self) -> io::Result<()> {
-        self.framer.clear();
-        let Some(port) = self.port.as_mut() else {
-            return Ok(());
-        };
-        port.clear(tokio_serial::ClearBuffer::Input)
-            .map_err(io::Error::from)?;
+    /// Takes in what arrived since the last exchange (bounded: a device streaming without
+    /// pause cannot hold the task here). Complete lines came before the request and are
+    /// dropped by the exchange; a line still arriving stays in the framer.
+    fn read_waiting(&mut self) -> io::Result<()> {
         let mut buf = [0u8; 512];
-        // Bounded: a device streaming without pause cannot hold the task here.
         for _ in 0..128 {
+            let Some(port) = self.port.as_mut() else {
+                return Ok(());
+            };
             match port.try_read(&mut buf) {
                 Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "hung up")),
-                Ok(n) => debug!(port = %self.name, bytes = n, "discarded stale input"),
+                Ok(n) => self.unsolicited(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        // Still streaming: what is in the kernel buffer and here goes.
+        self.framer.clear();
+        match self.port.as_mut() {
+            Some(port) => port
+                .clear(tokio_serial::ClearBuffer::Input)
+                .map_err(io::Error::from),
+            None => Ok(()),
+        }
     }
 
-    /// Closes the port after an I/O error and says why as the exchange's error.
-    fn fail(&mut self, e: io::Error) -> ExchangeError {
-        let why = format!("serial port {} failed: {e}", self.config.path);
+    /// Input on the idle port: its complete lines answer nothing.
+    fn unsolicited(&mut self, bytes: &[u8]) {
+        self.framer.push(bytes);
+        self.drop_lines();
+    }
+
+    fn drop_lines(&mut self) {
+        while let Some(line) = self.framer.next_frame() {
+            match line {
+                Ok(line) => debug!(
+                    port = %self.name,
+                    line = %String::from_utf8_lossy(&line),
+                    "dropped a line that answers no request"
+                ),
+                Err(e) => debug!(port = %self.name, error = %e, "dropped unsolicited input"),
+            }
+        }
+    }
+
+    /// Closes the port after an I/O error once the request was (partly) written.
+    fn lost(&mut self, e: io::Error) -> ExchangeError {
+        let why = format!(
+            "serial port {} failed after the request was written: {e}",
+            self.config.path
+        );
         self.port_down(why.clone());
-        ExchangeError::PortDown(why)
+        ExchangeError::Lost(why)
     }
 
     fn open(&mut self) -> Result<(), String> {
@@ -304,8 +418,15 @@ async fn read_idle(port: &mut Option<SerialStream>, buf: &mut [u8]) -> io::Resul
     }
 }
 
-async fn write_all(port: &mut SerialStream, bytes: &[u8]) -> io::Result<()> {
-    port.write_all(bytes).await?;
+/// Writes all of `bytes`, counting in `written` what the port took (it stays true when the
+/// future is dropped at a deadline).
+async fn write_all(port: &mut SerialStream, bytes: &[u8], written: &mut usize) -> io::Result<()> {
+    while *written < bytes.len() {
+        match port.write(&bytes[*written..]).await? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => *written += n,
+        }
+    }
     port.flush().await
 }
 
@@ -323,204 +444,5 @@ pub fn open_error(path: &str, e: &tokio_serial::Error) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::AsyncBufReadExt;
-
-    /// A port task on a fresh pty; the returned master plays the device.
-    struct Bench {
-        jobs: mpsc::Sender<Job>,
-        device: tokio::io::BufReader<SerialStream>,
-        presence: Arc<Presence>,
-        _slave: SerialStream,
-    }
-
-    fn bench() -> Bench {
-        let (master, slave) = SerialStream::pair().unwrap();
-        let config: SerialPortConfig = serde_json::from_value(serde_json::json!({
-            "path": slave.name().unwrap(),
-            "max_frame_len": 16,
-        }))
-        .unwrap();
-        let id = DeviceId::new("tc").unwrap();
-        let presence = Arc::new(Presence::new([id.clone()].into_iter(), 0));
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(PortTask::new("bus".into(), config, rx, presence.clone(), vec![id]).run());
-        Bench {
-            jobs: tx,
-            device: tokio::io::BufReader::new(master),
-            presence,
-            _slave: slave,
-        }
-    }
-
-    impl Bench {
-        async fn send(
-            &self,
-            request: &str,
-            within: Duration,
-        ) -> oneshot::Receiver<Result<Vec<u8>, ExchangeError>> {
-            let (reply, rx) = oneshot::channel();
-            let job = Job {
-                request: request.as_bytes().to_vec(),
-                response_timeout: within,
-                deadline: Instant::now() + within,
-                reply,
-            };
-            self.jobs.send(job).await.unwrap();
-            rx
-        }
-
-        async fn call(&self, request: &str, within: Duration) -> Result<Vec<u8>, ExchangeError> {
-            self.send(request, within).await.await.unwrap()
-        }
-
-        /// The device reads one request line.
-        async fn heard(&mut self) -> String {
-            let mut line = String::new();
-            self.device.read_line(&mut line).await.unwrap();
-            line
-        }
-
-        async fn say(&mut self, bytes: &[u8]) {
-            self.device.get_mut().write_all(bytes).await.unwrap();
-        }
-    }
-
-    const SOON: Duration = Duration::from_millis(300);
-
-    #[tokio::test]
-    async fn one_answer_line_per_request_and_stale_input_is_dropped() {
-        let mut b = bench();
-        let call = b.send("TEMP?\r\n", Duration::from_secs(5)).await;
-        assert_eq!(b.heard().await, "TEMP?\r\n");
-        b.say(b"TEMP 21.5\r\nextra\r\n").await;
-        assert_eq!(call.await.unwrap(), Ok(b"TEMP 21.5".to_vec()));
-        // "extra" and this unterminated junk are stale by the next request.
-        b.say(b"#~").await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let call = b.send("SETP?\r\n", Duration::from_secs(5)).await;
-        assert_eq!(b.heard().await, "SETP?\r\n");
-        b.say(b"SETP 20\r\n").await;
-        assert_eq!(call.await.unwrap(), Ok(b"SETP 20".to_vec()));
-    }
-
-    #[tokio::test]
-    async fn silence_partial_lines_and_long_frames_fail_only_their_request() {
-        let mut b = bench();
-        let started = Instant::now();
-        let out = b.call("A\r\n", SOON).await;
-        assert!(
-            matches!(out, Err(ExchangeError::Timeout { ref partial, .. }) if partial.is_empty()),
-            "{out:?}"
-        );
-        assert!(started.elapsed() >= SOON);
-        assert_eq!(b.heard().await, "A\r\n");
-
-        let call = b.send("B\r\n", SOON).await;
-        assert_eq!(b.heard().await, "B\r\n");
-        b.say(b"TEMP 2").await;
-        assert!(
-            matches!(call.await.unwrap(), Err(ExchangeError::Timeout { partial, .. }) if partial == b"TEMP 2"),
-        );
-
-        let call = b.send("C\r\n", SOON).await;
-        assert_eq!(b.heard().await, "C\r\n");
-        b.say(&[b'X'; 40]).await;
-        assert_eq!(
-            call.await.unwrap(),
-            Err(ExchangeError::Frame(FrameError::TooLong(16)))
-        );
-
-        let call = b.send("D\r\n", SOON).await;
-        assert_eq!(b.heard().await, "D\r\n");
-        b.say(b"OK\r\n").await;
-        assert_eq!(call.await.unwrap(), Ok(b"OK".to_vec()));
-        assert!(b.presence.is_online(&DeviceId::new("tc").unwrap()));
-    }
-
-    #[tokio::test]
-    async fn a_request_whose_deadline_passed_on_the_queue_is_never_sent() {
-        let mut b = bench();
-        let slow = b.send("SLOW\r\n", Duration::from_secs(5)).await;
-        let late = b.send("LATE\r\n", Duration::from_millis(100)).await;
-        assert_eq!(b.heard().await, "SLOW\r\n");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        b.say(b"DONE\r\n").await;
-        assert_eq!(slow.await.unwrap(), Ok(b"DONE".to_vec()));
-        assert_eq!(late.await.unwrap(), Err(ExchangeError::Expired));
-        let next = b.send("NEXT\r\n", Duration::from_secs(5)).await;
-        assert_eq!(b.heard().await, "NEXT\r\n", "LATE never reached the device");
-        b.say(b"OK\r\n").await;
-        assert_eq!(next.await.unwrap(), Ok(b"OK".to_vec()));
-    }
-
-    #[tokio::test]
-    async fn a_port_that_cannot_open_takes_its_devices_offline() {
-        let config: SerialPortConfig =
-            serde_json::from_value(serde_json::json!({"path": "/nonexistent/ttyUSB9"})).unwrap();
-        let id = DeviceId::new("tc").unwrap();
-        let presence = Arc::new(Presence::new([id.clone()].into_iter(), 0));
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(
-            PortTask::new("bus".into(), config, rx, presence.clone(), vec![id.clone()]).run(),
-        );
-        let (reply, answer) = oneshot::channel();
-        tx.send(Job {
-            request: b"X\r\n".to_vec(),
-            response_timeout: SOON,
-            deadline: Instant::now() + SOON,
-            reply,
-        })
-        .await
-        .unwrap();
-        assert_eq!(
-            answer.await.unwrap(),
-            Err(ExchangeError::PortDown(
-                "no serial port at /nonexistent/ttyUSB9 (unplugged?)".into()
-            ))
-        );
-        assert!(!presence.is_online(&id));
-        assert_eq!(
-            presence.reason(&id).as_deref(),
-            Some("no serial port at /nonexistent/ttyUSB9 (unplugged?)")
-        );
-    }
-
-    fn err(kind: tokio_serial::ErrorKind, desc: &str) -> tokio_serial::Error {
-        tokio_serial::Error::new(kind, desc)
-    }
-
-    #[test]
-    fn open_errors_say_what_to_do() {
-        use tokio_serial::ErrorKind;
-        assert_eq!(
-            open_error(
-                "/dev/ttyUSB0",
-                &err(ErrorKind::Io(io::ErrorKind::PermissionDenied), "Permission denied")
-            ),
-            "permission denied opening /dev/ttyUSB0: the service user needs the port's group (usually dialout), and under the systemd unit the device must be allowed (DeviceAllow=char-<driver> rw, see the README)"
-        );
-        assert_eq!(
-            open_error(
-                "/dev/ttyUSB0",
-                &err(
-                    ErrorKind::Io(io::ErrorKind::NotFound),
-                    "No such file or directory"
-                )
-            ),
-            "no serial port at /dev/ttyUSB0 (unplugged?)"
-        );
-        assert_eq!(
-            open_error(
-                "/dev/ttyS1",
-                &err(ErrorKind::NoDevice, "Device or resource busy")
-            ),
-            "serial port /dev/ttyS1 is busy: another process holds it"
-        );
-        assert_eq!(
-            open_error("/dev/ttyS1", &err(ErrorKind::Unknown, "Input/output error")),
-            "cannot open serial port /dev/ttyS1: Input/output error"
-        );
-    }
-}
+#[path = "port_tests.rs"]
+mod tests;
