@@ -255,7 +255,8 @@ async fn stale_desired_versions_are_ignored() -> Result<()> {
 /// Reported properties polled from the device: a setting changed on the device itself (by a
 /// local operator) shows up in the reported half, and the delta tells the cloud it drifted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn polled_reported_properties_follow_changes_made_on_the_device() -> Result<()> {
+async fn polled_reported_properties_catch_a_local_change_and_the_desired_state_wins() -> Result<()>
+{
     let poll = "\n[devices.agv-1.reported_poll]\nmethod = \"get_config\"\ninterval_ms = 1000\n";
     let site = Site::start_with(1, poll).await?;
     site.patch_desired("agv-1", json!({"mode": "auto"}), None)
@@ -264,7 +265,8 @@ async fn polled_reported_properties_follow_changes_made_on_the_device() -> Resul
         t["reported"]["mode"] == "auto"
     })
     .await?;
-    // Someone switches the AGV to manual on its own panel (its local API).
+    // Someone switches the AGV to manual on its own panel (its local API): the poll sees the
+    // device no longer holds what was applied, and the desired state is applied again.
     let (_, api) = &site.fleet.devices[0];
     let (s, b) = put_json(
         &format!("{api}/api/config/mode"),
@@ -272,16 +274,18 @@ async fn polled_reported_properties_follow_changes_made_on_the_device() -> Resul
     )
     .await?;
     assert_eq!(s, 200, "{b}");
+    site.await_log("the device no longer holds its desired state")
+        .await?;
+    eventually("device back to auto", Duration::from_secs(10), || async {
+        let v = site.fleet.view("agv-1").await?;
+        Ok((v["config"]["mode"] == "auto").then_some(()))
+    })
+    .await?;
     let twin = site
-        .await_twin("agv-1", "reported mode manual from the poll", |t| {
-            t["reported"]["mode"] == "manual"
+        .await_twin("agv-1", "reported mode auto again", |t| {
+            t["reported"]["mode"] == "auto" && t["reported"]["led"] == json!(false)
         })
         .await?;
-    assert_eq!(twin["delta"], json!(["mode"]), "{twin}");
-    assert_eq!(
-        twin["reported"]["led"],
-        json!(false),
-        "other polled properties are reported too"
-    );
+    assert_eq!(twin["delta"], json!([]), "{twin}");
     Ok(())
 }
