@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -156,10 +157,17 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
         }
     };
     let snapshot = state.devices.presence.snapshot();
+    let stats = state.store.stats();
     let gauges = Gauges {
         inbox_depth,
         outbox_depth,
         cloud_connected: *state.connected.borrow(),
+        store_queued: stats.queued.load(Relaxed) as u64,
+        store_last_batch: stats.last_batch.load(Relaxed) as u64,
+        store_commits: stats.commits.load(Relaxed),
+        store_commit_seconds: stats.commit_us.load(Relaxed) as f64 / 1e6,
+        store_failures: stats.failures.load(Relaxed),
+        store_failing: *state.store.health().borrow() != crate::store::Health::Ok,
         devices: snapshot
             .devices
             .iter()

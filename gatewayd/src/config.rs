@@ -5,6 +5,7 @@
 pub mod action;
 pub mod admin;
 pub mod cloud;
+pub mod http;
 pub mod serial;
 
 use figment::providers::{Env, Format, Toml};

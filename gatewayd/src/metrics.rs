@@ -63,6 +63,14 @@ pub struct Gauges {
     pub outbox_depth: u64,
     /// Whether the MQTT session is connected.
     pub cloud_connected: bool,
+    /// The store thread: jobs waiting, jobs in the last batch, batches committed and their
+    /// total commit time, batches failed, whether writes currently fail.
+    pub store_queued: u64,
+    pub store_last_batch: u64,
+    pub store_commits: u64,
+    pub store_commit_seconds: f64,
+    pub store_failures: u64,
+    pub store_failing: bool,
     /// Every device and whether it is online, in id order.
     pub devices: Vec<(String, bool)>,
 }
@@ -212,6 +220,18 @@ impl Metrics {
             "Reported twin patches and message feedback not yet acknowledged by the broker.",
         );
         let _ = writeln!(o, "gatewayd_outbox_depth {}", gauges.outbox_depth);
+
+        for (name, kind, help, value) in [
+            ("gatewayd_store_queue_depth", "gauge", "Store jobs submitted and not yet answered.", gauges.store_queued.to_string()),
+            ("gatewayd_store_batch_size", "gauge", "Jobs in the store's last transaction.", gauges.store_last_batch.to_string()),
+            ("gatewayd_store_commits_total", "counter", "Store transactions committed.", gauges.store_commits.to_string()),
+            ("gatewayd_store_commit_seconds_total", "counter", "Time spent in committed store transactions (divide by commits for the mean latency).", format!("{:.6}", gauges.store_commit_seconds)),
+            ("gatewayd_store_failures_total", "counter", "Store transactions that failed (nothing of them was stored).", gauges.store_failures.to_string()),
+            ("gatewayd_store_failing", "gauge", "1 while store writes fail (full disk, I/O error).", u8::from(gauges.store_failing).to_string()),
+        ] {
+            header(o, name, kind, help);
+            let _ = writeln!(o, "{name} {value}");
+        }
 
         header(
             o,
@@ -366,6 +386,12 @@ mod tests {
             inbox_depth: 3,
             outbox_depth: 4,
             cloud_connected: true,
+            store_queued: 0,
+            store_last_batch: 1,
+            store_commits: 2,
+            store_commit_seconds: 0.5,
+            store_failures: 0,
+            store_failing: false,
             devices: vec![("agv-1".into(), true), ("a\"b".into(), false)],
         });
         for family in [
@@ -375,6 +401,9 @@ mod tests {
             "gatewayd_messages_total",
             "gatewayd_inbox_depth",
             "gatewayd_outbox_depth",
+            "gatewayd_store_queue_depth",
+            "gatewayd_store_commit_seconds_total",
+            "gatewayd_store_failing",
             "gatewayd_twin_applies_total",
             "gatewayd_cloud_reconnects_total",
             "gatewayd_cloud_connected",

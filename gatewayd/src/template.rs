@@ -129,33 +129,6 @@ fn scalar_text(v: &Value) -> String {
     }
 }
 
-/// Renders a JSON body template: a string that is exactly one placeholder becomes the value
-/// itself (type kept; the key is left out when the value is absent), `{{params}}` the whole
-/// params object, other strings are rendered as text.
-pub fn render_json(body: &Value, vars: &Map<String, Value>) -> Option<Value> {
-    match body {
-        Value::String(s) => {
-            let t = Template::parse(s).ok()?;
-            match t.single_var() {
-                Some(name) => lookup(vars, name).cloned(),
-                None => Some(Value::String(t.render(vars, Escape::None))),
-            }
-        }
-        Value::Array(items) => Some(Value::Array(
-            items
-                .iter()
-                .map(|v| render_json(v, vars).unwrap_or(Value::Null))
-                .collect(),
-        )),
-        Value::Object(m) => Some(Value::Object(
-            m.iter()
-                .filter_map(|(k, v)| render_json(v, vars).map(|v| (k.clone(), v)))
-                .collect(),
-        )),
-        other => Some(other.clone()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,17 +188,5 @@ mod tests {
         );
         assert_eq!(out, "x-a  b c d é");
         assert!(reqwest::header::HeaderValue::try_from(out).is_ok());
-    }
-
-    #[test]
-    fn json_bodies_keep_types_and_drop_absent_keys() {
-        let body = json!({"x": "{{x}}", "label": "to {{x}}", "speed": "{{speed}}", "all": "{{params}}", "k": 1});
-        let mut v = vars(json!({"x": 3}));
-        v.insert("params".into(), json!({"x": 3}));
-        let out = render_json(&body, &v).unwrap();
-        assert_eq!(
-            out,
-            json!({"x": 3, "label": "to 3", "all": {"x": 3}, "k": 1})
-        );
     }
 }

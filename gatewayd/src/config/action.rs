@@ -103,6 +103,9 @@ pub struct ActionConfig {
     /// The serial half compiled once (request template, patterns); validation fills it.
     #[serde(skip)]
     pub compiled_serial: serial::CompiledSerial,
+    /// The HTTP half compiled once (templates); validation fills it.
+    #[serde(skip)]
+    pub compiled_http: super::http::CompiledHttp,
 }
 
 /// HTTP verbs a mapping may use.
@@ -237,6 +240,11 @@ impl ActionConfig {
             }
         }
         serial::check_action(self, at, builtins, p);
+        if self.path.is_some() {
+            if let Err(e) = self.compiled_http.get(self) {
+                p.push(format!("{at}: {e}"));
+            }
+        }
     }
 
     /// Checks that the action fits a device of `kind`: `path` for http, `request` for serial,

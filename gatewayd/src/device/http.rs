@@ -8,8 +8,9 @@
 //! a device answering 200 MB costs at most the limit in memory.
 
 use super::{Answer, CallError};
+use crate::config::http::HttpAction;
 use crate::config::{ActionConfig, AuthConfig, DeviceConfig, HttpVerb, ResultMode};
-use crate::template::{render_json, Escape, Template};
+use crate::template::Escape;
 use gatewayd_protocol::DeviceId;
 use reqwest::{Client, Method, Url};
 use serde_json::{Map, Value};
@@ -95,13 +96,15 @@ impl HttpDriver {
     /// The URL an action resolves to with `vars`; only the path and query come from templates,
     /// so the scheme, host and port are always the configured ones.
     pub fn url(&self, action: &ActionConfig, vars: &Map<String, Value>) -> Result<Url, CallError> {
-        let path = action
-            .path
-            .as_deref()
-            .ok_or_else(|| CallError::BadAnswer("the action has no path".into()))?;
-        let path = Template::parse(path)
-            .map_err(|e| CallError::BadAnswer(format!("path template: {e}")))?
-            .render(vars, Escape::Url);
+        let compiled = action
+            .compiled_http
+            .get(action)
+            .map_err(CallError::Refused)?;
+        self.url_of(&compiled, vars)
+    }
+
+    fn url_of(&self, action: &HttpAction, vars: &Map<String, Value>) -> Result<Url, CallError> {
+        let path = action.path.render(vars, Escape::Url);
         // Escaping keeps a value inside its segment, but a whole segment `.` or `..` would be
         // resolved by URL normalisation and move the call to another path of the device.
         if path.split('/').any(|s| s == "." || s == "..") {
@@ -111,9 +114,7 @@ impl HttpDriver {
         }
         let mut url = self.under_base(&path);
         let mut pairs = Vec::new();
-        for (k, v) in &action.query {
-            let t = Template::parse(v)
-                .map_err(|e| CallError::BadAnswer(format!("query template: {e}")))?;
+        for (k, t) in &action.query {
             if let Some(name) = t.single_var() {
                 if vars.get(name).is_none_or(Value::is_null) {
                     continue;
@@ -134,7 +135,11 @@ impl HttpDriver {
         vars: &Map<String, Value>,
         timeout: Duration,
     ) -> Result<Answer, CallError> {
-        let url = self.url(action, vars)?;
+        let compiled = action
+            .compiled_http
+            .get(action)
+            .map_err(CallError::Refused)?;
+        let url = self.url_of(&compiled, vars)?;
         let method = match action.verb {
             HttpVerb::Get => Method::GET,
             HttpVerb::Post => Method::POST,
@@ -146,14 +151,12 @@ impl HttpDriver {
         for (k, v) in &self.headers {
             req = req.header(k, v);
         }
-        for (k, v) in &action.headers {
-            if let Ok(t) = Template::parse(v) {
-                req = req.header(k, t.render(vars, Escape::Header));
-            }
+        for (k, t) in &compiled.headers {
+            req = req.header(k, t.render(vars, Escape::Header));
         }
         req = self.with_auth(req);
-        if let Some(body) = &action.body {
-            req = req.json(&render_json(body, vars).unwrap_or(Value::Null));
+        if let Some(body) = &compiled.body {
+            req = req.json(&body.render(vars).unwrap_or(Value::Null));
         }
         let ms = timeout.as_millis() as u64;
         let mut resp = req.send().await.map_err(|e| classify(e, ms))?;
