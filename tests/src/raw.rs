@@ -55,6 +55,8 @@ impl Raw {
             .ok_or_else(|| anyhow!("bad broker url {url}"))?;
         let mut opts = MqttOptions::new(id, host, port.parse::<u16>()?);
         opts.set_keep_alive(Duration::from_secs(30));
+        // Room for oversize payloads an attacker would send.
+        opts.set_max_packet_size(1024 * 1024, 1024 * 1024);
         if let Some((u, p)) = o.login {
             opts.set_credentials(u, p);
         }

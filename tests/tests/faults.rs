@@ -321,3 +321,168 @@ async fn a_full_disk_acknowledges_nothing_and_recovers_by_itself() -> Result<()>
     assert_eq!(s, 200);
     Ok(())
 }
+
+/// Hostile publishes on the gateway's down topics are checked where they enter: bad or
+/// oversize ids are never stored or run, an oversize payload with a readable id ends
+/// `rejected` at once, a desired version of 2^64-1 is ignored (later operator patches still
+/// apply), and the gateway keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_publishes_are_checked_on_receipt() -> Result<()> {
+    let site = Site::start(1).await?;
+    let mut raw = e2e::raw::Raw::connect("hostile-cloud", &site.stub.mqtt, Default::default())
+        .await?
+        .map_err(|why| anyhow::anyhow!("cannot connect: {why}"))?;
+    assert!(!e2e::raw::failed(
+        raw.subscribe("gw/site-1/up/msg/feedback").await?
+    ));
+    let far = 4_000_000_000_000u64;
+    let long = "x".repeat(1000);
+    let big = "y".repeat(100 * 1024);
+    for (topic, payload) in [
+        (
+            "gw/site-1/down/msg",
+            json!({"id": "../x", "device": "agv-1", "payload": {"command": "RESTART"}, "expires_at_ms": far}),
+        ),
+        (
+            "gw/site-1/down/msg",
+            json!({"id": long, "device": "agv-1", "payload": {"command": "RESTART"}, "expires_at_ms": far}),
+        ),
+        (
+            "gw/site-1/down/msg",
+            json!({"id": "big-1", "device": "agv-1", "payload": {"command": "RESTART", "pad": big}, "expires_at_ms": far}),
+        ),
+        (
+            "gw/site-1/down/msg",
+            json!({"id": "shape-1", "device": "agv-1", "payload": {"command": "RESTART"}}),
+        ),
+        (
+            "gw/site-1/down/rpc/req",
+            json!({"id": long, "device": "agv-1", "method": "restart", "timeout_ms": 5000, "deadline_ms": far}),
+        ),
+        (
+            "gw/site-1/down/twin/desired",
+            json!({"device": "agv-1", "version": u64::MAX, "snapshot": {"mode": "manual"}}),
+        ),
+    ] {
+        assert!(raw.publish_acked(topic, &payload, false).await?, "{topic}");
+    }
+    let big = raw.response("gw/site-1/up/msg/feedback", "big-1").await?;
+    let shape = raw.response("gw/site-1/up/msg/feedback", "shape-1").await?;
+    println!("faults: hostile publishes: feedback {big} and {shape}");
+    assert_eq!(big["outcome"], "rejected", "{big}");
+    assert!(
+        big["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("payload_too_large"),
+        "{big}"
+    );
+    assert_eq!(shape["outcome"], "rejected", "{shape}");
+    assert!(
+        shape["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("bad_request"),
+        "{shape}"
+    );
+
+    // The operator's own patch still applies after the hostile version.
+    let (s, b) = site
+        .patch_desired("agv-1", json!({"led": true}), None)
+        .await?;
+    anyhow::ensure!(s == 200, "patch: {s} {b}");
+    site.await_twin("agv-1", "led applied", |t| t["reported"]["led"] == true)
+        .await?;
+    let view = site.fleet.view("agv-1").await?;
+    let runs: u64 = view["executions"]
+        .as_object()
+        .map(|m| m.values().filter_map(Value::as_u64).sum())
+        .unwrap_or(0);
+    assert_eq!(runs, 0, "nothing hostile ran: {view}");
+    assert_eq!(
+        view["config"]["mode"], "auto",
+        "the hostile snapshot was not applied"
+    );
+    let (s, b, _) = invoke(&site.stub.api, "agv-1", "status", json!({}), 5).await?;
+    assert_eq!(s, 200, "still serving: {b}");
+    Ok(())
+}
+
+/// A message is started only while enough of its TTL is left, and once started it runs with
+/// its full timeout: a slow command queued behind another ends `expired` (never executed)
+/// instead of being cut off and reported failed after the device ran it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_too_close_to_its_ttl_is_not_started() -> Result<()> {
+    let site = Site::start(1).await?;
+    site.fleet
+        .fault("agv-1", json!({"latency_ms": 800}))
+        .await?;
+    let first = send_ok(&site, "agv-1", json!({"command": "RESTART"}), 1).await?;
+    let second = send_ok(&site, "agv-1", json!({"command": "RESTART"}), 1).await?;
+    let a = site
+        .await_final("agv-1", &first, Duration::from_secs(10))
+        .await?;
+    let b = site
+        .await_final("agv-1", &second, Duration::from_secs(10))
+        .await?;
+    let view = site.fleet.view("agv-1").await?;
+    println!(
+        "faults: 800 ms commands with a 1 s ttl: first {} ({} run), second {} ({} run): {}",
+        a["status"],
+        executions(&view, &first),
+        b["status"],
+        executions(&view, &second),
+        b["reason"]
+    );
+    assert_eq!(a["status"], "completed", "{a}");
+    assert_eq!(executions(&view, &first), 1);
+    assert_eq!(b["status"], "expired", "{b}");
+    assert_eq!(executions(&view, &second), 0);
+    Ok(())
+}
+
+/// A store that comes back empty after a crash (a zero-length file, its WAL gone) is detected:
+/// gatewayd says so at ERROR, and the cloud, seeing a new store id, sends again the messages it
+/// had delivered there, which then complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_store_is_detected_and_the_cloud_sends_again() -> Result<()> {
+    let mut site = Site::start(1).await?;
+    site.fleet.fault("agv-1", json!({"offline": true})).await?;
+    await_device_online(&site.stub.api, "agv-1", false).await?;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(send_ok(&site, "agv-1", json!({"command": "RESTART"}), 120).await?);
+    }
+    for id in &ids {
+        eventually("delivered", Duration::from_secs(10), || async {
+            let m = site.message("agv-1", id).await?;
+            Ok((m["status"] == "delivered").then_some(()))
+        })
+        .await?;
+    }
+    site.kill_gatewayd().await?;
+    let db = site.dir.path().join("gatewayd.db");
+    std::fs::File::create(&db)?.set_len(0)?;
+    for ext in ["db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(db.with_extension(ext));
+    }
+    site.fleet.fault("agv-1", json!({"offline": false})).await?;
+    site.restart_gatewayd().await?;
+    site.await_log("the store lost its data").await?;
+    let started = Instant::now();
+    for id in &ids {
+        let m = site
+            .await_final("agv-1", id, Duration::from_secs(60))
+            .await?;
+        assert_eq!(m["status"], "completed", "{m}");
+    }
+    let view = site.fleet.view("agv-1").await?;
+    for id in &ids {
+        assert_eq!(executions(&view, id), 1, "{id}");
+    }
+    println!(
+        "faults: store emptied after a crash: loss logged, 20 delivered messages sent again and completed in {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
