@@ -1,6 +1,8 @@
 //! Memory stays flat under RPC traffic: the real `cloud-stub` binary (embedded broker, in-memory
 //! store) in its own process, a fake gateway answering every request, and the stub's RSS read
-//! from `/proc` after a warm-up and again after many more calls.
+//! from `/proc` after a warm-up and again after many more calls. `STUB_RSS_CALLS=100000` makes
+//! a longer run (the figure it prints is the one to compare); `STUB_RSS_BROKER=mqtt://host:port`
+//! runs the stub behind that broker (e.g. Mosquitto) instead of its embedded one.
 
 mod common;
 
@@ -13,7 +15,7 @@ use std::time::Instant;
 /// Calls made before the first reading: enough for the broker's logs, the allocator and every
 /// buffer to reach their steady size.
 const WARM_UP: usize = 10_000;
-/// Calls made between the two readings.
+/// Calls made between the two readings, unless `STUB_RSS_CALLS` says otherwise.
 const MEASURED: usize = 20_000;
 /// Calls in flight at once.
 const CONCURRENCY: usize = 32;
@@ -72,10 +74,13 @@ fn answer_everything(gateway: &mut FakeGateway) -> tokio::task::JoinHandle<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rss_stays_flat_over_many_rpcs() {
-    let stub = StubProcess::start(
-        &["--mqtt-listen", "127.0.0.1:0", "--db", ":memory:"],
-        "warn",
-    );
+    let broker = std::env::var("STUB_RSS_BROKER").ok();
+    let mut args = vec!["--db", ":memory:"];
+    match &broker {
+        Some(url) => args.extend(["--broker", url.as_str()]),
+        None => args.extend(["--mqtt-listen", "127.0.0.1:0"]),
+    }
+    let stub = StubProcess::start(&args, "warn");
     let mut gateway = FakeGateway::connect(&stub.mqtt).await;
     gateway.announce().await;
     stub.wait_for(&format!("/api/v1/devices/{DEVICE}"), |d| {
@@ -84,24 +89,28 @@ async fn rss_stays_flat_over_many_rpcs() {
     .await;
     let answering = answer_everything(&mut gateway);
 
+    let measured_calls = std::env::var("STUB_RSS_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(MEASURED);
     let start = stub.rss_kib();
     let started = Instant::now();
     calls(&stub, WARM_UP).await;
     let before = stub.rss_kib();
     let measured = Instant::now();
-    calls(&stub, MEASURED).await;
+    calls(&stub, measured_calls).await;
     let after = stub.rss_kib();
-    let rate = MEASURED as f64 / measured.elapsed().as_secs_f64();
+    let rate = measured_calls as f64 / measured.elapsed().as_secs_f64();
     eprintln!(
         "stub RSS: {start} KiB idle, {before} KiB after {WARM_UP} calls ({:?}), {after} KiB \
-         after {MEASURED} more ({rate:.0}/s): {:+} KiB, {:.0} B per call",
+         after {measured_calls} more ({rate:.0}/s): {:+} KiB, {:.0} B per call",
         measured - started,
         after as i64 - before as i64,
-        (after as f64 - before as f64) * 1024.0 / MEASURED as f64
+        (after as f64 - before as f64) * 1024.0 / measured_calls as f64
     );
     answering.abort();
     assert!(
         after <= before + MARGIN_KIB,
-        "stub RSS grew from {before} KiB to {after} KiB over {MEASURED} calls"
+        "stub RSS grew from {before} KiB to {after} KiB over {measured_calls} calls"
     );
 }

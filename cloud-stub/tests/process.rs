@@ -7,7 +7,7 @@ mod common;
 use common::process::StubProcess;
 use common::{FakeGateway, TempDb, DEVICE, GW, WAIT};
 use gatewayd_protocol::{Topics, Up};
-use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -66,12 +66,38 @@ async fn final_feedback_received_but_not_committed_survives_a_crash() {
     assert!(m["finished_at_ms"].as_u64().is_some());
 }
 
+/// A client that connects and leaves with a DISCONNECT, as gatewayd does when it stops.
+async fn orderly_visit(mqtt: &cloud_stub::MqttTarget) {
+    let mut options = MqttOptions::new("orderly-visitor", &mqtt.host, mqtt.port);
+    options.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let visit = async {
+        while !matches!(
+            eventloop.poll().await,
+            Ok(Event::Incoming(Packet::ConnAck(_)))
+        ) {}
+        client.disconnect().await.unwrap();
+        while !matches!(
+            eventloop.poll().await,
+            Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)
+        ) {}
+    };
+    tokio::time::timeout(WAIT, visit)
+        .await
+        .expect("a visit within 5 s");
+}
+
 #[tokio::test]
 async fn the_log_is_plain_text_and_an_ordinary_disconnect_is_no_error() {
-    let stub = StubProcess::start(
+    let mut stub = StubProcess::start(
         &["--mqtt-listen", "127.0.0.1:0", "--db", ":memory:"],
-        "info,rumqttd=warn",
+        "info,rumqttd=info",
     );
+    // The broker logs the end of the link (closed by the peer, or ended by the router after
+    // the client's DISCONNECT) before it tells its router, which may then handle a second
+    // disconnect; everything the test does later reaches the router after it.
+    orderly_visit(&stub.mqtt).await;
+    stub.wait_log(&["Disconnected by"]).await;
     // A gateway with its last will, which leaves without a DISCONNECT (as a crash or a pulled
     // cable would): the broker logs the closed connection, then publishes the will.
     let gw = gatewayd_protocol::GatewayId::new(GW).unwrap();

@@ -57,6 +57,8 @@ pub struct RemoteLink<P> {
     link_rx: LinkRx,
     notifications: VecDeque<Notification>,
     pub(crate) will_delay_interval: u32,
+    /// gatewayd patch: the client sent DISCONNECT, so the router ending the link is ordinary.
+    pub(crate) client_disconnected: bool,
 }
 
 impl<P: Protocol> RemoteLink<P> {
@@ -115,6 +117,7 @@ impl<P: Protocol> RemoteLink<P> {
             link_rx,
             notifications: VecDeque::with_capacity(100),
             will_delay_interval,
+            client_disconnected: false,
         })
     }
 
@@ -131,6 +134,10 @@ impl<P: Protocol> RemoteLink<P> {
                         let mut buffer = self.link_tx.buffer();
                         buffer.push_back(packet);
                         self.network.readv(&mut buffer)?;
+                        // gatewayd patch: remember an orderly DISCONNECT (see the field).
+                        self.client_disconnected |= buffer
+                            .iter()
+                            .any(|p| matches!(p, Packet::Disconnect(..)));
                         buffer.len()
                     };
 

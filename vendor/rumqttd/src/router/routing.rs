@@ -460,7 +460,9 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // gatewayd patch: that double disconnect is every orderly DISCONNECT, not an
+                // error.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };

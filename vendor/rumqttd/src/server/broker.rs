@@ -610,7 +610,13 @@ async fn remote<P: Protocol>(
         // No need to send a disconnect message when disconnection
         // originated internally in the router.
         Err(remote::Error::Link(e)) => {
-            error!(error=?e, "router-drop");
+            // gatewayd patch: after the client's own DISCONNECT the router ending the link is
+            // how an orderly disconnect ends, not an error.
+            if link.client_disconnected {
+                info!(error=?e, "Disconnected by client");
+            } else {
+                error!(error=?e, "router-drop");
+            }
             send_disconnect = false;
         }
         // gatewayd patch: the peer closing its connection between packets is how every
