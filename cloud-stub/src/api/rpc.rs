@@ -26,13 +26,13 @@ pub struct InvokeBody {
     /// The method's parameters.
     #[serde(default)]
     pub params: Value,
-    /// How long to wait for the answer, 1 to 300 seconds.
+    /// How long to wait for the answer, 1 to 300 seconds; fractions allowed (`1.5`).
     #[serde(default = "default_timeout")]
-    pub timeout_seconds: i64,
+    pub timeout_seconds: f64,
 }
 
-fn default_timeout() -> i64 {
-    RPC_TIMEOUT_DEFAULT_S as i64
+fn default_timeout() -> f64 {
+    RPC_TIMEOUT_DEFAULT_S as f64
 }
 
 impl Default for InvokeBody {
@@ -142,7 +142,7 @@ pub async fn invoke(
 /// Checks the body before anything else: timeout range, then params size.
 fn check_body(body: &InvokeBody) -> Result<Duration, ApiError> {
     let t = body.timeout_seconds;
-    let range = RPC_TIMEOUT_MIN_S as i64..=RPC_TIMEOUT_MAX_S as i64;
+    let range = RPC_TIMEOUT_MIN_S as f64..=RPC_TIMEOUT_MAX_S as f64;
     if !range.contains(&t) {
         return Err(ApiError::new(
             ErrorCode::BadRequest,
@@ -156,7 +156,7 @@ fn check_body(body: &InvokeBody) -> Result<Duration, ApiError> {
             format!("params are {size} bytes, above the limit of {MAX_RPC_PAYLOAD}"),
         ));
     }
-    Ok(Duration::from_secs(t as u64))
+    Ok(Duration::from_secs_f64(t))
 }
 
 fn timed_out(device: &DeviceId, method: &str, timeout: Duration) -> ApiError {
@@ -187,7 +187,7 @@ mod tests {
     #[test]
     fn defaults_apply_when_fields_are_missing() {
         let b = body(json!({}));
-        assert_eq!(b.timeout_seconds, 30);
+        assert_eq!(b.timeout_seconds, 30.0);
         assert_eq!(b.params, Value::Null);
         assert_eq!(check_body(&b).unwrap(), Duration::from_secs(30));
     }
@@ -202,6 +202,14 @@ mod tests {
                 format!("timeout_seconds must be between 1 and 300, got {t}")
             );
         }
+    }
+
+    #[test]
+    fn fractional_timeouts_are_taken() {
+        let b = body(json!({"timeout_seconds": 1.5}));
+        assert_eq!(check_body(&b).unwrap(), Duration::from_millis(1500));
+        let err = check_body(&body(json!({"timeout_seconds": 0.5}))).unwrap_err();
+        assert_eq!(err.error().code, ErrorCode::BadRequest);
     }
 
     #[test]
