@@ -84,7 +84,7 @@ params = {{ value = {{ type = "number" }} }}
 
 // Field order is drop order: the processes go first, their log directory last.
 struct Env {
-    gateway: Gateway,
+    _gateway: Gateway,
     sim: SerialSim,
     stub: Stub,
     _dir: TempDir,
@@ -122,7 +122,7 @@ impl Env {
         let gateway = Gateway::start(dir.path(), &config).await?;
         await_device_online(&stub.api, "tc-1", true).await?;
         Ok(Env {
-            gateway,
+            _gateway: gateway,
             sim,
             stub,
             _dir: dir,
