@@ -243,13 +243,17 @@ impl Registry {
         taken
     }
 
-    /// Applies a gateway's presence snapshot to the devices it owns.
+    /// Applies a gateway's presence to the devices it owns: a whole snapshot (one part)
+    /// replaces what was known, one part of several is merged in.
     pub fn apply_presence(&mut self, id: &GatewayId, presence: DevicePresence, now_ms: u64) {
         let gw = self.gateway_entry(id, now_ms);
         gw.last_seen_ms = now_ms;
-        gw.presence = presence.devices;
-        let gw = &self.gateways[id];
-        for (dev_id, status) in &gw.presence {
+        if presence.parts <= 1 {
+            gw.presence = presence.devices.clone();
+        } else {
+            gw.presence.extend(presence.devices.clone());
+        }
+        for (dev_id, status) in &presence.devices {
             let Some(dev) = self.devices.get_mut(dev_id) else {
                 continue;
             };

@@ -10,11 +10,13 @@ use crate::messages::Outbox;
 use crate::registry::{self, SharedRegistry};
 use crate::store::{Commit, StoreHandle};
 use crate::twins::Twins;
+use gatewayd_protocol::chunk::CatalogAssembly;
 use gatewayd_protocol::{
     decode, Catalog, DevicePresence, ErrorCode, Feedback, GatewayId, GatewayState, ReportedUpdate,
     RpcError, RpcResponse, Topics, TwinSync, Up,
 };
 use serde::de::DeserializeOwned;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Applies gateway messages to the cloud's state.
@@ -24,7 +26,12 @@ pub struct Uplink {
     store: StoreHandle,
     twins: Twins,
     outbox: Arc<Outbox>,
+    /// Catalog parts per gateway until an announcement is complete.
+    catalogs: std::sync::Mutex<HashMap<GatewayId, CatalogAssembly>>,
 }
+
+/// Most parts one announcement may have (10,000 devices take about 50 at 128 KiB).
+const MAX_PARTS: u32 = 10_000;
 
 impl Uplink {
     /// An uplink writing into `registry`, answering `calls`, persisting through `store`, and
@@ -42,12 +49,17 @@ impl Uplink {
             store,
             twins,
             outbox,
+            catalogs: Default::default(),
         }
     }
 
     /// Handles one incoming publish. Malformed topics and payloads are logged and dropped.
     /// Returns the store work its acknowledgement must wait for, if any.
     pub fn handle(&self, topic: &str, payload: &[u8], now_ms: u64) -> Option<Commit> {
+        if let Some((gw, kind, part)) = Topics::parse_up_part(topic) {
+            self.on_part(&gw, kind, part, payload, now_ms);
+            return None;
+        }
         let Some((gw, kind)) = Topics::parse_up(topic) else {
             tracing::debug!(topic, "ignoring message on a foreign topic");
             return None;
@@ -157,6 +169,52 @@ impl Uplink {
             .fail_gateway(gw, &RpcError::new(ErrorCode::GatewayOffline, message));
         if failed > 0 {
             tracing::info!(gateway = %gw, failed_calls = failed, "pending calls failed");
+        }
+    }
+
+    /// One part of a split announcement: catalog parts are collected until their generation is
+    /// complete, presence parts are merged as they come. An empty payload is a deleted
+    /// retained part of an earlier, larger announcement.
+    fn on_part(&self, gw: &GatewayId, kind: Up, part: u32, payload: &[u8], now_ms: u64) {
+        if payload.is_empty() {
+            return;
+        }
+        match kind {
+            Up::Catalog => {
+                let Some(catalog) = parse::<Catalog>(gw, kind, payload) else {
+                    return;
+                };
+                if catalog.part != part {
+                    tracing::warn!(gateway = %gw, part, "catalog part published under another part's topic; ignored");
+                    return;
+                }
+                let (generation, parts) = (catalog.generation, catalog.parts);
+                let whole = self
+                    .catalogs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(gw.clone())
+                    .or_default()
+                    .add(catalog, MAX_PARTS);
+                if let Some(devices) = whole {
+                    tracing::debug!(gateway = %gw, generation, parts, "catalog complete");
+                    let catalog = Catalog {
+                        v: gatewayd_protocol::PROTOCOL_VERSION,
+                        generation,
+                        part: 0,
+                        parts: 1,
+                        devices,
+                    };
+                    self.on_catalog(gw, catalog, now_ms);
+                }
+            }
+            Up::Devices => {
+                if let Some(presence) = parse::<DevicePresence>(gw, kind, payload) {
+                    registry::lock(&self.registry).apply_presence(gw, presence, now_ms);
+                    self.persist(gw);
+                }
+            }
+            _ => {}
         }
     }
 

@@ -4,6 +4,7 @@
 //!
 //! The prose description lives in `docs/protocol.md`; keep the two in step.
 
+pub mod chunk;
 pub mod error;
 pub mod ids;
 pub mod limits;

@@ -11,8 +11,13 @@ pub const MAX_TWIN_DOC: usize = 32 * 1024;
 pub const MAX_TWIN_DEPTH: usize = 10;
 /// Longest twin property key, in bytes.
 pub const MAX_TWIN_KEY: usize = 128;
-/// Largest MQTT packet either side accepts (the catalog of a big gateway is the largest).
+/// Largest MQTT packet either side accepts.
 pub const MAX_MQTT_PACKET: usize = 4 * 1024 * 1024;
+/// Largest publish a gateway sends by default (AWS IoT Core takes 128 KB, Azure IoT Hub 256
+/// KB): announcements are split to fit, anything else that would not fit is a coded error.
+pub const DEFAULT_MAX_PUBLISH: usize = 128 * 1024;
+/// Room kept in each part for the payload's own fields and the MQTT header.
+pub const PART_OVERHEAD: usize = 512;
 /// RPC timeout bounds, seconds.
 pub const RPC_TIMEOUT_MIN_S: u64 = 1;
 /// RPC timeout upper bound, seconds.

@@ -39,12 +39,28 @@ pub struct GatewayState {
     pub store_error: Option<String>,
 }
 
-/// `up/catalog`, retained: every device of the gateway and what it supports.
+/// `up/catalog/{part}`, retained: the gateway's devices and what each supports, split into
+/// `parts` publishes that each fit the broker's packet limit (see [`crate::chunk`]). The parts
+/// of one announcement share a `generation`; the catalog is complete when all `parts` parts of
+/// one generation have arrived, and then replaces the previous one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Catalog {
     #[serde(default = "v")]
     pub v: u32,
+    /// Which announcement this part belongs to.
+    #[serde(default)]
+    pub generation: u64,
+    /// This part's index, from 0.
+    #[serde(default)]
+    pub part: u32,
+    /// How many parts the announcement has.
+    #[serde(default = "one")]
+    pub parts: u32,
     pub devices: Vec<DeviceInfo>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// One device in the catalog.
@@ -193,11 +209,23 @@ pub fn type_name(v: &Value) -> &'static str {
     }
 }
 
-/// `up/devices`, retained: presence of every device of the gateway, republished on change.
+/// `up/devices/{part}`, retained: presence of the devices of one part, republished when one of
+/// them changes. The gateway splits its devices (in id order) into `parts` fixed ranges that
+/// each fit the broker's packet limit, so a change republishes one part, not the whole table;
+/// the cloud merges each part into what it knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DevicePresence {
     #[serde(default = "v")]
     pub v: u32,
+    /// Which partition this part belongs to (new at every gateway start).
+    #[serde(default)]
+    pub generation: u64,
+    /// This part's index, from 0.
+    #[serde(default)]
+    pub part: u32,
+    /// How many parts the partition has.
+    #[serde(default = "one")]
+    pub parts: u32,
     pub devices: BTreeMap<DeviceId, DeviceStatus>,
 }
 

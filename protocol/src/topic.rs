@@ -97,6 +97,24 @@ impl Topics {
         format!("{ROOT}/{gateway}/down/{}", kind.suffix())
     }
 
+    /// `gw/{gateway}/up/{suffix}/{part}`: one part of a split announcement (catalog, devices).
+    pub fn up_part(gateway: &GatewayId, kind: Up, part: u32) -> String {
+        format!("{ROOT}/{gateway}/up/{}/{part}", kind.suffix())
+    }
+
+    /// Parses `gw/{gateway}/up/{catalog|devices}/{part}`.
+    pub fn parse_up_part(topic: &str) -> Option<(GatewayId, Up, u32)> {
+        let (gw, rest) = split(topic, "up")?;
+        let (kind, part) = rest.rsplit_once('/')?;
+        let kind = [Up::Catalog, Up::Devices]
+            .into_iter()
+            .find(|k| k.suffix() == kind)?;
+        if part.is_empty() || part.len() > 6 || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        Some((gw, kind, part.parse().ok()?))
+    }
+
     /// The filter a gateway subscribes to: `gw/{gateway}/down/#`.
     pub fn down_filter(gateway: &GatewayId) -> String {
         format!("{ROOT}/{gateway}/down/#")

@@ -30,6 +30,7 @@ use rand::Rng;
 use rumqttc::{
     AsyncClient, LastWill, MqttOptions, NetworkOptions, Publish, QoS, TlsConfiguration, Transport,
 };
+use rusqlite::OptionalExtension;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -107,7 +108,9 @@ impl Session {
         opts.set_keep_alive(Duration::from_secs(config.cloud.keep_alive_s))
             .set_clean_session(true)
             .set_manual_acks(true)
-            .set_max_packet_size(MAX_MQTT_PACKET, MAX_MQTT_PACKET)
+            // Nothing larger than the configured limit ever leaves: announcements are split,
+            // oversize RPC results answered with a coded error.
+            .set_max_packet_size(MAX_MQTT_PACKET, config.cloud.max_packet_bytes)
             .set_inflight(500)
             .set_last_will(LastWill::new(
                 Topics::up(&gateway, Up::State),
@@ -179,6 +182,7 @@ impl Session {
             ),
         ));
         let dispatcher = Dispatcher {
+            max_publish: config.cloud.max_packet_bytes,
             client: client.clone(),
             publisher: publisher.clone(),
             gateway: gateway.clone(),
@@ -272,6 +276,8 @@ fn state_payload(
 }
 
 struct Dispatcher {
+    /// `cloud.max_packet_bytes`.
+    max_publish: usize,
     client: AsyncClient,
     publisher: Publisher,
     gateway: GatewayId,
@@ -384,15 +390,36 @@ impl Dispatcher {
             warn!(error = %e, "cannot subscribe");
         }
         let devices = &self.shared.devices;
-        let catalog = serde_json::to_vec(&devices.catalog()).expect("catalog serializes");
-        let presence =
-            serde_json::to_vec(&devices.presence.snapshot()).expect("presence serializes");
-        self.publisher
-            .publish(Topics::up(gw, Up::Catalog), catalog, true, None)
-            .await;
-        self.publisher
-            .publish(Topics::up(gw, Up::Devices), presence, true, None)
-            .await;
+        let mut catalog_parts = 0;
+        match devices.catalog(rand::random(), self.max_publish) {
+            Ok(parts) => {
+                let n = parts.len() as u32;
+                catalog_parts = n;
+                for part in parts {
+                    let body = serde_json::to_vec(&part).expect("catalog serializes");
+                    self.publisher
+                        .publish(
+                            Topics::up_part(gw, Up::Catalog, part.part),
+                            body,
+                            true,
+                            None,
+                        )
+                        .await;
+                }
+                self.clear_stale_parts(Up::Catalog, n).await;
+            }
+            // Checked at start; cannot happen with the running configuration.
+            Err(e) => warn!(error = %e, "catalog not announced"),
+        }
+        let presence = &devices.presence;
+        presence.take_dirty();
+        for part in 0..presence.parts() {
+            let body = serde_json::to_vec(&presence.part(part)).expect("presence serializes");
+            self.publisher
+                .publish(Topics::up_part(gw, Up::Devices, part), body, true, None)
+                .await;
+        }
+        self.clear_stale_parts(Up::Devices, presence.parts()).await;
         self.publisher
             .publish(
                 Topics::up(gw, Up::State),
@@ -410,7 +437,45 @@ impl Dispatcher {
             Ok(held) => self.sync(held).await,
             Err(e) => warn!(error = %e, "cannot read twin versions for the sync"),
         }
-        debug!(devices = devices.len(), "announced");
+        debug!(
+            devices = devices.len(),
+            catalog_parts,
+            presence_parts = devices.presence.parts(),
+            "announced"
+        );
+    }
+
+    /// Deletes retained parts a previous run published beyond today's `parts` (an empty
+    /// retained publish deletes), remembering the count in the store for the next start.
+    async fn clear_stale_parts(&self, kind: Up, parts: u32) {
+        let key = format!("parts/{}", kind.suffix());
+        let k = key.clone();
+        let before = self
+            .shared
+            .store
+            .call(move |c| {
+                let old: Option<String> = c
+                    .query_row("SELECT value FROM meta WHERE key = ?1", [&k], |r| r.get(0))
+                    .optional()?;
+                c.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                     ON CONFLICT(key) DO UPDATE SET value = ?2",
+                    rusqlite::params![k, parts.to_string()],
+                )?;
+                Ok(old.and_then(|v| v.parse::<u32>().ok()).unwrap_or(0))
+            })
+            .await
+            .unwrap_or(0);
+        for stale in parts..before.min(100_000) {
+            self.publisher
+                .publish(
+                    Topics::up_part(&self.gateway, kind, stale),
+                    Vec::new(),
+                    true,
+                    None,
+                )
+                .await;
+        }
     }
 
     async fn sync(&self, devices: BTreeMap<DeviceId, u64>) {
@@ -609,11 +674,24 @@ impl Dispatcher {
         let metrics = self.shared.metrics.clone();
         let publisher = self.publisher.clone();
         let topic = Topics::up(&self.gateway, Up::RpcResponse);
+        let max_publish = self.max_publish;
         let span =
             tracing::info_span!("rpc", id = %req.id, device = %req.device, method = %req.method);
         self.work.spawn(
             async move {
-                let resp = rpc::handle(&devices, req, received_ms).await;
+                let mut resp = rpc::handle(&devices, req, received_ms).await;
+                let mut body = serde_json::to_vec(&resp).expect("response serializes");
+                if body.len() > max_publish {
+                    // Never a publish the broker would refuse (and drop the session over).
+                    resp.outcome = RpcOutcome::Error(RpcError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!(
+                            "the answer is {} bytes, more than a publish may carry ({max_publish} bytes, cloud.max_packet_bytes)",
+                            body.len()
+                        ),
+                    ));
+                    body = serde_json::to_vec(&resp).expect("response serializes");
+                }
                 let elapsed = received.elapsed();
                 match &resp.outcome {
                     RpcOutcome::Ok(_) => {
@@ -625,7 +703,6 @@ impl Dispatcher {
                         info!(code = %e.code, message = %e.message, "rpc failed")
                     }
                 }
-                let body = serde_json::to_vec(&resp).expect("response serializes");
                 publisher.publish(topic, body, false, None).await;
             }
             .instrument(span),
@@ -701,7 +778,7 @@ async fn publish_store_health(
     }
 }
 
-/// Republishes the retained device snapshot after each presence change while connected.
+/// Republishes the retained presence parts that changed, while connected.
 async fn publish_presence(
     publisher: Publisher,
     gateway: GatewayId,
@@ -715,15 +792,24 @@ async fn publish_presence(
             _ = stop.cancelled() => return,
             r = changes.changed() => { if r.is_err() { return } }
         }
-        // Coalesce a burst of changes into one publish.
+        // Coalesce a burst of changes into one publish per changed part.
         tokio::time::sleep(Duration::from_millis(20)).await;
         changes.mark_unchanged();
         if !*connected.borrow() {
-            continue; // the next announce carries the current snapshot
+            continue; // the next announce carries every part
         }
-        let body = serde_json::to_vec(&devices.presence.snapshot()).expect("presence serializes");
-        publisher
-            .publish(Topics::up(&gateway, Up::Devices), body, true, None)
-            .await;
+        for part in devices.presence.take_dirty() {
+            let body =
+                serde_json::to_vec(&devices.presence.part(part)).expect("presence serializes");
+            publisher
+                .publish(
+                    Topics::up_part(&gateway, Up::Devices, part),
+                    body,
+                    true,
+                    None,
+                )
+                .await;
+        }
     }
 }
+

@@ -40,6 +40,11 @@ pub struct CloudConfig {
     /// TCP connect timeout, seconds.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_s: u64,
+    /// Largest publish gatewayd sends, bytes (16 KiB to 4 MiB; default 128 KiB, what AWS IoT
+    /// Core takes; Azure IoT Hub takes 256 KB). The catalog and device presence are split into
+    /// parts that fit; an RPC result that would not fit is answered `payload_too_large`.
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
     /// `mqtts://` only: PEM file of the CA certificate(s) the broker's certificate must chain
     /// to, instead of the system's trust store.
     #[serde(default)]
@@ -74,6 +79,10 @@ fn default_reconnect_min() -> u64 {
 fn default_reconnect_max() -> u64 {
     30_000
 }
+fn default_max_packet() -> usize {
+    gatewayd_protocol::limits::DEFAULT_MAX_PUBLISH
+}
+
 fn default_connect_timeout() -> u64 {
     5
 }
@@ -201,6 +210,14 @@ impl CloudConfig {
     /// Checks every field of the section, reading the files it names; problems are pushed
     /// as `cloud.<field>: ...`.
     pub fn validate(&self, p: &mut Vec<String>) {
+        if !(16 * 1024..=gatewayd_protocol::limits::MAX_MQTT_PACKET)
+            .contains(&self.max_packet_bytes)
+        {
+            p.push(format!(
+                "cloud.max_packet_bytes: must be between 16384 and {}",
+                gatewayd_protocol::limits::MAX_MQTT_PACKET
+            ));
+        }
         let tls = match parse_broker(&self.broker) {
             Ok(b) => Some(b.tls),
             Err(e) => {

@@ -2,8 +2,10 @@
 //! outcomes, with a change signal the cloud session uses to republish the retained snapshot.
 
 use super::{CallError, Device, Driver};
-use gatewayd_protocol::{DeviceId, DevicePresence, DeviceStatus, PROTOCOL_VERSION};
-use std::collections::{BTreeMap, HashMap};
+use gatewayd_protocol::chunk::{presence_part, presence_part_size, presence_parts, MAX_REASON};
+use gatewayd_protocol::limits::DEFAULT_MAX_PUBLISH;
+use gatewayd_protocol::{DeviceId, DevicePresence, DeviceStatus};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -15,15 +17,32 @@ use tokio_util::sync::CancellationToken;
 pub struct Presence {
     table: Mutex<BTreeMap<DeviceId, DeviceStatus>>,
     /// Bumped at every change; each interested task holds its own receiver.
-    generation: watch::Sender<u64>,
+    changes: watch::Sender<u64>,
     /// Online state per device, for the tasks that care about one device only (its twin and
     /// message workers), so a flapping device wakes its own workers and nobody else's.
     per_device: HashMap<DeviceId, watch::Sender<bool>>,
+    /// The fixed partition of devices into presence parts (in id order), each fitting one
+    /// publish; a change republishes only its part.
+    parts: Vec<Vec<DeviceId>>,
+    part_of: HashMap<DeviceId, u32>,
+    /// Parts changed since they were last taken for publishing.
+    dirty: Mutex<BTreeSet<u32>>,
+    /// Identifies this partition (new at every start).
+    generation: u64,
 }
 
 impl Presence {
-    /// All `ids` online since `now_ms`.
+    /// All `ids` online since `now_ms`, in parts that fit the default publish size.
     pub fn new(ids: impl Iterator<Item = DeviceId>, now_ms: u64) -> Self {
+        Self::with_limit(ids, now_ms, DEFAULT_MAX_PUBLISH)
+    }
+
+    /// All `ids` online since `now_ms`, in parts that fit publishes of `max_publish` bytes.
+    pub fn with_limit(
+        ids: impl Iterator<Item = DeviceId>,
+        now_ms: u64,
+        max_publish: usize,
+    ) -> Self {
         let table: BTreeMap<DeviceId, DeviceStatus> = ids
             .map(|id| {
                 (
@@ -40,10 +59,21 @@ impl Presence {
             .keys()
             .map(|id| (id.clone(), watch::Sender::new(true)))
             .collect();
+        let ids: Vec<DeviceId> = table.keys().cloned().collect();
+        let parts = presence_parts(&ids, presence_part_size(max_publish));
+        let part_of = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.iter().map(move |id| (id.clone(), i as u32)))
+            .collect();
         Self {
             table: Mutex::new(table),
-            generation: watch::Sender::new(0),
+            changes: watch::Sender::new(0),
             per_device,
+            parts,
+            part_of,
+            dirty: Mutex::new(BTreeSet::new()),
+            generation: rand::random(),
         }
     }
 
@@ -59,6 +89,7 @@ impl Presence {
 
     /// Records a state; returns whether it changed (and then signals the change).
     pub fn set(&self, id: &DeviceId, online: bool, reason: Option<String>, now_ms: u64) -> bool {
+        let reason = reason.map(|r| cut(r, MAX_REASON));
         let mut t = self.lock();
         let Some(s) = t.get_mut(id) else { return false };
         if s.online == online {
@@ -83,8 +114,36 @@ impl Presence {
                 "device offline"
             );
         }
-        self.generation.send_modify(|g| *g += 1);
+        if let Some(part) = self.part_of.get(id) {
+            self.dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(*part);
+        }
+        self.changes.send_modify(|g| *g += 1);
         true
+    }
+
+    /// How many presence parts there are.
+    pub fn parts(&self) -> u32 {
+        self.parts.len() as u32
+    }
+
+    /// One presence part, as published.
+    pub fn part(&self, part: u32) -> DevicePresence {
+        let t = self.lock();
+        let devices = self.parts[part as usize]
+            .iter()
+            .filter_map(|id| t.get(id).map(|s| (id.clone(), s.clone())))
+            .collect();
+        presence_part(self.generation, part, self.parts(), devices)
+    }
+
+    /// The parts changed since the last call (all of them are published at connect anyway).
+    pub fn take_dirty(&self) -> Vec<u32> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect()
     }
 
     /// Feeds a call outcome in: success proves the device is up, a connection failure that it
@@ -101,17 +160,14 @@ impl Presence {
         }
     }
 
-    /// The retained snapshot.
+    /// Every device's presence (one part holding them all; for local views).
     pub fn snapshot(&self) -> DevicePresence {
-        DevicePresence {
-            v: PROTOCOL_VERSION,
-            devices: self.lock().clone(),
-        }
+        presence_part(self.generation, 0, 1, self.lock().clone())
     }
 
     /// A receiver that sees every later change.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+        self.changes.subscribe()
     }
 
     /// A receiver of one device's online state (a closed channel for unknown ids).
@@ -125,6 +181,14 @@ impl Presence {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<DeviceId, DeviceStatus>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// `text` cut to at most `max` characters.
+fn cut(text: String, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text;
+    }
+    text.chars().take(max).collect()
 }
 
 /// Probes `device` on its interval until `shutdown`.
@@ -235,6 +299,24 @@ mod tests {
         assert_eq!(p.reason(&id("a")).as_deref(), Some("refused"));
         assert_eq!(p.snapshot().devices[&id("a")].since_ms, 3);
         assert!(!p.is_online(&id("zzz")));
+    }
+
+    #[test]
+    fn a_change_marks_only_its_own_part() {
+        let ids: Vec<DeviceId> = (0..2000).map(|i| id(&format!("d{i:04}"))).collect();
+        let p = Presence::with_limit(ids.clone().into_iter(), 1, 64 * 1024);
+        assert!(p.parts() > 1, "{}", p.parts());
+        assert!(p.take_dirty().is_empty());
+        p.set(&ids[1999], false, Some("x".repeat(5000)), 2);
+        let dirty = p.take_dirty();
+        assert_eq!(dirty, vec![p.parts() - 1]);
+        let part = p.part(dirty[0]);
+        assert_eq!(
+            part.devices[&ids[1999]].reason.as_ref().unwrap().len(),
+            MAX_REASON
+        );
+        assert!(serde_json::to_vec(&part).unwrap().len() <= 64 * 1024);
+        assert!(p.take_dirty().is_empty());
     }
 
     #[test]

@@ -237,9 +237,17 @@ impl Devices {
                 }),
             );
         }
-        let presence = Arc::new(Presence::new(by_id.keys().cloned(), now_ms));
+        let presence = Arc::new(Presence::with_limit(
+            by_id.keys().cloned(),
+            now_ms,
+            config.cloud.max_packet_bytes,
+        ));
         ports.start(&presence)?;
-        Ok(Devices { by_id, presence })
+        let devices = Devices { by_id, presence };
+        devices
+            .catalog(0, config.cloud.max_packet_bytes)
+            .map_err(|e| format!("{e}; raise cloud.max_packet_bytes or shorten its methods"))?;
+        Ok(devices)
     }
 
     /// Looks a device up.
@@ -254,12 +262,18 @@ impl Devices {
         v
     }
 
-    /// The catalog announced at connect.
-    pub fn catalog(&self) -> gatewayd_protocol::Catalog {
-        gatewayd_protocol::Catalog {
-            v: gatewayd_protocol::PROTOCOL_VERSION,
-            devices: self.all().into_iter().map(|d| d.info()).collect(),
-        }
+    /// The catalog announced at connect, in parts that each fit a publish of `max_publish`
+    /// bytes (checked at start: an entry too large for one publish stops gatewayd).
+    pub fn catalog(
+        &self,
+        generation: u64,
+        max_publish: usize,
+    ) -> Result<Vec<gatewayd_protocol::Catalog>, gatewayd_protocol::chunk::EntryTooLarge> {
+        gatewayd_protocol::chunk::split_catalog(
+            self.all().into_iter().map(|d| d.info()).collect(),
+            generation,
+            max_publish,
+        )
     }
 
     /// Number of devices.
