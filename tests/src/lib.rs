@@ -585,6 +585,8 @@ pub struct SiteOptions {
     pub health_path: bool,
     /// Directory of gatewayd's store (default: the site directory).
     pub store_dir: Option<PathBuf>,
+    /// Lines added to gatewayd's `[cloud]` section.
+    pub cloud_extra: String,
 }
 
 impl Default for SiteOptions {
@@ -593,6 +595,7 @@ impl Default for SiteOptions {
             extra: String::new(),
             health_path: true,
             store_dir: None,
+            cloud_extra: String::new(),
         }
     }
 }
@@ -644,6 +647,13 @@ impl Site {
             probe_interval_ms: 100,
         }
         .render();
+        if !opts.cloud_extra.is_empty() {
+            text = text.replacen(
+                "reconnect_max_ms = 1000\n",
+                &format!("reconnect_max_ms = 1000\n{}\n", opts.cloud_extra),
+                1,
+            );
+        }
         if !opts.health_path {
             text = text.replace("path = \"/health\"\n", "");
         }
