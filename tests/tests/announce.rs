@@ -65,3 +65,57 @@ async fn a_catalog_above_the_packet_limit_is_announced_in_parts() -> Result<()> 
     assert_eq!(log.matches("connected to the cloud").count(), 1);
     Ok(())
 }
+
+/// A broker that drops the gateway right after every connect (here: its packet limit is below
+/// what the gateway was told it may publish) costs a backoff, not a reconnect storm: a session
+/// that dies young counts as a failed attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_dies_young_backs_off() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let mosquitto = Mosquitto::run(
+        dir.path(),
+        &format!("max_packet_size 2000\nlistener {port} 127.0.0.1\nallow_anonymous true\n"),
+        &[port],
+    )?;
+    let fleet = Fleet::start(dir.path(), "agv", 20).await?;
+    let store = dir.path().join("gatewayd.db");
+    let mut text = e2e::config::GatewayConfig {
+        gateway_id: "young-1",
+        broker: &mosquitto.url,
+        store: &store,
+        devices: &fleet.devices,
+        probe_interval_ms: 1000,
+    }
+    .render();
+    // Reconnects from 100 ms up to 1 s.
+    text = text.replacen(
+        "reconnect_max_ms = 1000\n",
+        "reconnect_max_ms = 1000\nmax_packet_bytes = 16384\n",
+        1,
+    );
+    let gateway = Gateway::start(dir.path(), &text).await?;
+    let started = std::time::Instant::now();
+    let log = gateway.proc.log.clone();
+    let connects = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("connected to the cloud")
+            .count()
+    };
+    eventually(
+        "a first connect",
+        std::time::Duration::from_secs(10),
+        || async { Ok((connects() > 0).then_some(())) },
+    )
+    .await?;
+    // Watch the loop for a while: the window is the measurement.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let n = connects();
+    let secs = started.elapsed().as_secs_f64();
+    println!("announce: broker dropping every session at once: {n} connects in {secs:.1} s (backoff 100 ms to 1 s)");
+    // At most 12 with the shortest jitter; reset to 100 ms after every ConnAck it would be
+    // 40 or more.
+    assert!(n <= 14, "{n} connects in {secs:.1} s");
+    Ok(())
+}
