@@ -20,6 +20,11 @@ pub mod template;
 pub mod twin;
 pub mod twins;
 
+#[cfg(test)]
+mod serial_props;
+#[cfg(test)]
+mod template_props;
+
 use config::Config;
 use std::sync::Arc;
 use std::time::Duration;

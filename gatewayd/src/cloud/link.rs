@@ -17,6 +17,7 @@ use rumqttc::{
     AsyncClient, ClientError, ConnectionError, Event, EventLoop, Outgoing, Packet, Publish, QoS,
 };
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -99,6 +100,12 @@ pub struct Link {
     /// Drop the connection (without DISCONNECT, so the broker forgets every unacknowledged
     /// publish and the cloud sends them again), with the reason; the link then reconnects.
     pub reset: mpsc::UnboundedReceiver<String>,
+    /// Acknowledgements of received publishes, each with the connection it belongs to; one
+    /// of an earlier connection is dropped (its packet id means nothing now).
+    pub acks_in: mpsc::UnboundedReceiver<(u64, Publish)>,
+    /// The connection count: bumped at every ConnAck and at every loss, so nothing stamped
+    /// with an earlier value is acknowledged on a later connection.
+    pub generation: Arc<AtomicU64>,
     pub backoff: Backoff,
     pub stop: CancellationToken,
     /// Counts reconnects (every ConnAck after the first).
@@ -117,12 +124,15 @@ impl Link {
             acks,
             connected,
             mut reset,
+            mut acks_in,
+            generation,
             mut backoff,
             stop,
             metrics,
         } = self;
         let mut connected_at: Option<std::time::Instant> = None;
         let mut waiting: VecDeque<Outbound> = VecDeque::new();
+        let mut acks_waiting: VecDeque<Publish> = VecDeque::new();
         let mut written: VecDeque<Option<u64>> = VecDeque::new();
         let mut inflight: HashMap<u16, Option<u64>> = HashMap::new();
         let mut up = false;
@@ -134,6 +144,12 @@ impl Link {
                 let poll = eventloop.poll();
                 tokio::pin!(poll);
                 loop {
+                    while let Some(p) = acks_waiting.pop_front().filter(|_| up) {
+                        if let Err(ClientError::TryRequest(_)) = client.try_ack(&p) {
+                            acks_waiting.push_front(p);
+                            break;
+                        }
+                    }
                     while let Some(o) = waiting.pop_front().filter(|_| up) {
                         match client.try_publish(
                             o.topic.clone(),
@@ -160,6 +176,11 @@ impl Link {
                         Some(why) = reset.recv(), if up => break Err(ConnectionError::Io(
                             std::io::Error::other(why),
                         )),
+                        Some((g, p)) = acks_in.recv() => {
+                            if up && g == generation.load(Ordering::SeqCst) {
+                                acks_waiting.push_back(p);
+                            }
+                        }
                         o = outbound.recv(), if waiting.len() < 1024 => match o {
                             Some(o) if up => waiting.push_back(o),
                             Some(o) => debug!(topic = %o.topic, "link down: publish dropped"),
@@ -182,6 +203,8 @@ impl Link {
                     written.clear();
                     inflight.clear();
                     waiting.clear();
+                    acks_waiting.clear();
+                    generation.fetch_add(1, Ordering::SeqCst);
                     up = true;
                     connected.send_replace(true);
                     let _ = events.send(LinkEvent::Connected);
@@ -207,8 +230,11 @@ impl Link {
                 Ok(_) => {}
                 Err(e) => {
                     // A reset, or an error the event loop already acted on: either way the
-                    // connection is gone and nothing unacknowledged survives it.
-                    eventloop.network = None;
+                    // connection is gone. No ack of it may reach the next one: the count
+                    // moves on, and `clean` drops acks already handed to the client.
+                    generation.fetch_add(1, Ordering::SeqCst);
+                    acks_waiting.clear();
+                    eventloop.clean();
                     // Only a session that lived a while resets the backoff: one lost within
                     // seconds of its ConnAck (a broker refusing a publish, a store failing)
                     // counts as a failed attempt, so nothing can make the link reconnect in a

@@ -129,6 +129,8 @@ impl Session {
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let (connected_tx, connected) = watch::channel(false);
         let (reset_tx, reset) = mpsc::unbounded_channel();
+        let (acks_out, acks_in) = mpsc::unbounded_channel();
+        let generation = Arc::new(AtomicU64::new(0));
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(
@@ -142,6 +144,8 @@ impl Session {
                     acks: acks_tx,
                     connected: connected_tx,
                     reset,
+                    acks_in,
+                    generation: generation.clone(),
                     backoff: Backoff::new(
                         config.cloud.reconnect_min_ms,
                         config.cloud.reconnect_max_ms,
@@ -170,11 +174,10 @@ impl Session {
         );
         let accepting = Arc::new(AtomicBool::new(true));
         let (acks, ack_slots) = mpsc::unbounded_channel();
-        let generation = Arc::new(AtomicU64::new(0));
         tasks.spawn(supervisor.critical(
             "acker",
             acker(
-                client.clone(),
+                acks_out,
                 ack_slots,
                 generation.clone(),
                 reset_tx,
@@ -304,34 +307,39 @@ struct AckSlot {
 /// earlier one. Acks of an earlier connection are dropped, their packet ids mean nothing now.
 ///
 /// A publish whose commit failed is never acknowledged: the connection is dropped instead (a
-/// later ack would break the order), every ack still queued for it is discarded, and the
-/// cloud sends again what it has no `received` feedback for once the gateway reconnects.
+/// later ack would break the order), nothing else that arrived on that connection is
+/// acknowledged, and the cloud sends again what it has no `received` feedback for once the
+/// gateway reconnects. Acks go to the link, which sends one only on the connection its
+/// publish came in on.
 async fn acker(
-    client: AsyncClient,
+    acks: mpsc::UnboundedSender<(u64, Publish)>,
     mut slots: mpsc::UnboundedReceiver<AckSlot>,
     generation: Arc<AtomicU64>,
     reset: mpsc::UnboundedSender<String>,
     stop: CancellationToken,
 ) {
+    // The connection whose acks stopped at a failed commit.
+    let mut dropped: Option<u64> = None;
     loop {
         let slot = tokio::select! {
             s = slots.recv() => match s { Some(s) => s, None => return },
             _ = stop.cancelled() => return,
         };
-        if slot.generation != generation.load(Ordering::SeqCst) {
+        let stale = |g: u64| g != generation.load(Ordering::SeqCst) || dropped == Some(g);
+        if stale(slot.generation) {
             continue;
         }
         let stored = match slot.ready {
             Some(ready) => ready.await.unwrap_or(false),
             None => true,
         };
-        if slot.generation != generation.load(Ordering::SeqCst) {
+        if stale(slot.generation) {
             continue;
         }
         if stored {
-            let _ = client.ack(&slot.publish).await;
+            let _ = acks.send((slot.generation, slot.publish));
         } else {
-            generation.fetch_add(1, Ordering::SeqCst);
+            dropped = Some(slot.generation);
             warn!(topic = %slot.publish.topic, "not stored, so not acknowledged: dropping the connection so the cloud sends it again");
             let _ = reset.send("a received publish could not be stored".into());
         }
@@ -347,11 +355,9 @@ impl Dispatcher {
                 _ = stop.cancelled() => return,
             };
             match event {
-                LinkEvent::Connected => {
-                    // Acks still queued belong to the previous connection's packet ids.
-                    self.generation.fetch_add(1, Ordering::SeqCst);
-                    self.announce().await
-                }
+                // The link counted the new connection: acks still queued belong to the
+                // previous one's packet ids and are dropped.
+                LinkEvent::Connected => self.announce().await,
                 LinkEvent::Disconnected => {}
                 LinkEvent::Publish(p) => self.on_publish(p).await,
             }
@@ -479,14 +485,7 @@ impl Dispatcher {
     }
 
     async fn sync(&self, devices: BTreeMap<DeviceId, u64>) {
-        let body = serde_json::to_vec(&TwinSync {
-            v: PROTOCOL_VERSION,
-            devices,
-        })
-        .expect("sync serializes");
-        self.publisher
-            .publish(Topics::up(&self.gateway, Up::TwinSync), body, false, None)
-            .await;
+        publish_sync(&self.publisher, &self.gateway, devices).await;
     }
 
     async fn on_publish(&self, p: Publish) {
@@ -546,16 +545,8 @@ impl Dispatcher {
                     DesiredDecision::Resync => {
                         info!(%device, version, "gap in desired versions: asking for a snapshot");
                         if let Ok(held) = shared.twins.load(&device).await {
-                            let mut devices = BTreeMap::new();
-                            devices.insert(device, held.desired_version);
-                            let body = serde_json::to_vec(&TwinSync {
-                                v: PROTOCOL_VERSION,
-                                devices,
-                            })
-                            .expect("sync serializes");
-                            publisher
-                                .publish(Topics::up(&gateway, Up::TwinSync), body, false, None)
-                                .await;
+                            let devices = BTreeMap::from([(device, held.desired_version)]);
+                            publish_sync(&publisher, &gateway, devices).await;
                         }
                     }
                 },
@@ -722,6 +713,23 @@ impl Dispatcher {
     }
 }
 
+/// Publishes `up/twin/sync`: the desired version held for each of `devices`, so the cloud
+/// answers with a snapshot for every one that is behind.
+async fn publish_sync(
+    publisher: &Publisher,
+    gateway: &GatewayId,
+    devices: BTreeMap<DeviceId, u64>,
+) {
+    let body = serde_json::to_vec(&TwinSync {
+        v: PROTOCOL_VERSION,
+        devices,
+    })
+    .expect("sync serializes");
+    publisher
+        .publish(Topics::up(gateway, Up::TwinSync), body, false, None)
+        .await;
+}
+
 /// The store's failure, as the gateway state carries it.
 fn store_error(store: &Store) -> Option<String> {
     match &*store.health().borrow() {
@@ -762,16 +770,7 @@ async fn publish_store_health(
             .await;
         if recovered {
             match shared.twins.held_versions().await {
-                Ok(devices) => {
-                    let body = serde_json::to_vec(&TwinSync {
-                        v: PROTOCOL_VERSION,
-                        devices,
-                    })
-                    .expect("sync serializes");
-                    publisher
-                        .publish(Topics::up(&gateway, Up::TwinSync), body, false, None)
-                        .await;
-                }
+                Ok(devices) => publish_sync(&publisher, &gateway, devices).await,
                 Err(e) => warn!(error = %e, "cannot read twin versions for the sync"),
             }
         }
@@ -813,3 +812,6 @@ async fn publish_presence(
     }
 }
 
+#[cfg(test)]
+#[path = "session_tests.rs"]
+mod tests;

@@ -114,16 +114,18 @@ pub fn render_request(
     address: Option<&str>,
     terminator: &str,
 ) -> Vec<u8> {
+    // A value may hold no control character and no character of the terminator, so no value
+    // (nor two values side by side) can end the line early or start a second command.
     let clean = |text: &str| -> String {
-        let text: String = text
-            .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
-            .collect();
-        if terminator.is_empty() {
-            text
-        } else {
-            text.replace(terminator, &" ".repeat(terminator.chars().count()))
-        }
+        text.chars()
+            .map(|c| {
+                if c.is_control() || terminator.contains(c) {
+                    ' '
+                } else {
+                    c
+                }
+            })
+            .collect()
     };
     let mut safe: Map<String, Value> = vars
         .iter()
