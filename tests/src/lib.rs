@@ -781,6 +781,13 @@ impl Site {
         .await
     }
 
+    /// Sends a message (must be accepted with 202) and returns its id.
+    pub async fn send_ok(&self, device: &str, payload: Value, ttl_seconds: u64) -> Result<String> {
+        let (s, b) = self.send(device, payload, ttl_seconds).await?;
+        anyhow::ensure!(s == 202, "send: {s} {b}");
+        Ok(b["id"].as_str().unwrap_or_default().to_string())
+    }
+
     /// `GET /api/v1/devices/{device}/messages/{id}`.
     pub async fn message(&self, device: &str, id: &str) -> Result<Value> {
         let (s, b) = get(&format!(
@@ -801,6 +808,12 @@ impl Site {
         })
         .await
     }
+}
+
+/// How many times a simulated AGV executed the message `id` (its `X-Message-Id` counter in the
+/// device's control view).
+pub fn executions(view: &Value, id: &str) -> u64 {
+    view["executions"][id].as_u64().unwrap_or(0)
 }
 
 /// `PUT url` with a JSON body -> (status, JSON body).

@@ -10,16 +10,6 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-fn executions(view: &Value, id: &str) -> u64 {
-    view["executions"][id].as_u64().unwrap_or(0)
-}
-
-async fn send_ok(site: &Site, device: &str, payload: Value, ttl: u64) -> Result<String> {
-    let (s, b) = site.send(device, payload, ttl).await?;
-    anyhow::ensure!(s == 202, "send: {s} {b}");
-    Ok(b["id"].as_str().unwrap_or_default().to_string())
-}
-
 /// A `/proc/<pid>/status` field in kB.
 fn proc_kb(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -46,7 +36,9 @@ async fn a_device_that_acts_then_fails_to_answer_runs_each_message_once() -> Res
     let mut figures = Vec::new();
     for fault in ["drop_after_acting", "malformed_status", "huge_header"] {
         site.fleet.fault("agv-1", json!({ fault: true })).await?;
-        let id = send_ok(&site, "agv-1", json!({"command": "RESTART"}), 30).await?;
+        let id = site
+            .send_ok("agv-1", json!({"command": "RESTART"}), 30)
+            .await?;
         let m = site
             .await_final("agv-1", &id, Duration::from_secs(20))
             .await?;
@@ -61,7 +53,9 @@ async fn a_device_that_acts_then_fails_to_answer_runs_each_message_once() -> Res
         assert_eq!(runs, 1, "{fault}: executions of {id}");
     }
     // The device is reachable again and the next message completes normally.
-    let id = send_ok(&site, "agv-1", json!({"command": "RESTART"}), 30).await?;
+    let id = site
+        .send_ok("agv-1", json!({"command": "RESTART"}), 30)
+        .await?;
     let m = site
         .await_final("agv-1", &id, Duration::from_secs(20))
         .await?;
@@ -79,7 +73,9 @@ async fn a_device_going_offline_during_a_command_never_runs_it_twice() -> Result
     site.fleet
         .fault("agv-1", json!({"latency_ms": 2000}))
         .await?;
-    let id = send_ok(&site, "agv-1", json!({"command": "RESTART"}), 30).await?;
+    let id = site
+        .send_ok("agv-1", json!({"command": "RESTART"}), 30)
+        .await?;
     // Wait until gatewayd has started the call (the message is `running`: written to the
     // device, which sits on it for 2 s), then take the device offline.
     let admin = site.gateway.admin().await?;
@@ -249,7 +245,10 @@ async fn a_full_disk_acknowledges_nothing_and_recovers_by_itself() -> Result<()>
 
     let mut ids = Vec::new();
     for _ in 0..20 {
-        ids.push(send_ok(&site, "agv-1", json!({"command": "RESTART"}), 120).await?);
+        ids.push(
+            site.send_ok("agv-1", json!({"command": "RESTART"}), 120)
+                .await?,
+        );
     }
     let (s, b) = site
         .patch_desired("agv-1", json!({"mode": "manual"}), None)
@@ -417,8 +416,12 @@ async fn a_command_too_close_to_its_ttl_is_not_started() -> Result<()> {
     site.fleet
         .fault("agv-1", json!({"latency_ms": 800}))
         .await?;
-    let first = send_ok(&site, "agv-1", json!({"command": "RESTART"}), 1).await?;
-    let second = send_ok(&site, "agv-1", json!({"command": "RESTART"}), 1).await?;
+    let first = site
+        .send_ok("agv-1", json!({"command": "RESTART"}), 1)
+        .await?;
+    let second = site
+        .send_ok("agv-1", json!({"command": "RESTART"}), 1)
+        .await?;
     let a = site
         .await_final("agv-1", &first, Duration::from_secs(10))
         .await?;
@@ -451,7 +454,10 @@ async fn a_lost_store_is_detected_and_the_cloud_sends_again() -> Result<()> {
     await_device_online(&site.stub.api, "agv-1", false).await?;
     let mut ids = Vec::new();
     for _ in 0..20 {
-        ids.push(send_ok(&site, "agv-1", json!({"command": "RESTART"}), 120).await?);
+        ids.push(
+            site.send_ok("agv-1", json!({"command": "RESTART"}), 120)
+                .await?,
+        );
     }
     for id in &ids {
         eventually("delivered", Duration::from_secs(10), || async {

@@ -7,16 +7,6 @@ use e2e::*;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-fn executions(view: &Value, id: &str) -> u64 {
-    view["executions"][id].as_u64().unwrap_or(0)
-}
-
-async fn send_ok(site: &Site, device: &str, payload: Value, ttl: u64) -> Result<String> {
-    let (s, b) = site.send(device, payload, ttl).await?;
-    anyhow::ensure!(s == 202, "send: {s} {b}");
-    Ok(b["id"].as_str().unwrap_or_default().to_string())
-}
-
 fn apply_state<'a>(twin: &'a Value, property: &str) -> &'a str {
     twin["apply"][property]["state"].as_str().unwrap_or("")
 }
@@ -42,7 +32,9 @@ async fn a_device_without_a_health_path_comes_back_by_itself() -> Result<()> {
     assert!(took < Duration::from_secs(2), "failed in {took:?}");
     println!("field: no health path: RPC to a stopped device failed in {took:?}");
     await_device_online(&site.stub.api, "agv-1", false).await?;
-    let id = send_ok(&site, "agv-1", json!({"command": "RESTART"}), 60).await?;
+    let id = site
+        .send_ok("agv-1", json!({"command": "RESTART"}), 60)
+        .await?;
     // The message reaches the gateway and waits there.
     eventually("message delivered", Duration::from_secs(10), || async {
         let m = site.message("agv-1", &id).await?;
@@ -81,7 +73,10 @@ async fn a_busy_device_is_retried_where_that_is_safe() -> Result<()> {
     site.fleet.fault("agv-1", json!({"busy_every": 5})).await?;
     let mut ids = Vec::new();
     for _ in 0..20 {
-        ids.push(send_ok(&site, "agv-1", json!({"command": "RESTART"}), 60).await?);
+        ids.push(
+            site.send_ok("agv-1", json!({"command": "RESTART"}), 60)
+                .await?,
+        );
     }
     let (s, b) = site
         .patch_desired(

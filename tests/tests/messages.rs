@@ -4,23 +4,15 @@
 
 use anyhow::Result;
 use e2e::*;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
-
-fn executions(view: &Value, id: &str) -> u64 {
-    view["executions"][id].as_u64().unwrap_or(0)
-}
-
-async fn send_ok(site: &Site, device: &str, payload: Value, ttl: u64) -> Result<String> {
-    let (s, b) = site.send(device, payload, ttl).await?;
-    anyhow::ensure!(s == 202, "send: {s} {b}");
-    Ok(b["id"].as_str().unwrap_or_default().to_string())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_complete_or_are_rejected_with_feedback() -> Result<()> {
     let site = Site::start(1).await?;
-    let id = send_ok(&site, "agv-1", json!({"command": "RESTART"}), 60).await?;
+    let id = site
+        .send_ok("agv-1", json!({"command": "RESTART"}), 60)
+        .await?;
     let m = site
         .await_final("agv-1", &id, Duration::from_secs(20))
         .await?;
@@ -28,7 +20,7 @@ async fn messages_complete_or_are_rejected_with_feedback() -> Result<()> {
     assert_eq!(executions(&site.fleet.view("agv-1").await?, &id), 1);
 
     // No mapping for the command: rejected by the gateway, the device is never called.
-    let id = send_ok(&site, "agv-1", json!({"command": "FLY"}), 60).await?;
+    let id = site.send_ok("agv-1", json!({"command": "FLY"}), 60).await?;
     let m = site
         .await_final("agv-1", &id, Duration::from_secs(20))
         .await?;
@@ -43,13 +35,13 @@ async fn messages_complete_or_are_rejected_with_feedback() -> Result<()> {
     assert_eq!(executions(&site.fleet.view("agv-1").await?, &id), 0);
 
     // The device says no (4xx): rejected with its answer.
-    let id = send_ok(
-        &site,
-        "agv-1",
-        json!({"command": "MOVE", "x": 1, "y": 1, "speed": 500}),
-        60,
-    )
-    .await?;
+    let id = site
+        .send_ok(
+            "agv-1",
+            json!({"command": "MOVE", "x": 1, "y": 1, "speed": 500}),
+            60,
+        )
+        .await?;
     let m = site
         .await_final("agv-1", &id, Duration::from_secs(20))
         .await?;
@@ -94,10 +86,13 @@ async fn messages_queue_while_gatewayd_is_stopped_and_complete_in_order() -> Res
     site.stop_gatewayd().await?;
     let mut ids = Vec::new();
     for n in 0..5 {
-        ids.push(send_ok(&site, "agv-1", json!({"command": "BEEP", "n": n}), 120).await?);
+        ids.push(
+            site.send_ok("agv-1", json!({"command": "BEEP", "n": n}), 120)
+                .await?,
+        );
     }
     // A message whose TTL passes in the cloud queue is expired there and never sent.
-    let short = send_ok(&site, "agv-1", json!({"command": "BEEP"}), 1).await?;
+    let short = site.send_ok("agv-1", json!({"command": "BEEP"}), 1).await?;
     let m = site
         .await_final("agv-1", &short, Duration::from_secs(10))
         .await?;
@@ -133,8 +128,10 @@ async fn an_offline_device_gets_its_messages_when_it_returns_unless_they_expired
     let site = Site::start(1).await?;
     site.fleet.fault("agv-1", json!({"offline": true})).await?;
     await_device_online(&site.stub.api, "agv-1", false).await?;
-    let late = send_ok(&site, "agv-1", json!({"command": "BEEP"}), 1).await?;
-    let kept = send_ok(&site, "agv-1", json!({"command": "BEEP"}), 120).await?;
+    let late = site.send_ok("agv-1", json!({"command": "BEEP"}), 1).await?;
+    let kept = site
+        .send_ok("agv-1", json!({"command": "BEEP"}), 120)
+        .await?;
     // The short one expires in the gateway inbox (delivered, never executed).
     let m = site
         .await_final("agv-1", &late, Duration::from_secs(10))
@@ -161,7 +158,8 @@ async fn a_full_queue_is_refused_and_a_purge_gives_feedback() -> Result<()> {
     let mut site = Site::start(1).await?;
     site.stop_gatewayd().await?;
     for _ in 0..50 {
-        send_ok(&site, "agv-1", json!({"command": "BEEP"}), 600).await?;
+        site.send_ok("agv-1", json!({"command": "BEEP"}), 600)
+            .await?;
     }
     let (s, b) = site.send("agv-1", json!({"command": "BEEP"}), 600).await?;
     assert_eq!((s, b["code"].as_str()), (429, Some("queue_full")), "{b}");
@@ -176,7 +174,8 @@ async fn a_full_queue_is_refused_and_a_purge_gives_feedback() -> Result<()> {
         "every purged message has its status"
     );
     // Room again.
-    send_ok(&site, "agv-1", json!({"command": "BEEP"}), 600).await?;
+    site.send_ok("agv-1", json!({"command": "BEEP"}), 600)
+        .await?;
     Ok(())
 }
 
@@ -192,7 +191,8 @@ async fn kill_9_during_a_run_never_executes_a_message_twice() -> Result<()> {
         let device = devices[n % 5];
         ids.push((
             device,
-            send_ok(&site, device, json!({"command": "BEEP", "n": n}), 600).await?,
+            site.send_ok(device, json!({"command": "BEEP", "n": n}), 600)
+                .await?,
         ));
     }
     let mut kills = 0;
@@ -248,7 +248,8 @@ async fn a_burst_keeps_the_session_up() -> Result<()> {
         let device = format!("agv-{}", n % 10 + 1);
         ids.push((
             device.clone(),
-            send_ok(&site, &device, json!({"command": "BEEP", "n": n}), 600).await?,
+            site.send_ok(&device, json!({"command": "BEEP", "n": n}), 600)
+                .await?,
         ));
         if n % 3 == 0 {
             let (s, b) = site
@@ -280,7 +281,9 @@ async fn feedback_sent_while_the_stub_is_down_is_not_lost() -> Result<()> {
     let mut site = Site::start_on(Broker::External(mosquitto.url.clone()), 1, "").await?;
     site.fleet.fault("agv-1", json!({"offline": true})).await?;
     await_device_online(&site.stub.api, "agv-1", false).await?;
-    let id = send_ok(&site, "agv-1", json!({"command": "BEEP"}), 600).await?;
+    let id = site
+        .send_ok("agv-1", json!({"command": "BEEP"}), 600)
+        .await?;
     eventually("message delivered", Duration::from_secs(20), || async {
         let m = site.message("agv-1", &id).await?;
         Ok((m["status"] == "delivered").then_some(()))
