@@ -158,6 +158,15 @@ Break a device, then try again:
   curl -s -X POST {ctl}/_control/devices/agv-2/reset      (the queued RESTART then completes)
   curl -s -X POST {sctl}/_control/faults -H 'content-type: application/json' -d '{{"no_reply":true}}'
 
+Field-device habits (docs/devices.md):
+  curl -s -X POST {ctl}/_control/devices/agv-1/faults -H 'content-type: application/json' -d '{{"busy_every":2}}'
+  curl -s -X POST {api}/api/v1/devices/agv-1/methods/status      (every 2nd call: device_busy; messages and twins are retried)
+  curl -s -X POST {ctl}/_control/devices/agv-1/faults -H 'content-type: application/json' -d '{{"busy_every":0,"drop_after_acting":true}}'
+  curl -s -X POST {api}/api/v1/devices/agv-1/messages -H 'content-type: application/json' -d '{{"payload":{{"command":"RESTART"}},"ttl_seconds":60}}'
+  curl -s {api}/api/v1/devices/agv-1/messages      (may_have_run: the device acted but its answer was lost; never retried)
+  curl -s -X POST {sctl}/_control/faults -H 'content-type: application/json' -d '{{"no_reply":false,"unsolicited_ms":200}}'
+  curl -s -X POST {api}/api/v1/devices/chiller-1/methods/temperature      (lines it prints on its own never answer a request)
+
 Press Ctrl-C to stop."#,
         mqtt = stub.mqtt,
         a1 = fleet.devices[0].1,
