@@ -190,7 +190,7 @@ impl SerialConfig<'_> {
         let mut s = String::new();
         let _ = write!(
             s,
-            "\n[serial_ports.{}]\npath = \"{}\"\nbaud = 115200\ntimeout_ms = {}\n",
+            "\n[serial_ports.{}]\npath = \"{}\"\nbaud = 115200\ntimeout_ms = {}\n# The simulator's own status line, when it prints one.\nignore = ['#STAT .*']\n",
             self.port, self.path, self.timeout_ms
         );
         for (id, address) in self.devices {
