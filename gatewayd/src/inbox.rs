@@ -667,3 +667,7 @@ impl Inbox {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "inbox_tests.rs"]
+mod tests;
