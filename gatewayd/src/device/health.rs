@@ -150,7 +150,13 @@ impl Presence {
     /// is down; a timeout or an error answer says nothing about presence.
     pub fn observe_call<T>(&self, id: &DeviceId, result: &Result<T, CallError>, now_ms: u64) {
         match result {
-            Ok(_) | Err(CallError::Status { .. }) => {
+            // The device answered, even if to say no or busy: it is there.
+            Ok(_)
+            | Err(CallError::Status { .. })
+            | Err(CallError::Coded { .. })
+            | Err(CallError::Busy {
+                status: Some(_), ..
+            }) => {
                 self.set(id, true, None, now_ms);
             }
             Err(CallError::Unreachable(why)) => {
