@@ -100,6 +100,9 @@ impl fmt::Display for MqttTarget {
     }
 }
 
+/// Unacknowledged publishes of the stub's own at most (rumqttc's outgoing window).
+const INFLIGHT: u16 = 10_000;
+
 /// Sends on the session; cheap to clone.
 #[derive(Clone)]
 pub struct Publisher {
@@ -136,6 +139,12 @@ pub fn spawn(
         // handed over is lost across a stub restart.
         .set_clean_session(false)
         .set_manual_acks(true)
+        // Manual acks travel in the same request channel as the stub's own publishes, and
+        // rumqttc stops reading that channel while its outgoing window is full. With the
+        // default window (100) a burst of RPC requests and messages could hold back the acks
+        // the broker waits for before it acknowledges those publishes: a stall. A window as
+        // wide as the request channel keeps the acks moving.
+        .set_inflight(INFLIGHT)
         .set_max_packet_size(MAX_MQTT_PACKET, MAX_MQTT_PACKET);
     if let Some(password) = password {
         options.set_credentials(client_id, password.expose());
