@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod config;
 pub mod raw;
+pub mod swarm;
 pub mod tls;
 
 use anyhow::{anyhow, bail, Context, Result};

@@ -1,7 +1,11 @@
 //! The bench's own cloud side on MQTT, independent of the cloud stub's client: one rumqttc
 //! session ("bench-cloud") that publishes RPC requests the way the cloud does and matches the
-//! answers by request id, and a second session ("bench-echo") that sends back whatever reaches
-//! its request topic, for the broker-only baseline.
+//! answers by request id, and a second session ("bench-echo") that stands in for a gateway
+//! that does nothing: it answers every RPC request on gateway [`ECHO_GATEWAY`]'s request topic
+//! at once with a success on that gateway's answer topic, for the broker-only latency baseline
+//! and throughput floor. The topics are a gateway's, so the broker routes each answer to the
+//! same subscribers (the stub's session too) as a real gateway's answer: the floor costs the
+//! broker and the stub what an RPC costs them, less the gateway and the device.
 //!
 //! Each session's event loop is polled in its own task, which never publishes (rumqttc
 //! requests go through a bounded channel that only `poll()` drains). Arrival times are taken
@@ -11,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
 use gatewayd_protocol::{
     decode, DeviceId, Down, ErrorCode, GatewayId, RequestId, RpcOutcome, RpcRequest, RpcResponse,
-    Topics, Up, PROTOCOL_VERSION,
+    RpcSuccess, Topics, Up, PROTOCOL_VERSION,
 };
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
 use std::collections::HashMap;
@@ -21,10 +25,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-/// Topic the echo session listens on.
-const ECHO_REQ: &str = "bench/echo/req";
-/// Topic the echo session answers on.
-const ECHO_RES: &str = "bench/echo/res";
+/// The gateway the echo session stands in for (no such gateway is configured anywhere).
+pub const ECHO_GATEWAY: &str = "bench-echo";
 
 /// How an exchange ended, and when its answer reached the polling task.
 #[derive(Debug, Clone)]
@@ -58,8 +60,7 @@ impl Cloud {
             Up::RpcResponse.suffix()
         );
         client.subscribe(rpc_res, QoS::AtLeastOnce).await?;
-        client.subscribe(ECHO_RES, QoS::AtLeastOnce).await?;
-        await_subacks(subacks, 2).await?;
+        await_subacks(subacks, 1).await?;
         Ok(Cloud {
             client,
             pending,
@@ -82,11 +83,11 @@ impl Cloud {
         self.exchange(topic, id, payload, timeout).await
     }
 
-    /// Sends an RPC-sized payload through the broker to the echo session and back.
+    /// Sends the same RPC request through the broker to the echo session, which answers it at
+    /// once.
     pub async fn echo(&self, device: &str, timeout: Duration) -> Result<(Reply, Duration)> {
-        let (id, payload) = self.request(device, "status", timeout)?;
-        self.exchange(ECHO_REQ.to_string(), id, payload, timeout)
-            .await
+        let gateway = GatewayId::new(ECHO_GATEWAY)?;
+        self.rpc(&gateway, device, "status", timeout).await
     }
 
     fn request(&self, device: &str, method: &str, timeout: Duration) -> Result<(String, Vec<u8>)> {
@@ -139,15 +140,19 @@ impl Cloud {
     }
 }
 
-/// The echo session: answers every publish on its request topic on the answer topic.
+/// The echo session: answers every RPC request to [`ECHO_GATEWAY`] with a success carrying the
+/// request's params as the result.
 pub struct Echo {
     client: AsyncClient,
     tasks: [JoinHandle<()>; 2],
 }
 
 impl Echo {
-    /// Connects as `bench-echo` and subscribes to the echo request topic.
+    /// Connects as `bench-echo` and subscribes to [`ECHO_GATEWAY`]'s RPC request topic.
     pub async fn start(broker: &str) -> Result<Echo> {
+        let gateway = GatewayId::new(ECHO_GATEWAY)?;
+        let requests = Topics::down(&gateway, Down::RpcRequest);
+        let answers = Topics::up(&gateway, Up::RpcResponse);
         let (client, mut eventloop) = session("bench-echo", broker)?;
         let (subacks_tx, subacks) = watch::channel(0usize);
         let (tx, mut rx) = mpsc::unbounded_channel::<rumqttc::Publish>();
@@ -169,12 +174,15 @@ impl Echo {
         let replier = client.clone();
         let answer = tokio::spawn(async move {
             while let Some(p) = rx.recv().await {
+                let Some(answer) = echo_answer(&p.payload) else {
+                    continue;
+                };
                 let _ = replier
-                    .publish_bytes(ECHO_RES, QoS::AtLeastOnce, false, p.payload)
+                    .publish(answers.as_str(), QoS::AtLeastOnce, false, answer)
                     .await;
             }
         });
-        client.subscribe(ECHO_REQ, QoS::AtLeastOnce).await?;
+        client.subscribe(requests, QoS::AtLeastOnce).await?;
         await_subacks(subacks, 1).await?;
         Ok(Echo {
             client,
@@ -231,12 +239,22 @@ async fn poll_cloud(mut eventloop: EventLoop, pending: Pending, subacks: watch::
     }
 }
 
+/// The echo session's answer to an RPC request: a success, the params as the result.
+fn echo_answer(request: &[u8]) -> Option<Vec<u8>> {
+    let req: RpcRequest = decode(request).ok()?;
+    serde_json::to_vec(&RpcResponse {
+        v: PROTOCOL_VERSION,
+        id: req.id,
+        outcome: RpcOutcome::Ok(RpcSuccess {
+            status: 200,
+            result: req.params,
+        }),
+    })
+    .ok()
+}
+
 /// The request id an answer belongs to, and its error code if it is a failed RPC.
 fn answer_of(topic: &str, payload: &[u8]) -> Option<(String, Option<ErrorCode>)> {
-    if topic == ECHO_RES {
-        let req: RpcRequest = decode(payload).ok()?;
-        return Some((req.id.to_string(), None));
-    }
     match Topics::parse_up(topic)? {
         (_, Up::RpcResponse) => {
             let res: RpcResponse = decode(payload).ok()?;
@@ -273,4 +291,34 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_echo_answers_a_request_as_a_gateway_would() {
+        let req = RpcRequest {
+            v: PROTOCOL_VERSION,
+            id: RequestId::new("bench-7").unwrap(),
+            device: DeviceId::new("agv-1").unwrap(),
+            method: "status".into(),
+            params: serde_json::json!({"x": 1}),
+            timeout_ms: 5000,
+            deadline_ms: now_ms() + 5000,
+        };
+        let answer = echo_answer(&serde_json::to_vec(&req).unwrap()).unwrap();
+        let topic = Topics::up(&GatewayId::new(ECHO_GATEWAY).unwrap(), Up::RpcResponse);
+        assert_eq!(answer_of(&topic, &answer), Some(("bench-7".into(), None)));
+        let res: RpcResponse = decode(&answer).unwrap();
+        assert_eq!(
+            res.outcome,
+            RpcOutcome::Ok(RpcSuccess {
+                status: 200,
+                result: serde_json::json!({"x": 1})
+            })
+        );
+        assert_eq!(echo_answer(b"not json"), None);
+    }
 }

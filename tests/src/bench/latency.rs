@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 /// The method measured, and the device path it maps to (`AGV_METHODS`).
 pub const METHOD: &str = "status";
-const PATH: &str = "/api/status";
+pub const PATH: &str = "/api/status";
 /// The token the generated configuration sends.
-const TOKEN: &str = "demo-token";
+pub const TOKEN: &str = "demo-token";
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the sequential phase measured.

@@ -3,11 +3,12 @@
 //! one `completed`. gatewayd stores each message durably before it acknowledges it and commits
 //! `running` and the outcome around each device call (WAL, `synchronous=FULL`, group commit:
 //! `gatewayd/src/store.rs`); the bench does not change those settings. The stub's stamps
-//! (queued, sent, delivered, finished) tell which stage the time went to, and the devices'
-//! counters show that each completed message ran exactly once.
+//! (queued, sent, delivered, finished) tell which stage the time went to, the devices'
+//! counters show that each completed message ran exactly once, and the CPU each process used
+//! over the run, divided by the messages completed, what one costs.
 
 use super::load::{self, Burst};
-use super::procfs::CpuMeter;
+use super::procfs::{self, CpuMeter};
 use super::rig::Rig;
 use super::stats::Summary;
 use crate::{get, post, Stub};
@@ -31,6 +32,9 @@ const DEADLINE: Duration = Duration::from_secs(120);
 const POLL_IN_FLIGHT: usize = 8;
 /// `fdatasync` rounds of the disk probe.
 const FSYNC_ROUNDS: usize = 50;
+/// Longest wait for gatewayd to go quiet after its start, before the CPU window opens.
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+const SETTLE_STEP: Duration = Duration::from_millis(250);
 /// What the bench can say about gatewayd's store settings (set in `gatewayd/src/store.rs`).
 pub const DURABILITY: &str = "gatewayd SQLite store: WAL, synchronous=FULL, group commit";
 
@@ -72,6 +76,9 @@ pub struct Messages {
     pub stages: MessageStages,
     /// Percent of one core used by each process from the first POST until the end.
     pub cpu_percent: BTreeMap<String, f64>,
+    /// Microseconds of CPU each process used over the same window per message completed
+    /// (gatewayd: received, stored, run at the device, outcome stored and reported).
+    pub cpu_us_per_message: BTreeMap<String, f64>,
 }
 
 /// When the last message passed each stage, as the stub stamped it, in seconds after the first
@@ -115,6 +122,7 @@ pub async fn measure(
         ("device-fixtures", rig.fleet_pid()?),
     ];
     all_pids.extend_from_slice(pids);
+    procfs::settle(all_pids[0].1, SETTLE_STEP, SETTLE_MAX).await?;
     let api = stub.api.clone();
     let names: Arc<Vec<String>> =
         Arc::new(rig.fleet.devices.iter().map(|(n, _)| n.clone()).collect());
@@ -175,7 +183,7 @@ pub async fn measure(
         .await
     };
     let end = polled.all_done_at.unwrap_or_else(Instant::now);
-    let (used, _) = cpu.stop()?;
+    let used = cpu.used()?;
     let elapsed = end.saturating_duration_since(sent.started);
     let store_wal_seen = dir.join("gatewayd.db-wal").exists();
 
@@ -278,7 +286,8 @@ pub async fn measure(
         store_wal_seen,
         fsync_p50_ms,
         stages,
-        cpu_percent: used.into_iter().collect(),
+        cpu_percent: used.percent().into_iter().collect(),
+        cpu_us_per_message: used.us_per_op(completed as u64),
     };
     rig.stop().await?;
     Ok(result)

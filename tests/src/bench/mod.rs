@@ -1,11 +1,14 @@
 //! The benchmark behind the `bench` binary: starts the cloud stub, simulated devices and
 //! gatewayd through the harness, drives them over MQTT as the cloud does, and measures RPC
-//! latency against baselines taken in the same run, RPC throughput, twin fan-out and message
-//! throughput through the operator API, and gatewayd's idle footprint.
+//! latency against baselines taken in the same run, RPC throughput next to floors taken at the
+//! same concurrency (MQTT echo through the same broker, direct HTTP to the devices), twin
+//! fan-out and message throughput through the operator API, gatewayd's CPU time per RPC, per
+//! twin property and per message, and its idle footprint.
 //!
 //! - `cloud`: the bench's own MQTT sessions (cloud side and echo);
 //! - `rig`: the bench's cloud stub, and a gatewayd and its devices on it;
 //! - `latency`, `throughput`, `twin_fanout`, `messages`, `footprint`: one phase each;
+//! - `swarm`: the cloud side under many simulated gateways (`crate::swarm`), on its own stub;
 //! - `load`: operator-API bursts and polling; `procfs`, `stats`: measuring helpers;
 //! - `report`: targets, verdicts, table and JSON.
 
@@ -18,6 +21,7 @@ pub mod procfs;
 pub mod report;
 pub mod rig;
 pub mod stats;
+pub mod swarm;
 pub mod throughput;
 pub mod twin_fanout;
 
@@ -60,6 +64,8 @@ pub struct Options {
     pub idle: Duration,
     /// An external MQTT broker (`mqtt://host:port`) instead of the stub's embedded one.
     pub broker: Option<String>,
+    /// Gateways and devices per gateway of the swarm phase; `None` skips it.
+    pub swarm: Option<(usize, usize)>,
     /// Where logs and stores go (emptied first).
     pub dir: PathBuf,
 }
@@ -74,6 +80,21 @@ pub async fn run(opts: &Options) -> Result<Report> {
         .join(" ");
     let _ = std::fs::remove_dir_all(&opts.dir);
     std::fs::create_dir_all(&opts.dir)?;
+    // First, on its own stub, so nothing else runs beside it (see `swarm`).
+    let swarm = match opts.swarm {
+        Some((gateways, devices)) => {
+            eprintln!("bench: 6. swarm, {gateways} gateways of {devices} devices each");
+            let settings = swarm::SwarmSettings {
+                gateways,
+                devices,
+                broker: opts.broker.clone(),
+                api_in_flight: opts.api_in_flight,
+                dir: opts.dir.join("swarm"),
+            };
+            Some(swarm::measure(&settings).await?)
+        }
+        None => None,
+    };
     let max_queue = STUB_MAX_QUEUE.max(opts.messages.map_or(0, |(_, per)| per));
     let stub = rig::start_stub(&opts.dir, max_queue, opts.broker.as_deref()).await?;
     let stub_pid = stub.proc.child.id().context("cloud-stub has exited")?;
@@ -114,7 +135,6 @@ pub async fn run(opts: &Options) -> Result<Report> {
         opts.in_flight,
         opts.duration.as_secs()
     );
-    let names: Vec<String> = rig.fleet.devices.iter().map(|(n, _)| n.clone()).collect();
     let pids = [
         ("gatewayd", rig.gateway_pid()?),
         ("cloud-stub", stub_pid),
@@ -124,7 +144,7 @@ pub async fn run(opts: &Options) -> Result<Report> {
     let throughput = throughput::measure(
         cloud.clone(),
         &rig.gateway_id,
-        &names,
+        &rig.fleet.devices,
         opts.in_flight,
         opts.duration,
         &pids,
@@ -207,12 +227,16 @@ pub async fn run(opts: &Options) -> Result<Report> {
         loadavg_at_start,
         logs: opts.dir.display().to_string(),
     };
-    Ok(Report::new(
+    let mut report = Report::new(
         settings,
         latency,
         throughput,
         twin_fanout,
         messages,
         footprint,
-    ))
+    );
+    if let Some(swarm) = swarm {
+        report.add_swarm(swarm);
+    }
+    Ok(report)
 }

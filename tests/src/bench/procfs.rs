@@ -1,6 +1,7 @@
 //! What `/proc` says about a process: resident memory and CPU time consumed.
 
 use anyhow::{anyhow, Context, Result};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 /// Memory of a process from `/proc/<pid>/status`, in KiB.
@@ -50,7 +51,8 @@ fn parse_ticks(stat: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
-/// Clock ticks per second (`getconf CLK_TCK`; 100 when it cannot be asked).
+/// Clock ticks per second: `sysconf(_SC_CLK_TCK)` as `getconf CLK_TCK` reports it; 100 (the
+/// value on every Linux port) when it cannot be asked.
 pub fn ticks_per_second() -> u64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -84,17 +86,77 @@ impl CpuMeter {
 
     /// Per process: percent of one core used since `start`, and the elapsed time.
     pub fn stop(&self) -> Result<(Vec<(String, f64)>, Duration)> {
+        let used = self.used()?;
+        Ok((used.percent(), used.elapsed))
+    }
+
+    /// CPU time each process used since `start` (user + system, whole clock ticks).
+    pub fn used(&self) -> Result<CpuUsed> {
         let elapsed = self.start.elapsed();
-        let used = self
+        let seconds = self
             .ticks
             .iter()
             .map(|(name, pid, before)| {
                 let spent = cpu_ticks(*pid)?.saturating_sub(*before) as f64 / self.hz as f64;
-                Ok((name.clone(), 100.0 * spent / elapsed.as_secs_f64()))
+                Ok((name.clone(), spent))
             })
             .collect::<Result<_>>()?;
-        Ok((used, elapsed))
+        Ok(CpuUsed {
+            elapsed,
+            seconds,
+            clk_tck: self.hz,
+        })
     }
+}
+
+/// CPU time used by a set of processes over one window.
+#[derive(Debug, Clone)]
+pub struct CpuUsed {
+    pub elapsed: Duration,
+    /// Per process: CPU seconds (utime + stime of `/proc/<pid>/stat`, all threads).
+    pub seconds: Vec<(String, f64)>,
+    /// The clock ticks per second the figures were read in (one tick is their resolution).
+    pub clk_tck: u64,
+}
+
+impl CpuUsed {
+    /// Per process: percent of one core over the window.
+    pub fn percent(&self) -> Vec<(String, f64)> {
+        let wall = self.elapsed.as_secs_f64();
+        self.seconds
+            .iter()
+            .map(|(name, s)| (name.clone(), 100.0 * s / wall))
+            .collect()
+    }
+
+    /// Per process: microseconds of CPU per operation, `ops` operations done in the window
+    /// (empty when there were none).
+    pub fn us_per_op(&self, ops: u64) -> BTreeMap<String, f64> {
+        if ops == 0 {
+            return BTreeMap::new();
+        }
+        self.seconds
+            .iter()
+            .map(|(name, s)| (name.clone(), s * 1e6 / ops as f64))
+            .collect()
+    }
+}
+
+/// Waits until `pid` spends no CPU tick during one `step`, at most `max`; returns how long it
+/// took. Run before a CPU window, so start-up work left over is not charged to the operations
+/// measured.
+pub async fn settle(pid: u32, step: Duration, max: Duration) -> Result<Duration> {
+    let started = Instant::now();
+    let mut before = cpu_ticks(pid)?;
+    while started.elapsed() < max {
+        tokio::time::sleep(step).await;
+        let now = cpu_ticks(pid)?;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    Ok(started.elapsed())
 }
 
 #[cfg(test)]
@@ -119,6 +181,20 @@ mod tests {
         let s =
             "4242 (tokio rt) S 1 4242 4242 0 -1 4194560 500 0 0 0 17 5 0 0 20 0 3 0 100 1000 200";
         assert_eq!(parse_ticks(s), Some(22));
+    }
+
+    #[test]
+    fn cpu_per_operation_and_percent() {
+        let used = CpuUsed {
+            elapsed: Duration::from_secs(2),
+            seconds: vec![("gatewayd".into(), 1.5), ("bench".into(), 0.0)],
+            clk_tck: 100,
+        };
+        let per = used.us_per_op(30_000);
+        assert!((per["gatewayd"] - 50.0).abs() < 1e-9);
+        assert_eq!(per["bench"], 0.0);
+        assert!(used.us_per_op(0).is_empty());
+        assert!((used.percent()[0].1 - 75.0).abs() < 1e-9);
     }
 
     #[test]

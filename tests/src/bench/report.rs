@@ -14,6 +14,12 @@ pub const RPC_P50_MS: f64 = 0.5;
 pub const RPC_P99_MS: f64 = 2.0;
 pub const OVERHEAD_P50_MS: f64 = 0.2;
 pub const CALLS_PER_S: f64 = 10_000.0;
+/// RPC throughput as percent of the MQTT echo floor's at the same concurrency.
+pub const OF_ECHO_FLOOR_PERCENT: f64 = 60.0;
+/// gatewayd's CPU time per operation, microseconds (`/proc/<pid>/stat` over each phase).
+pub const CPU_US_PER_RPC: f64 = 40.0;
+pub const CPU_US_PER_MESSAGE: f64 = 150.0;
+pub const CPU_US_PER_TWIN_PROPERTY: f64 = 150.0;
 /// One desired change to each of 1,000 devices, until every twin shows it reported.
 pub const TWIN_FANOUT_S: f64 = 2.0;
 /// Messages completed durably per second.
@@ -105,6 +111,8 @@ pub struct Report {
     pub messages: Option<Messages>,
     /// `None` with `--skip-footprint`.
     pub footprint: Option<Footprint>,
+    /// `None` with `--skip-swarm`; set by [`Report::add_swarm`].
+    pub swarm: Option<super::swarm::SwarmReport>,
     pub checks: Vec<Check>,
 }
 
@@ -134,7 +142,16 @@ impl Report {
                 "calls",
                 0.0,
             ),
+            Check::at_least(
+                "throughput_of_echo_floor",
+                throughput.of_echo_floor_percent,
+                "%",
+                OF_ECHO_FLOOR_PERCENT,
+            ),
         ];
+        if let Some(&us) = throughput.cpu_us_per_call.get("gatewayd") {
+            checks.push(Check::at_most("cpu_per_rpc", us, "µs", CPU_US_PER_RPC));
+        }
         if let Some(t) = &twin_fanout {
             checks.push(Check::at_most(
                 "twin_fanout",
@@ -148,6 +165,14 @@ impl Report {
                 "devices",
                 0.0,
             ));
+            if let Some(&us) = t.cpu_us_per_property.get("gatewayd") {
+                checks.push(Check::at_most(
+                    "cpu_per_twin_property",
+                    us,
+                    "µs",
+                    CPU_US_PER_TWIN_PROPERTY,
+                ));
+            }
         }
         if let Some(m) = &messages {
             checks.push(Check::at_least(
@@ -162,6 +187,14 @@ impl Report {
                 "messages",
                 0.0,
             ));
+            if let Some(&us) = m.cpu_us_per_message.get("gatewayd") {
+                checks.push(Check::at_most(
+                    "cpu_per_message",
+                    us,
+                    "µs",
+                    CPU_US_PER_MESSAGE,
+                ));
+            }
         }
         if let Some(f) = &footprint {
             checks.push(Check::at_most(
@@ -184,6 +217,7 @@ impl Report {
             twin_fanout,
             messages,
             footprint,
+            swarm: None,
             checks,
         }
     }
@@ -261,6 +295,33 @@ impl Report {
             triple(&t.latency),
             None,
         );
+        for f in [&t.echo_floor, &t.http_floor] {
+            row(
+                "2",
+                format!("  floor: {}, {} in flight; p50", f.what, t.in_flight),
+                format!(
+                    "{} calls/s; {}",
+                    num(f.calls_per_s.round()),
+                    ms(f.latency.p50_ms)
+                ),
+                None,
+            );
+        }
+        row(
+            "2",
+            format!(
+                "  share of the MQTT echo floor (of direct HTTP: {:.0} %)",
+                t.of_http_floor_percent
+            ),
+            format!("{:.1} %", t.of_echo_floor_percent),
+            self.check("throughput_of_echo_floor"),
+        );
+        row(
+            "2",
+            "  gatewayd CPU per RPC".into(),
+            us(t.cpu_us_per_call.get("gatewayd")),
+            self.check("cpu_per_rpc"),
+        );
         match &self.twin_fanout {
             Some(w) => {
                 row(
@@ -291,6 +352,21 @@ impl Report {
                     "  devices not converged".into(),
                     format!("{} of {}", w.not_converged, num(w.devices as f64)),
                     self.check("twin_not_converged"),
+                );
+                row(
+                    "3",
+                    "  gatewayd CPU per twin property applied".into(),
+                    us(w.cpu_us_per_property.get("gatewayd")),
+                    self.check("cpu_per_twin_property"),
+                );
+                row(
+                    "3",
+                    format!(
+                        "  gatewayd start until all {} devices online",
+                        num(w.devices as f64)
+                    ),
+                    format!("{:.1} s", w.ready_after_s),
+                    None,
                 );
                 row(
                     "3",
@@ -355,6 +431,12 @@ impl Report {
                     "  lost / failed / not completed (any reason)".into(),
                     format!("{} / {} / {}", m.lost, failed, m.not_completed),
                     self.check("messages_not_completed"),
+                );
+                row(
+                    "4",
+                    "  gatewayd CPU per message (received to completed)".into(),
+                    us(m.cpu_us_per_message.get("gatewayd")),
+                    self.check("cpu_per_message"),
                 );
                 row(
                     "4",
@@ -424,6 +506,14 @@ impl Report {
                 );
             }
         }
+        match &self.swarm {
+            Some(w) => {
+                for (what, result, measure) in w.rows() {
+                    row("6", what, result, measure.and_then(|m| self.check(m)));
+                }
+            }
+            None => row("6", "swarm".into(), "skipped (--skip-swarm)".into(), None),
+        }
 
         let mut out = String::new();
         let _ = writeln!(
@@ -451,21 +541,41 @@ impl Report {
         }
         let _ = writeln!(
             out,
-            "\nCPU during the throughput run (percent of one core): {}",
-            cpu_line(&t.cpu_percent)
+            "\nCPU during the throughput run (percent of one core): {}; per call: {}",
+            cpu_line(&t.cpu_percent),
+            us_line(&t.cpu_us_per_call)
         );
+        let _ = writeln!(
+            out,
+            "CPU time: utime + stime of /proc/<pid>/stat (all threads), CLK_TCK {} (one tick = {:.0} ms)",
+            t.clk_tck,
+            1000.0 / t.clk_tck.max(1) as f64
+        );
+        for f in [&t.echo_floor, &t.http_floor] {
+            let _ = writeln!(
+                out,
+                "CPU during the floor {}: {}; per call: {}; errors / lost {} / {}",
+                f.what,
+                cpu_line(&f.cpu_percent),
+                us_line(&f.cpu_us_per_call),
+                f.errors,
+                f.lost
+            );
+        }
         if let Some(w) = &self.twin_fanout {
             let _ = writeln!(
                 out,
-                "CPU during the twin fan-out (first PATCH until converged): {}",
-                cpu_line(&w.cpu_percent)
+                "CPU during the twin fan-out (first PATCH until converged): {}; per property: {}",
+                cpu_line(&w.cpu_percent),
+                us_line(&w.cpu_us_per_property)
             );
         }
         if let Some(m) = &self.messages {
             let _ = writeln!(
                 out,
-                "CPU during the messages (first POST until all final): {}",
-                cpu_line(&m.cpu_percent)
+                "CPU during the messages (first POST until all final): {}; per message: {}",
+                cpu_line(&m.cpu_percent),
+                us_line(&m.cpu_us_per_message)
             );
             let statuses: Vec<String> = m
                 .by_status
@@ -506,6 +616,9 @@ impl Report {
         if !t.error_codes.is_empty() {
             let _ = writeln!(out, "Error answers by code: {:?}", t.error_codes);
         }
+        if let Some(w) = &self.swarm {
+            let _ = writeln!(out, "{}", w.usage_lines());
+        }
         let _ = writeln!(out, "Broker: {}; logs: {}", s.broker, s.logs);
         out
     }
@@ -514,6 +627,20 @@ impl Report {
 fn cpu_line(cpu: &std::collections::BTreeMap<String, f64>) -> String {
     let parts: Vec<String> = cpu.iter().map(|(p, c)| format!("{p} {c:.0}%")).collect();
     parts.join(", ")
+}
+
+/// Microseconds of CPU per operation, by process.
+fn us_line(per_op: &std::collections::BTreeMap<String, f64>) -> String {
+    let parts: Vec<String> = per_op
+        .iter()
+        .map(|(p, v)| format!("{p} {v:.0} µs"))
+        .collect();
+    parts.join(", ")
+}
+
+/// Microseconds, or "-" when nothing was done to divide by.
+fn us(v: Option<&f64>) -> String {
+    v.map_or_else(|| "-".into(), |v| format!("{v:.1} µs"))
 }
 
 fn secs(v: Option<f64>) -> String {

@@ -1,10 +1,11 @@
 //! Twin fan-out: one desired change to each of many devices behind one gateway, sent as fast as
 //! the operator API takes them, and timed from the first PATCH until the operator API shows
 //! reported == desired for every device. The stub's own stamps (desired committed, applied at
-//! the device, reported back) tell which stage the time went to.
+//! the device, reported back) tell which stage the time went to, and the CPU each process used
+//! over that window, divided by the properties applied, what one costs.
 
 use super::load::{self, Burst};
-use super::procfs::CpuMeter;
+use super::procfs::{self, CpuMeter};
 use super::rig::Rig;
 use super::stats::Summary;
 use crate::{get, patch, Stub};
@@ -27,6 +28,9 @@ pub const VALUE: f64 = 12.5;
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Twin reads in flight while polling.
 const POLL_IN_FLIGHT: usize = 16;
+/// Longest wait for gatewayd to go quiet after its start, before the CPU window opens.
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+const SETTLE_STEP: Duration = Duration::from_millis(250);
 
 /// What the twin fan-out phase measured.
 #[derive(Debug, Clone, Serialize)]
@@ -36,6 +40,8 @@ pub struct TwinFanout {
     pub value: f64,
     /// From gatewayd's start until the stub showed every device online, seconds.
     pub ready_after_s: f64,
+    /// From then until gatewayd used no CPU for one 250 ms step (at most 10 s), seconds.
+    pub settled_after_s: f64,
     /// The PATCHes at the operator API (expected answer 200).
     pub patches: Burst,
     /// From the first PATCH until the operator API showed reported == desired for every
@@ -48,6 +54,9 @@ pub struct TwinFanout {
     pub stages: TwinStages,
     /// Percent of one core used by each process from the first PATCH until convergence.
     pub cpu_percent: BTreeMap<String, f64>,
+    /// Microseconds of CPU each process used over the same window per property applied (one
+    /// per converged device).
+    pub cpu_us_per_property: BTreeMap<String, f64>,
 }
 
 /// When the last device passed each stage, as the stub stamped it, in seconds after the first
@@ -84,6 +93,7 @@ pub async fn measure(
         ("device-fixtures", rig.fleet_pid()?),
     ];
     all_pids.extend_from_slice(pids);
+    let settled_after = procfs::settle(all_pids[0].1, SETTLE_STEP, SETTLE_MAX).await?;
     let api = stub.api.clone();
     let names: Arc<Vec<String>> =
         Arc::new(rig.fleet.devices.iter().map(|(n, _)| n.clone()).collect());
@@ -139,7 +149,7 @@ pub async fn measure(
         .await
     };
     let end = polled.all_done_at.unwrap_or_else(Instant::now);
-    let (used, _) = cpu.stop()?;
+    let used = cpu.used()?;
     let elapsed = end.saturating_duration_since(sent.started);
 
     let twins: Vec<&Value> = polled.done.values().collect();
@@ -177,12 +187,14 @@ pub async fn measure(
         property: PROPERTY,
         value: VALUE,
         ready_after_s: rig.ready_after.as_secs_f64(),
+        settled_after_s: settled_after.as_secs_f64(),
         patches: sent.burst,
         elapsed_s: elapsed.as_secs_f64(),
         converged,
         not_converged: devices - converged,
         stages,
-        cpu_percent: used.into_iter().collect(),
+        cpu_percent: used.percent().into_iter().collect(),
+        cpu_us_per_property: used.us_per_op(converged as u64),
     };
     rig.stop().await?;
     Ok(result)

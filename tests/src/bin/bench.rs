@@ -52,6 +52,15 @@ struct Cli {
     /// Skip the footprint phase.
     #[arg(long)]
     skip_footprint: bool,
+    /// Simulated gateways of the swarm phase (the cloud stub under many gateways).
+    #[arg(long, default_value_t = 1000)]
+    swarm_gateways: usize,
+    /// Devices behind each simulated gateway.
+    #[arg(long, default_value_t = 10)]
+    swarm_devices: usize,
+    /// Skip the swarm phase.
+    #[arg(long)]
+    skip_swarm: bool,
     /// Use this external MQTT broker (e.g. a Mosquitto at mqtt://127.0.0.1:1883) instead of the
     /// stub's embedded one.
     #[arg(long, value_name = "URL")]
@@ -69,6 +78,10 @@ fn main() -> Result<()> {
     anyhow::ensure!(
         cli.devices > 0 && cli.in_flight > 0 && cli.samples > 0,
         "--devices, --in-flight and --samples must be at least 1"
+    );
+    anyhow::ensure!(
+        cli.swarm_gateways > 0 && cli.swarm_devices > 0,
+        "--swarm-gateways and --swarm-devices must be at least 1"
     );
     anyhow::ensure!(
         cli.twin_devices > 0
@@ -102,6 +115,7 @@ fn main() -> Result<()> {
         footprint_devices: (!cli.skip_footprint).then_some(cli.footprint_devices),
         idle: Duration::from_secs(cli.idle_seconds),
         broker: cli.broker,
+        swarm: (!cli.skip_swarm).then_some((cli.swarm_gateways, cli.swarm_devices)),
         dir: target.join("bench"),
     };
     let runtime = tokio::runtime::Runtime::new()?;
