@@ -122,9 +122,10 @@ impl Inbox {
                 None => "pending",
                 Some((outcome, _)) => outcome_state(*outcome),
             };
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO inbox (id, device, payload, expires_at_ms, received_at_ms, state, seq, reason)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT IFNULL(MAX(seq), 0) + 1 FROM inbox), ?7)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT IFNULL(MAX(seq), 0) + 1 FROM inbox), ?7)")?
+                 .execute(
                 params![
                     msg.id.as_str(),
                     msg.device.as_str(),
@@ -355,10 +356,8 @@ fn finish(
     device_status: Option<i64>,
     now: u64,
 ) -> rusqlite::Result<()> {
-    c.execute(
-        "UPDATE inbox SET state = ?2, reason = ?3, device_status = ?4 WHERE id = ?1",
-        params![id, outcome_state(outcome), reason, device_status],
-    )?;
+    c.prepare_cached("UPDATE inbox SET state = ?2, reason = ?3, device_status = ?4 WHERE id = ?1")?
+        .execute(params![id, outcome_state(outcome), reason, device_status])?;
     push_feedback(c, id, device, outcome, reason, device_status, now)
 }
 
@@ -551,10 +550,10 @@ async fn execute(device: &Device, inbox: &Inbox, msg: &Next, stop: &Cancellation
     if let Err(e) = inbox
         .store
         .call(move |c| {
-            c.execute(
+            c.prepare_cached(
                 "UPDATE inbox SET state = 'running', attempts = attempts + 1 WHERE id = ?1",
-                [id],
-            )
+            )?
+            .execute([id])
         })
         .await
     {
@@ -648,10 +647,10 @@ impl Inbox {
             let r = self
                 .store
                 .call(move |c| {
-                    c.execute(
+                    c.prepare_cached(
                         "UPDATE inbox SET state = 'pending', reason = ?2 WHERE id = ?1",
-                        params![id, why],
-                    )
+                    )?
+                    .execute(params![id, why])
                 })
                 .await;
             match r {

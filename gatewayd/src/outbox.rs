@@ -43,10 +43,8 @@ impl Kind {
 
 /// Appends a row; call inside the store job that makes the change it reports.
 pub fn push(c: &Connection, kind: Kind, key: &str, body: &Value) -> rusqlite::Result<i64> {
-    c.execute(
-        "INSERT INTO outbox (kind, key, body) VALUES (?1, ?2, ?3)",
-        params![kind.as_str(), key, body.to_string()],
-    )?;
+    c.prepare_cached("INSERT INTO outbox (kind, key, body) VALUES (?1, ?2, ?3)")?
+        .execute(params![kind.as_str(), key, body.to_string()])?;
     Ok(c.last_insert_rowid())
 }
 

@@ -98,15 +98,15 @@ impl Twins {
                 warn!(device = %update.device, error = %e, "desired document refused");
                 return Ok(DesiredDecision::Ignore);
             }
-            c.execute(
+            c.prepare_cached(
                 "INSERT INTO twin (device, desired, desired_version) VALUES (?1, ?2, ?3)
                  ON CONFLICT(device) DO UPDATE SET desired = ?2, desired_version = ?3",
-                params![
-                    update.device.as_str(),
-                    doc.to_string(),
-                    update.version as i64
-                ],
-            )?;
+            )?
+            .execute(params![
+                update.device.as_str(),
+                doc.to_string(),
+                update.version as i64
+            ])?;
             Ok(decision)
         })
     }
@@ -383,8 +383,9 @@ async fn apply_round(
             }
             let mut reported = current.reported;
             merge_patch(&mut reported, &patch);
-            c.execute(
-                "UPDATE twin SET applied = ?2, applied_version = ?3, reported = ?4 WHERE device = ?1",
+            c.prepare_cached(
+                "UPDATE twin SET applied = ?2, applied_version = ?3, reported = ?4 WHERE device = ?1")?
+                .execute(
                 params![id, applied.to_string(), version as i64, reported.to_string()],
             )?;
             if !(patch.as_object().is_some_and(|p| p.is_empty()) && apply.is_empty()) {
