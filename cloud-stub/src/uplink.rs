@@ -70,17 +70,8 @@ impl Uplink {
                     self.on_state(&gw, &state, now_ms);
                 }
             }
-            Up::Catalog => {
-                if let Some(catalog) = parse::<Catalog>(&gw, kind, payload) {
-                    self.on_catalog(&gw, catalog, now_ms);
-                }
-            }
-            Up::Devices => {
-                if let Some(presence) = parse::<DevicePresence>(&gw, kind, payload) {
-                    registry::lock(&self.registry).apply_presence(&gw, presence, now_ms);
-                    self.persist(&gw);
-                }
-            }
+            // A whole announcement on the unsplit topic is its own single part.
+            Up::Catalog | Up::Devices => self.on_part(&gw, kind, 0, payload, now_ms),
             Up::RpcResponse => {
                 if let Some(response) = parse::<RpcResponse>(&gw, kind, payload) {
                     if !self.calls.complete(&gw, &response.id, response.outcome) {

@@ -572,21 +572,19 @@ async fn execute(device: &Device, inbox: &Inbox, msg: &Next, stop: &Cancellation
         .devices
         .presence
         .observe_call(&device.id, &result, now_ms());
-    let again = match &result {
-        Err(CallError::Unreachable(why)) => Some((format!("not reached: {why}"), None)),
-        Err(CallError::Busy {
-            reason,
-            retry_after,
-            ..
-        }) => Some((format!("device busy: {reason}"), *retry_after)),
-        _ => None,
-    };
-    if let Some((why, after)) = again {
-        // The device did not act: back to pending, tried again until the TTL.
-        if !inbox.requeue(&msg.id, &why, stop).await {
-            return Attempt::Stopped;
+    if let Err(e) = &result {
+        if e.retryable() {
+            // The device did not act: back to pending, tried again until the TTL.
+            let after = match e {
+                CallError::Busy { retry_after, .. } => *retry_after,
+                _ => None,
+            };
+            let why = e.to_string();
+            if !inbox.requeue(&msg.id, &why, stop).await {
+                return Attempt::Stopped;
+            }
+            return Attempt::Again { why, after };
         }
-        return Attempt::Again { why, after };
     }
     let (outcome, reason, status) = outcome_of(result.map(|_| ()));
     match inbox
@@ -611,59 +609,39 @@ impl Inbox {
         stop: &CancellationToken,
     ) -> bool {
         info!(message = %id, outcome = ?outcome, reason = reason.as_deref().unwrap_or(""), "message finished");
-        let mut backoff = Backoff::new(100, 10_000);
-        loop {
-            let (msg, dev, why) = (id.to_string(), device.id.to_string(), reason.clone());
-            let r = self
-                .store
-                .call(move |c| finish(c, &msg, &dev, outcome, why, status, now_ms()))
-                .await;
-            match r {
-                Ok(()) => {
-                    let _ = self
-                        .open
-                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
-                    self.metrics.message(outcome);
-                    self.outbox.wake();
-                    return true;
-                }
-                Err(e) => {
-                    warn!(message = %id, error = %e, "cannot record the message outcome; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return false,
-                        _ = pause_after_failure(&self.store, backoff.delay()) => {}
-                    }
-                }
-            }
+        let stored = self
+            .store
+            .call_until_stored("record the message outcome", stop, || {
+                let (msg, dev, why) = (id.to_string(), device.id.to_string(), reason.clone());
+                move |c: &Connection| finish(c, &msg, &dev, outcome, why, status, now_ms())
+            })
+            .await;
+        if stored.is_none() {
+            return false;
         }
+        let _ = self
+            .open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        self.metrics.message(outcome);
+        self.outbox.wake();
+        true
     }
 
     /// Puts a message the device did not act on back to `pending` with the reason; retried
     /// with backoff until it commits. Returns false if `stop` came first.
     async fn requeue(&self, id: &str, why: &str, stop: &CancellationToken) -> bool {
-        let mut backoff = Backoff::new(100, 10_000);
-        loop {
-            let (id, why) = (id.to_string(), why.to_string());
-            let r = self
-                .store
-                .call(move |c| {
+        self.store
+            .call_until_stored("put the message back in the queue", stop, || {
+                let (id, why) = (id.to_string(), why.to_string());
+                move |c: &Connection| {
                     c.prepare_cached(
                         "UPDATE inbox SET state = 'pending', reason = ?2 WHERE id = ?1",
                     )?
                     .execute(params![id, why])
-                })
-                .await;
-            match r {
-                Ok(_) => return true,
-                Err(e) => {
-                    warn!(error = %e, "cannot put the message back in the queue; retrying");
-                    tokio::select! {
-                        _ = stop.cancelled() => return false,
-                        _ = pause_after_failure(&self.store, backoff.delay()) => {}
-                    }
                 }
-            }
-        }
+            })
+            .await
+            .is_some()
     }
 }
 

@@ -239,6 +239,34 @@ impl Store {
         &self.id
     }
 
+    /// Runs the job `make()` builds until it commits, pausing with backoff after each failure
+    /// (cut short when the store turns healthy again), so a write that must not be lost
+    /// neither spins on a full disk nor gives up. `None` if `stop` came first.
+    pub async fn call_until_stored<R, F>(
+        &self,
+        what: &str,
+        stop: &tokio_util::sync::CancellationToken,
+        mut make: impl FnMut() -> F,
+    ) -> Option<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, rusqlite::Error> + Send + 'static,
+    {
+        let mut backoff = crate::backoff::Backoff::new(100, 10_000);
+        loop {
+            match self.call(make()).await {
+                Ok(r) => return Some(r),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot {what}; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return None,
+                        _ = pause_after_failure(self, backoff.delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+
     /// A small write through the whole path (transaction, commit, fsync), to learn whether
     /// the store works again after a failure.
     pub async fn probe_write(&self) -> Result<(), StoreError> {
