@@ -196,6 +196,47 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// gatewayd patch: retained publishes this subscription matched and has not forwarded yet.
+    #[serde(skip)]
+    pub(crate) pending_retained: PendingRetained,
+}
+
+/// gatewayd patch: the retained publishes a new subscription matched when it was first
+/// served, still to be forwarded. The router forwards them as the subscriber's in-flight window
+/// allows (or, at QoS 0, `max_outgoing_packet_count` at a time), before anything from the
+/// filter's log, so none is lost and none arrives after a newer live publish. Upstream
+/// forwarded one window's worth and dropped the rest. The queue holds clones of the retained
+/// set's publishes, whose topics and payloads share their bytes with it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct PendingRetained(VecDeque<(Publish, Option<PublishProperties>)>);
+
+impl PendingRetained {
+    pub(crate) fn new(publishes: Vec<(Publish, Option<PublishProperties>)>) -> Self {
+        PendingRetained(publishes.into())
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Takes up to `count` publishes from the front.
+    pub(crate) fn take(
+        &mut self,
+        count: usize,
+    ) -> impl Iterator<Item = (Publish, Option<PublishProperties>)> + '_ {
+        let count = count.min(self.0.len());
+        self.0.drain(..count)
+    }
+}
+
+impl fmt::Debug for PendingRetained {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PendingRetained({})", self.0.len())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

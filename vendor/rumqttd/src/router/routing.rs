@@ -26,8 +26,8 @@ use super::logs::{AckLog, DataLog};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
-    packetid, Connection, DataRequest, Event, FilterIdx, Meter, Notification, Print, RouterMeter,
-    ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
+    packetid, Connection, DataRequest, Event, FilterIdx, Meter, Notification, PendingRetained,
+    Print, RouterMeter, ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
 };
 
 #[derive(Error, Debug)]
@@ -948,7 +948,7 @@ impl Router {
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
         if force_ack {
-            self.scheduler.reschedule(id, ScheduleReason::FreshData);
+            self.scheduler.reschedule(id, ScheduleReason::PendingAcks);
         }
 
         // Notify waiting consumers only if there is publish data. During
@@ -1038,6 +1038,7 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                pending_retained: Default::default(),
             };
 
             self.scheduler.track(id, request);
@@ -1540,38 +1541,57 @@ fn forward_device_data(
 
     let mut publishes = Vec::new();
 
+    // gatewayd patch: the retained publishes the filter matches are taken once, when the
+    // subscription is first served, and forwarded a window at a time before anything from the
+    // log; the request keeps the rest (upstream dropped what did not fit the first window).
     if request.forward_retained {
-        // NOTE: ideally we want to limit the number of read messages
-        // and skip the messages previously read while reading next time.
-        // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter);
-        retained_publishes.truncate(inflight_slots as usize);
-
-        publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
-        inflight_slots -= publishes.len() as u64;
-
-        // we only want to forward retained messages once
+        let retained = datalog.read_retained_messages(&request.filter);
+        request.pending_retained = PendingRetained::new(retained);
         request.forward_retained = false;
     }
 
-    let (next, publishes_from_datalog) =
-        match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
-            Ok(v) => v,
-            Err(e) => {
-                error!(error = ?e, "Failed to read from commitlog {}", e);
-                return ConsumeStatus::FilterCaughtup;
-            }
-        };
+    if !request.pending_retained.is_empty() {
+        let retained = request.pending_retained.take(inflight_slots as usize);
+        publishes.extend(retained.map(|p| (p, None)));
+        inflight_slots -= publishes.len() as u64;
+    }
 
-    publishes.extend(
-        publishes_from_datalog
-            .into_iter()
-            .map(|(p, offset)| (p, Some(offset))),
-    );
+    // Nothing is read from the log while retained publishes wait: they come first.
+    let (start, next, caughtup) = if request.pending_retained.is_empty() {
+        let (next, publishes_from_datalog) =
+            match datalog.native_readv(request.filter_idx, request.cursor, inflight_slots) {
+                Ok(v) => v,
+                Err(e) => {
+                    // Parks the request, as upstream did, but keeps the retained publishes
+                    // already taken.
+                    error!(error = ?e, "Failed to read from commitlog {}", e);
+                    let here = request.cursor;
+                    (
+                        Position::Done {
+                            start: here,
+                            end: here,
+                        },
+                        Vec::new(),
+                    )
+                }
+            };
 
-    let (start, next, caughtup) = match next {
-        Position::Next { start, end } => (start, end, false),
-        Position::Done { start, end } => (start, end, true),
+        publishes.extend(
+            publishes_from_datalog
+                .into_iter()
+                .map(|(p, offset)| (p, Some(offset))),
+        );
+
+        match next {
+            Position::Next { start, end } => (start, end, false),
+            Position::Done { start, end } => (start, end, true),
+        }
+    } else {
+        trace!(
+            pending = request.pending_retained.len(),
+            "Retained publishes wait for the in-flight window"
+        );
+        (request.cursor, request.cursor, false)
     };
 
     if let Some(ref shared_group) = shared_group {

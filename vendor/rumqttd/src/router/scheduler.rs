@@ -105,6 +105,8 @@ pub enum ScheduleReason {
     Init,
     NewFilter,
     FreshData,
+    /// gatewayd patch: the router has acknowledgements (or a PINGRESP) for the connection.
+    PendingAcks,
     IncomingAck,
     Ready,
 }
@@ -157,6 +159,17 @@ impl Tracker {
                 Some(previous)
             }
             ScheduleReason::FreshData if previous == PauseReason::Caughtup => {
+                self.status = Status::Ready;
+                Some(previous)
+            }
+            // gatewayd patch: acknowledgements go out even while the connection's in-flight
+            // window is full; it pauses again right after them. Upstream readied only a
+            // caught-up connection, so a client that holds its acknowledgements of our
+            // publishes until its own publishes are acknowledged (rumqttc with a full outgoing
+            // window) waited for the other side for good.
+            ScheduleReason::PendingAcks
+                if previous == PauseReason::Caughtup || previous == PauseReason::InflightFull =>
+            {
                 self.status = Status::Ready;
                 Some(previous)
             }
