@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use device_fixtures::http::faults::Faults as HttpFaults;
 use device_fixtures::http::DEFAULT_MAX_SPEED_LIMIT;
 use device_fixtures::serial::faults::Faults as SerialFaults;
-use device_fixtures::{run_http_fleet, HttpDeviceSpec, SerialSim, SerialSimSpec};
+use device_fixtures::{run_http_fleet, HttpDeviceSpec, ModbusSim, SerialSim, SerialSimSpec};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
@@ -33,6 +33,26 @@ enum Command {
     /// Run a serial temperature controller on a new pseudo-terminal; prints one JSON line with
     /// its path and the control URL.
     Serial(SerialArgs),
+    /// Run Modbus slaves from a register map, over TCP and over RTU on a new
+    /// pseudo-terminal; prints one JSON line with the TCP address, the pty path and the
+    /// control URL.
+    Modbus(ModbusArgs),
+}
+
+#[derive(Debug, Args)]
+struct ModbusArgs {
+    /// The register map (JSON; see `device_fixtures::modbus::map`).
+    #[arg(long)]
+    map: PathBuf,
+    /// Keep a symlink at this path pointing at the current pty (it survives `gone`).
+    #[arg(long)]
+    link: PathBuf,
+    /// Address of the Modbus TCP listener.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    tcp: SocketAddr,
+    /// Address of the control API.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    control: SocketAddr,
 }
 
 #[derive(Debug, Args)]
@@ -92,7 +112,53 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Http(args) => http(args).await,
         Command::Serial(args) => serial(args).await,
+        Command::Modbus(args) => modbus(args).await,
     }
+}
+
+async fn modbus(args: ModbusArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.map)
+        .with_context(|| format!("reading {}", args.map.display()))?;
+    let map: device_fixtures::modbus::map::MapFile = match serde_json::from_str(&text) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.map.display());
+            std::process::exit(EX_USAGE);
+        }
+    };
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let tcp = TcpListener::bind(args.tcp)
+        .await
+        .with_context(|| format!("binding modbus tcp on {}", args.tcp))?;
+    let sim = match ModbusSim::open(&map, tcp, args.link.clone()) {
+        Ok(sim) => sim,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(EX_USAGE);
+        }
+    };
+    let control = TcpListener::bind(args.control)
+        .await
+        .with_context(|| format!("binding control api on {}", args.control))?;
+    let line = json!({
+        "tcp": sim.tcp_addr().to_string(),
+        "link": args.link.display().to_string(),
+        "control": format!("http://{}", control.local_addr()?),
+    });
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    drop(stdout);
+    let shutdown = CancellationToken::new();
+    let served = tokio::spawn(sim.run(control, shutdown.clone()));
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM, stopping"),
+        _ = sigint.recv() => tracing::info!("SIGINT, stopping"),
+    }
+    shutdown.cancel();
+    served.await.context("modbus simulator task panicked")??;
+    Ok(())
 }
 
 async fn serial(args: SerialArgs) -> anyhow::Result<()> {

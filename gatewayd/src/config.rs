@@ -6,6 +6,7 @@ pub mod action;
 pub mod admin;
 pub mod cloud;
 pub mod http;
+pub mod modbus;
 pub mod serial;
 
 use figment::providers::{Env, Format, Toml};
@@ -217,7 +218,7 @@ pub struct PollConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceConfig {
-    /// How the device is reached: `http` or `serial`.
+    /// How the device is reached: `http`, `serial`, `modbus_rtu` or `modbus_tcp`.
     pub kind: DeviceKind,
     /// Base URL of the device's local API, e.g. `http://192.168.10.21:8080`. Every call goes
     /// to a path under it; the cloud cannot name any other host or port.
@@ -262,9 +263,19 @@ pub struct DeviceConfig {
     /// object (or the object at `pointer`) is merged into the reported half when it changed.
     #[serde(default)]
     pub reported_poll: Option<PollConfig>,
-    /// Serial devices: the name of their port in `[serial_ports]`.
-    #[serde(default)]
+    /// Serial and modbus_rtu devices: the name of their port in `[serial_ports]`.
+    /// modbus_tcp devices: the TCP port (default 502).
+    #[serde(default, deserialize_with = "name_or_number")]
     pub port: Option<String>,
+    /// modbus_tcp devices: the host name or IP address of the Modbus TCP server (a device,
+    /// or a converter in front of an RTU bus). Devices naming the same host and port share
+    /// one connection.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Modbus devices: the unit id (slave address), 1 to 247 on an RTU bus; on TCP 0 to 255,
+    /// default 1 (many TCP devices ignore it; a converter routes by it).
+    #[serde(default)]
+    pub unit_id: Option<u8>,
     /// Serial devices: the bus address, `{{address}}` in request templates (RS-485 units
     /// sharing a port are told apart by it).
     #[serde(default)]
@@ -296,6 +307,20 @@ pub struct DeviceConfig {
     pub reapply_on_reconnect: bool,
 }
 
+/// A port name, or a TCP port number written as a number.
+fn name_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Port {
+        Name(String),
+        Number(u64),
+    }
+    Ok(Option::<Port>::deserialize(d)?.map(|p| match p {
+        Port::Name(s) => s,
+        Port::Number(n) => n.to_string(),
+    }))
+}
+
 fn default_transient_status() -> Vec<u16> {
     vec![408, 429, 503]
 }
@@ -316,6 +341,17 @@ pub enum DeviceKind {
     Http,
     /// An ASCII line protocol on a serial port.
     Serial,
+    /// Modbus RTU on a serial port (an RS-485 bus shared by several units).
+    ModbusRtu,
+    /// Modbus TCP (a device, or a TCP-to-RTU converter with units behind it).
+    ModbusTcp,
+}
+
+impl DeviceKind {
+    /// Whether the device speaks Modbus.
+    pub fn is_modbus(self) -> bool {
+        matches!(self, DeviceKind::ModbusRtu | DeviceKind::ModbusTcp)
+    }
 }
 
 impl std::fmt::Display for DeviceKind {
@@ -323,6 +359,8 @@ impl std::fmt::Display for DeviceKind {
         f.write_str(match self {
             DeviceKind::Http => "http",
             DeviceKind::Serial => "serial",
+            DeviceKind::ModbusRtu => "modbus_rtu",
+            DeviceKind::ModbusTcp => "modbus_tcp",
         })
     }
 }
@@ -496,7 +534,11 @@ impl Config {
             if dev.kind == DeviceKind::Serial {
                 serial::check_device(dev, &self.serial_ports, &at, &mut p);
             }
+            if dev.kind.is_modbus() {
+                modbus::check_device(dev, &self.serial_ports, &at, &mut p);
+            }
         }
+        modbus::check_buses(&self.devices, &mut p);
         if p.is_empty() {
             Ok(())
         } else {
@@ -517,7 +559,18 @@ impl DeviceConfig {
                 }
             },
             // Port and address: checked against `serial_ports` by `Config::validate`.
-            DeviceKind::Serial => {}
+            DeviceKind::Serial | DeviceKind::ModbusRtu | DeviceKind::ModbusTcp => {}
+        }
+        if !self.kind.is_modbus() {
+            if self.host.is_some() {
+                p.push(format!("{at}.host: only for modbus_tcp devices"));
+            }
+            if self.unit_id.is_some() {
+                p.push(format!("{at}.unit_id: only for modbus devices"));
+            }
+        }
+        if self.kind == DeviceKind::Http && self.port.is_some() {
+            p.push(format!("{at}.port: only for serial and modbus devices"));
         }
         if self.timeout_ms == 0 {
             p.push(format!("{at}.timeout_ms: must be at least 1"));

@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod modbus;
 pub mod raw;
 pub mod swarm;
 pub mod tls;

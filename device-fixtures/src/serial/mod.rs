@@ -12,7 +12,7 @@ pub mod controller;
 pub mod faults;
 pub mod frame;
 mod line;
-mod pty;
+pub(crate) mod pty;
 
 use std::collections::BTreeMap;
 use std::io;

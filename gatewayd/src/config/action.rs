@@ -1,7 +1,9 @@
 //! Actions: one call against a device (an RPC method, a twin property or a message command),
 //! its templates and result mapping, and the checks that run on it at configuration load.
 
-use super::{serial, DeviceKind, FieldType};
+use super::modbus::{self, FieldSpec, Role};
+use super::{serial, DeviceKind};
+use crate::device::modbus::codec::{Order, Table, ValueType};
 use crate::template::Template;
 use gatewayd_protocol::ParamSpec;
 use serde::{Deserialize, Serialize};
@@ -74,9 +76,11 @@ pub struct ActionConfig {
     #[serde(default)]
     pub response: Option<String>,
     /// Serial: declared types of the response captures (`number`, `integer`, `string`,
-    /// `bool`); undeclared captures are strings.
+    /// `bool`); undeclared captures are strings. Modbus: registers read into the result
+    /// object by name, each `{ table, address, type, ... }` like an action's own; values in
+    /// one table whose addresses touch are read in one request.
     #[serde(default)]
-    pub fields: BTreeMap<String, FieldType>,
+    pub fields: BTreeMap<String, FieldSpec>,
     /// Serial: regexes of error lines, e.g. `['ERR (?P<code>\d+) (?P<text>.*)', 'NAK']`, tried
     /// on every answer line before it counts as part of the answer (a block ends at an error
     /// line). A match fails the call with `device_error`. The `code` capture is the device's
@@ -100,6 +104,50 @@ pub struct ActionConfig {
     /// text. Not with `lines`.
     #[serde(default)]
     pub until: Option<String>,
+    /// Modbus: the table, `coil`, `discrete_input`, `input_register` or `holding_register`.
+    #[serde(default)]
+    pub table: Option<Table>,
+    /// Modbus: address of the first register or bit, 0 to 65535 (as on the wire: holding
+    /// register "40001" is address 0).
+    #[serde(default)]
+    pub address: Option<u16>,
+    /// Modbus: read a raw array of this many registers or bits (instead of a typed value).
+    #[serde(default)]
+    pub count: Option<u16>,
+    /// Modbus: the value type, `u16` (default), `i16`, `u32`, `i32`, `f32`, `u64`, `i64`,
+    /// `f64`, `bool` (the default in a bit table) or `string` (with `length`).
+    #[serde(default, rename = "type")]
+    pub ty: Option<ValueType>,
+    /// Modbus: a string's length in bytes.
+    #[serde(default)]
+    pub length: Option<u16>,
+    /// Modbus: byte order within a register, `big` (default) or `little`.
+    #[serde(default)]
+    pub byte_order: Option<Order>,
+    /// Modbus: word order across the registers of one value, `big` (default: most
+    /// significant register first) or `little` (word-swapped).
+    #[serde(default)]
+    pub word_order: Option<Order>,
+    /// Modbus: engineering value = raw * scale + offset; a write computes
+    /// raw = (value - offset) / scale, rounded to the nearest integer (halves away from
+    /// zero) for integer types and refused when out of the type's range.
+    #[serde(default)]
+    pub scale: Option<f64>,
+    /// Modbus: see `scale`.
+    #[serde(default)]
+    pub offset: Option<f64>,
+    /// Modbus: makes the action a write of this value: a literal (`true`, `1500`), a param
+    /// (`"{{speed}}"`), or an array of them written to consecutive registers or coils. Twin
+    /// properties write `"{{value}}"` by default.
+    #[serde(default)]
+    pub write: Option<serde_json::Value>,
+    /// Modbus: write one register or coil with FC 16 or 15 (for devices that accept no FC 6
+    /// or 5).
+    #[serde(default)]
+    pub write_multiple: bool,
+    /// The Modbus half compiled once; validation fills it.
+    #[serde(skip)]
+    pub compiled_modbus: modbus::CompiledModbus,
     /// The serial half compiled once (request template, patterns); validation fills it.
     #[serde(skip)]
     pub compiled_serial: serial::CompiledSerial,
@@ -145,15 +193,22 @@ pub(crate) fn validate_actions(
     at: &str,
     p: &mut Vec<String>,
 ) {
+    let modbus = |m: &ActionConfig, role, builtins: &[&str], at: &str, p: &mut Vec<String>| {
+        if kind.is_modbus() {
+            modbus::check_action(m, role, builtins, at, p);
+        }
+    };
     for (name, m) in own_methods {
         let at = format!("{at}.methods.{name}");
         m.validate(&at, &[], p);
         m.validate_kind(kind, &at, p);
+        modbus(m, Role::Method, &[], &at, p);
     }
     for (name, m) in twin {
         let at = format!("{at}.twin.{name}");
         m.validate(&at, &["value", "property"], p);
         m.validate_kind(kind, &at, p);
+        modbus(m, Role::Twin, &["value", "property"], &at, p);
         if let Some(method) = &m.read_back {
             if !methods.contains_key(method) {
                 p.push(format!(
@@ -173,6 +228,7 @@ pub(crate) fn validate_actions(
         let at = format!("{at}.commands.{name}");
         m.validate(&at, &["message_id", "command"], p);
         m.validate_kind(kind, &at, p);
+        modbus(m, Role::Command, &["message_id", "command"], &at, p);
     }
 }
 

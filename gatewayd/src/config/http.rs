@@ -28,7 +28,8 @@ pub enum JsonTemplate {
 }
 
 impl JsonTemplate {
-    fn compile(v: &Value) -> Result<JsonTemplate, String> {
+    /// Compiles a JSON value whose strings are templates.
+    pub fn compile(v: &Value) -> Result<JsonTemplate, String> {
         Ok(match v {
             Value::String(s) => {
                 let t = Template::parse(s).map_err(|e| e.to_string())?;

@@ -329,7 +329,7 @@ pub fn compile_action(a: &ActionConfig, at: &str, p: &mut Vec<String>) -> Option
     match &response {
         Some(Ok(pattern)) => {
             let names: Vec<&str> = pattern.names().collect();
-            for field in a.fields.keys() {
+            for field in a.capture_fields().keys() {
                 if !names.contains(&field.as_str()) {
                     p.push(format!(
                         "{at}.fields.{field}: the response pattern has no capture (?P<{field}>...)"
@@ -338,7 +338,7 @@ pub fn compile_action(a: &ActionConfig, at: &str, p: &mut Vec<String>) -> Option
             }
         }
         Some(Err(())) => {}
-        None if !a.fields.is_empty() => {
+        None if !a.capture_fields().is_empty() => {
             p.push(format!("{at}.fields: needs a response pattern"));
         }
         None => {}
@@ -380,7 +380,7 @@ pub fn compile_action(a: &ActionConfig, at: &str, p: &mut Vec<String>) -> Option
         },
         response: ResponseSpec {
             response: response.and_then(Result::ok),
-            fields: a.fields.clone(),
+            fields: a.capture_fields(),
         },
     })
 }
@@ -429,7 +429,7 @@ pub(super) fn check_kind(a: &ActionConfig, kind: DeviceKind, at: &str, p: &mut V
     let serial_only = [
         ("request", a.request.is_some()),
         ("response", a.response.is_some()),
-        ("fields", !a.fields.is_empty()),
+        ("fields", !a.capture_fields().is_empty()),
         ("errors", !a.errors.is_empty()),
         ("busy", !a.busy.is_empty()),
         ("lines", a.lines.is_some()),
@@ -444,29 +444,40 @@ pub(super) fn check_kind(a: &ActionConfig, kind: DeviceKind, at: &str, p: &mut V
         ("ok_status", !a.ok_status.is_empty()),
         ("transient_status", a.transient_status.is_some()),
     ];
-    let (missing, foreign, other) = match kind {
+    let (missing, foreign, other): (_, Vec<_>, _) = match kind {
         DeviceKind::Http => (
             a.path
                 .is_none()
                 .then_some("path: required for an http device"),
-            &serial_only[..],
+            serial_only.to_vec(),
             "serial",
         ),
         DeviceKind::Serial => (
             a.request
                 .is_none()
                 .then_some("request: required for a serial device"),
-            &http_only[..],
+            http_only.to_vec(),
             "http",
+        ),
+        // What a Modbus action needs is checked by `config::modbus`.
+        DeviceKind::ModbusRtu | DeviceKind::ModbusTcp => (
+            None,
+            serial_only.iter().chain(&http_only).copied().collect(),
+            "http or serial",
         ),
     };
     if let Some(missing) = missing {
         p.push(format!("{at}.{missing}"));
     }
     for (field, set) in foreign {
-        if *set {
+        if set {
             p.push(format!("{at}.{field}: only for {other} devices"));
         }
+    }
+    if !kind.is_modbus() && a.has_modbus() {
+        p.push(format!(
+            "{at}: table, address, type, write and register fields are only for modbus_rtu and modbus_tcp devices"
+        ));
     }
 }
 
@@ -512,7 +523,7 @@ mod tests {
         assert_eq!(port.request_terminator, "\r\n");
         assert_eq!((port.max_frame_len, port.timeout_ms), (256, 1000));
         let m = &c.devices["tc-1"].methods["temperature"];
-        assert_eq!(m.fields["temp"], FieldType::Number);
+        assert_eq!(m.capture_fields()["temp"], FieldType::Number);
         assert!(m.path.is_none());
     }
 

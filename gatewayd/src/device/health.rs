@@ -222,7 +222,7 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
                 d.probe(&path, timeout).await
             }
             // No probe: call outcomes and the port task decide (validation refuses a path).
-            Driver::Serial(_) => return,
+            Driver::Serial(_) | Driver::Modbus(_) => return,
         };
         let now = crate::clock::now_ms();
         match outcome {

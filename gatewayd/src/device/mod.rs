@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod http;
+pub mod modbus;
 pub mod serial;
 
 use crate::config::{ActionConfig, Config, DeviceConfig, DeviceKind};
@@ -101,6 +102,7 @@ pub fn answer_text(detail: &Value) -> String {
 pub enum Driver {
     Http(http::HttpDriver),
     Serial(serial::SerialDriver),
+    Modbus(modbus::ModbusDriver),
 }
 
 /// What the cloud may ask of a device: methods, twin properties, commands. Devices that name
@@ -136,6 +138,7 @@ impl Device {
         match &self.driver {
             Driver::Http(d) => d.call(action, vars, timeout).await,
             Driver::Serial(d) => d.call(action, vars, timeout).await,
+            Driver::Modbus(d) => d.call(action, vars, timeout).await,
         }
     }
 
@@ -175,6 +178,7 @@ impl Devices {
         let client = http::client()?;
         let probe_client = http::probe_client()?;
         let mut ports = serial::Ports::new(config);
+        let mut endpoints = modbus::tcp::Endpoints::default();
         let profiles: BTreeMap<String, Arc<Actions>> = std::mem::take(&mut config.profiles)
             .into_iter()
             .map(|(name, p)| {
@@ -222,6 +226,22 @@ impl Devices {
                     &dc,
                 )?),
                 DeviceKind::Serial => Driver::Serial(ports.driver(id.clone(), &dc)?),
+                DeviceKind::ModbusRtu => Driver::Modbus(modbus::ModbusDriver::rtu(
+                    id.clone(),
+                    dc.unit_id.unwrap_or(1),
+                    ports.modbus(id.clone(), &dc)?,
+                )),
+                DeviceKind::ModbusTcp => {
+                    let host = dc.host.clone().unwrap_or_default();
+                    let port = crate::config::modbus::tcp_port(&dc)
+                        .map_err(|e| format!("devices.{id}.port: {e}"))?;
+                    let link = endpoints.link(id.clone(), &host, port);
+                    Driver::Modbus(modbus::ModbusDriver::tcp(
+                        id.clone(),
+                        dc.unit_id.unwrap_or(1),
+                        link,
+                    ))
+                }
             };
             let limit = dc
                 .max_in_flight
@@ -243,6 +263,7 @@ impl Devices {
             config.cloud.max_packet_bytes,
         ));
         ports.start(&presence)?;
+        endpoints.start(&presence)?;
         let devices = Devices { by_id, presence };
         devices
             .catalog(0, config.cloud.max_packet_bytes)

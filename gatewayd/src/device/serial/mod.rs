@@ -15,6 +15,7 @@ use super::{Answer, CallError};
 use crate::config::serial::{compile_lines, device_lines};
 use crate::config::{ActionConfig, Config, DeviceConfig, ResultMode, SerialPortConfig};
 use crate::device::health::Presence;
+use crate::device::modbus::Transaction;
 use answer::{DeviceCode, Said};
 use exchange::{Heard, ReadError};
 use gatewayd_protocol::DeviceId;
@@ -49,6 +50,23 @@ struct PortHandle {
     name: String,
     config: SerialPortConfig,
     jobs: mpsc::Sender<Job>,
+    modbus: mpsc::Sender<Transaction>,
+}
+
+/// A Modbus RTU device's way to its bus: the port task that every device on the port shares.
+#[derive(Debug, Clone)]
+pub struct PortSender(Arc<PortHandle>);
+
+impl PortSender {
+    /// `serial port <name>`, for messages.
+    pub fn name(&self) -> String {
+        format!("serial port {}", self.0.name)
+    }
+
+    /// Where the port task takes Modbus transactions.
+    pub fn modbus_jobs(&self) -> mpsc::Sender<Transaction> {
+        self.0.modbus.clone()
+    }
 }
 
 impl SerialDriver {
@@ -190,6 +208,7 @@ pub struct Ports {
 struct UsedPort {
     handle: Arc<PortHandle>,
     jobs: mpsc::Receiver<Job>,
+    modbus: mpsc::Receiver<Transaction>,
     devices: Vec<DeviceId>,
 }
 
@@ -211,22 +230,11 @@ impl Ports {
         let port_config = self
             .configs
             .get(&name)
-            .ok_or_else(|| format!("device {id}: no serial port '{name}'"))?;
-        let used = self.open.entry(name.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(QUEUE);
-            let handle = PortHandle {
-                name: name.clone(),
-                config: port_config.clone(),
-                jobs: tx,
-            };
-            UsedPort {
-                handle: Arc::new(handle),
-                jobs: rx,
-                devices: Vec::new(),
-            }
-        });
+            .ok_or_else(|| format!("device {id}: no serial port '{name}'"))?
+            .clone();
+        let used = self.used(&name, &port_config);
         let lines = compile_lines(
-            port_config,
+            &port_config,
             device_lines(config),
             &format!("serial_ports.{name}"),
             &format!("devices.{id}"),
@@ -241,6 +249,41 @@ impl Ports {
         })
     }
 
+    /// The port of Modbus RTU device `id`, shared with every device on it.
+    pub fn modbus(&mut self, id: DeviceId, config: &DeviceConfig) -> Result<PortSender, String> {
+        let name = config
+            .port
+            .clone()
+            .ok_or_else(|| format!("device {id}: port missing"))?;
+        let port_config = self
+            .configs
+            .get(&name)
+            .ok_or_else(|| format!("device {id}: no serial port '{name}'"))?
+            .clone();
+        let used = self.used(&name, &port_config);
+        used.devices.push(id);
+        Ok(PortSender(used.handle.clone()))
+    }
+
+    fn used(&mut self, name: &str, config: &SerialPortConfig) -> &mut UsedPort {
+        self.open.entry(name.to_string()).or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let (modbus_tx, modbus_rx) = mpsc::channel(QUEUE);
+            let handle = PortHandle {
+                name: name.to_string(),
+                config: config.clone(),
+                jobs: tx,
+                modbus: modbus_tx,
+            };
+            UsedPort {
+                handle: Arc::new(handle),
+                jobs: rx,
+                modbus: modbus_rx,
+                devices: Vec::new(),
+            }
+        })
+    }
+
     /// Spawns one task per port in use. Each ends when its drivers are all dropped.
     pub fn start(self, presence: &Arc<Presence>) -> Result<(), String> {
         if self.open.is_empty() {
@@ -250,7 +293,8 @@ impl Ports {
             .map_err(|_| "serial ports need a tokio runtime".to_string())?;
         for (name, used) in self.open {
             let config = used.handle.config.clone();
-            let task = PortTask::new(name, config, used.jobs, presence.clone(), used.devices);
+            let task = PortTask::new(name, config, used.jobs, presence.clone(), used.devices)
+                .with_modbus(used.modbus);
             runtime.spawn(task.run());
         }
         Ok(())

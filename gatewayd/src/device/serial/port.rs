@@ -15,6 +15,7 @@ use crate::clock::now_ms;
 use crate::config::serial::{FlowControl, Parity};
 use crate::config::SerialPortConfig;
 use crate::device::health::Presence;
+use crate::device::modbus::Transaction;
 use gatewayd_protocol::DeviceId;
 use std::io;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -120,6 +121,8 @@ pub struct PortTask {
     framer: Framer,
     last_exchange: Option<Instant>,
     next_reopen: Instant,
+    /// Modbus RTU transactions for the units on this bus (`port_modbus.rs`).
+    modbus: Option<mpsc::Receiver<Transaction>>,
 }
 
 impl PortTask {
@@ -142,12 +145,20 @@ impl PortTask {
             framer,
             last_exchange: None,
             next_reopen: Instant::now(),
+            modbus: None,
         }
+    }
+
+    /// Also serves the Modbus RTU transactions sent on `modbus`.
+    pub fn with_modbus(mut self, modbus: mpsc::Receiver<Transaction>) -> Self {
+        self.modbus = Some(modbus);
+        self
     }
 
     /// Serves jobs until every sender is gone (the device registry was dropped).
     ///
-    /// Inputs, one `select!`: a job (`recv` is cancel safe), input on the idle port (`read`
+    /// Inputs, one `select!`: a job or a Modbus transaction (`recv` is cancel safe; both
+    /// channels close together, when the last driver is dropped), input on the idle port (`read`
     /// into a scratch buffer is cancel safe: nothing is consumed unless it completes), and the
     /// reopen timer while the port is closed.
     pub async fn run(mut self) {
@@ -163,6 +174,7 @@ impl PortTask {
                     Some(job) => self.serve(job).await,
                     None => break,
                 },
+                Some(t) = recv_modbus(&mut self.modbus) => self.serve_modbus(t).await,
                 read = read_idle(&mut self.port, &mut scratch) => match read {
                     Ok(0) => self.port_down(format!("serial port {} hung up", self.config.path)),
                     Ok(n) => self.unsolicited(&scratch[..n]),
@@ -410,6 +422,14 @@ impl PortTask {
     }
 }
 
+/// The next Modbus transaction; never resolves on a port without Modbus units.
+async fn recv_modbus(rx: &mut Option<mpsc::Receiver<Transaction>>) -> Option<Transaction> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Reads from the port when it is open; never resolves when it is closed.
 async fn read_idle(port: &mut Option<SerialStream>, buf: &mut [u8]) -> io::Result<usize> {
     match port {
@@ -442,6 +462,9 @@ pub fn open_error(path: &str, e: &tokio_serial::Error) -> String {
         _ => format!("cannot open serial port {path}: {}", e.description),
     }
 }
+
+#[path = "port_modbus.rs"]
+mod modbus;
 
 #[cfg(test)]
 #[path = "port_tests.rs"]

@@ -1,0 +1,191 @@
+//! The Modbus slave simulator (`device-fixtures modbus`) as the tests start it, and the
+//! register map and mappings they share.
+
+use crate::{get, post, Proc};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// A running Modbus simulator: TCP on a free port, RTU on a pty behind a stable link.
+pub struct ModbusSim {
+    pub proc: Proc,
+    /// Control API base.
+    pub control: String,
+    /// `127.0.0.1`.
+    pub host: String,
+    /// The TCP port.
+    pub port: u16,
+    /// The stable link to the current pty.
+    pub path: String,
+}
+
+impl ModbusSim {
+    /// Starts the simulator on `map` (written to `dir/<name>.json`), its pty linked at
+    /// `dir/<name>`.
+    pub async fn start(dir: &Path, name: &str, map: &Value) -> Result<ModbusSim> {
+        let map_path = dir.join(format!("{name}.json"));
+        std::fs::write(&map_path, serde_json::to_vec_pretty(map)?)?;
+        let link = dir.join(name);
+        let args = vec![
+            "modbus".to_string(),
+            "--map".into(),
+            map_path.display().to_string(),
+            "--link".into(),
+            link.display().to_string(),
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--control".into(),
+            "127.0.0.1:0".into(),
+        ];
+        let (proc, ready) = Proc::start("device-fixtures", &args, dir, name).await?;
+        let tcp: std::net::SocketAddr = ready["tcp"].as_str().context("tcp")?.parse()?;
+        Ok(ModbusSim {
+            proc,
+            control: ready["control"].as_str().context("control")?.to_string(),
+            host: tcp.ip().to_string(),
+            port: tcp.port(),
+            path: link.display().to_string(),
+        })
+    }
+
+    /// Sets faults, e.g. `{"no_reply": true}`; answers once a `gone` change took effect.
+    pub async fn fault(&self, faults: Value) -> Result<Value> {
+        let (status, body) = post(&format!("{}/_control/faults", self.control), &faults).await?;
+        if status != 200 {
+            bail!("setting modbus faults: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// Clears every fault (but `gone`) and restores the map's values and counters.
+    pub async fn reset(&self) -> Result<Value> {
+        let (status, body) = post(&format!("{}/_control/reset", self.control), &json!({})).await?;
+        if status != 200 {
+            bail!("resetting modbus simulator: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// Units (tables, counters, write log), collisions and faults.
+    pub async fn state(&self) -> Result<Value> {
+        let (status, body) = get(&format!("{}/_control/state", self.control)).await?;
+        if status != 200 {
+            bail!("modbus state: {status} {body}");
+        }
+        Ok(body)
+    }
+}
+
+/// A unit as the tests map it: an energy counter (f32, word-swapped, Wh read as kWh), a
+/// temperature (i16, scale 0.1), a block of 10 registers, a clamped setpoint, three
+/// configuration registers, eight coils, and register 300 holding the unit's own id (so an
+/// answer from the wrong unit shows).
+pub fn unit_map(unit: u8) -> Value {
+    json!({
+        // 12345.0 f32 = 0x4640E400, low word first.
+        "holding_registers": {
+            "0": 0xE400, "1": 0x4640,
+            "10": 2301, "11": 0xFFFB, "12": 1, "13": 2, "14": 0x4148, "15": 0,
+            "16": 16, "17": 17, "18": 18, "19": 19,
+            "100": 500,
+            "200-202": 0,
+            "300": unit
+        },
+        "input_registers": {"0": 215},
+        "coils": {"0-7": false},
+        "discrete_inputs": {"0": true},
+        "clamp": {"100": [0, 1500]}
+    })
+}
+
+/// The mapping of [`unit_map`], as an integrator would write it, for device `id`.
+pub const METER_ACTIONS: &str = r#"
+[devices.{id}.methods.energy]
+table = "holding_register"
+address = 0
+type = "f32"
+word_order = "little"
+scale = 0.001
+
+[devices.{id}.methods.temperature]
+table = "input_register"
+address = 0
+type = "i16"
+scale = 0.1
+
+[devices.{id}.methods.unit]
+table = "holding_register"
+address = 300
+
+[devices.{id}.methods.block.fields]
+voltage = { table = "holding_register", address = 10, scale = 0.1 }
+delta = { table = "holding_register", address = 11, type = "i16" }
+count = { table = "holding_register", address = 12, type = "u32" }
+flow = { table = "holding_register", address = 14, type = "f32" }
+r16 = { table = "holding_register", address = 16 }
+r17 = { table = "holding_register", address = 17 }
+r18 = { table = "holding_register", address = 18 }
+r19 = { table = "holding_register", address = 19 }
+
+[devices.{id}.methods.missing]
+table = "holding_register"
+address = 999
+
+[devices.{id}.methods.start]
+table = "coil"
+address = 0
+write = true
+
+[devices.{id}.methods.running]
+table = "coil"
+address = 0
+
+[devices.{id}.methods.set_raw]
+table = "holding_register"
+address = 200
+write = "{{value}}"
+params = { value = { type = "integer" } }
+
+[devices.{id}.methods.setpoint]
+table = "holding_register"
+address = 100
+scale = 0.1
+
+[devices.{id}.twin.setpoint]
+table = "holding_register"
+address = 100
+scale = 0.1
+read_back = "setpoint"
+
+[devices.{id}.commands.CONFIGURE]
+table = "holding_register"
+address = 200
+write = ["{{seq}}", "{{speed}}", 1]
+params = { seq = { type = "integer" }, speed = { type = "integer" } }
+"#;
+
+/// A modbus_tcp device `id` for unit `unit` of `sim`, with [`METER_ACTIONS`].
+pub fn tcp_device(id: &str, sim: &ModbusSim, unit: u8) -> String {
+    format!(
+        "\n[devices.{id}]\nkind = \"modbus_tcp\"\nhost = \"{}\"\nport = {}\nunit_id = {unit}\n{}",
+        sim.host,
+        sim.port,
+        METER_ACTIONS.replace("{id}", id)
+    )
+}
+
+/// A serial port `port` on `sim`'s pty.
+pub fn rtu_port(port: &str, sim: &ModbusSim) -> String {
+    format!(
+        "\n[serial_ports.{port}]\npath = \"{}\"\nbaud = 115200\ntimeout_ms = 5000\n",
+        sim.path
+    )
+}
+
+/// A modbus_rtu device `id` for unit `unit` on serial port `port`, with [`METER_ACTIONS`].
+pub fn rtu_device(id: &str, port: &str, unit: u8) -> String {
+    format!(
+        "\n[devices.{id}]\nkind = \"modbus_rtu\"\nport = \"{port}\"\nunit_id = {unit}\n{}",
+        METER_ACTIONS.replace("{id}", id)
+    )
+}
