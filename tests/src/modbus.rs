@@ -1,10 +1,14 @@
 //! The Modbus slave simulator (`device-fixtures modbus`) as the tests start it, and the
 //! register map and mappings they share.
 
-use crate::{get, post, Proc};
-use anyhow::{bail, Context, Result};
+use crate::{get, invoke, post, Proc};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
 
 /// A running Modbus simulator: TCP on a free port, RTU on a pty behind a stable link.
 pub struct ModbusSim {
@@ -146,6 +150,11 @@ address = 200
 write = "{{value}}"
 params = { value = { type = "integer" } }
 
+[devices.{id}.methods.config]
+table = "holding_register"
+address = 200
+count = 3
+
 [devices.{id}.methods.setpoint]
 table = "holding_register"
 address = 100
@@ -164,21 +173,21 @@ write = ["{{seq}}", "{{speed}}", 1]
 params = { seq = { type = "integer" }, speed = { type = "integer" } }
 "#;
 
-/// A modbus_tcp device `id` for unit `unit` of `sim`, with [`METER_ACTIONS`].
-pub fn tcp_device(id: &str, sim: &ModbusSim, unit: u8) -> String {
+/// A modbus_tcp device `id` for unit `unit` of `peer`, with [`METER_ACTIONS`].
+pub fn tcp_device(id: &str, peer: &dyn Peer, unit: u8) -> String {
     format!(
         "\n[devices.{id}]\nkind = \"modbus_tcp\"\nhost = \"{}\"\nport = {}\nunit_id = {unit}\n{}",
-        sim.host,
-        sim.port,
+        peer.host(),
+        peer.port(),
         METER_ACTIONS.replace("{id}", id)
     )
 }
 
-/// A serial port `port` on `sim`'s pty.
-pub fn rtu_port(port: &str, sim: &ModbusSim) -> String {
+/// A serial port `port` on `peer`'s pty.
+pub fn rtu_port(port: &str, peer: &dyn Peer) -> String {
     format!(
         "\n[serial_ports.{port}]\npath = \"{}\"\nbaud = 115200\ntimeout_ms = 5000\n",
-        sim.path
+        peer.path()
     )
 }
 
@@ -188,4 +197,154 @@ pub fn rtu_device(id: &str, port: &str, unit: u8) -> String {
         "\n[devices.{id}]\nkind = \"modbus_rtu\"\nport = \"{port}\"\nunit_id = {unit}\n{}",
         METER_ACTIONS.replace("{id}", id)
     )
+}
+
+/// A Modbus slave built on pymodbus (`tests/pymodbus/server.py`, run by the virtual
+/// environment `.ci/run` installs at `target/pymodbus-venv`): TCP on a free port, RTU on a
+/// pty pair behind a stable link. No faults, no clamps: an implementation nobody here wrote.
+pub struct Pymodbus {
+    pub proc: Proc,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+/// The pymodbus virtual environment's Python, found above the running test executable.
+fn pymodbus_python() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .map(|d| d.join("pymodbus-venv/bin/python"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow!(
+                "no pymodbus virtual environment above {}; .ci/run installs it (python3 -m venv target/pymodbus-venv && target/pymodbus-venv/bin/pip install 'pymodbus[serial]==3.8.6')",
+                exe.display()
+            )
+        })
+}
+
+impl Pymodbus {
+    /// Starts the pymodbus server on `map`, its pty linked at `dir/<name>`.
+    pub async fn start(dir: &Path, name: &str, map: &Value) -> Result<Pymodbus> {
+        let map_path = dir.join(format!("{name}.json"));
+        std::fs::write(&map_path, serde_json::to_vec_pretty(map)?)?;
+        let link = dir.join(name);
+        let log = dir.join(format!("{name}.log"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("pymodbus/server.py");
+        let mut child = Command::new(pymodbus_python()?)
+            .arg(&script)
+            .arg("--map")
+            .arg(&map_path)
+            .arg("--link")
+            .arg(&link)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log)?))
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the pymodbus server")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let proc = Proc {
+            child,
+            log,
+            name: name.to_string(),
+        };
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "pymodbus printed no ready line within 30 s:\n{}",
+                    proc.tail()
+                )
+            })??
+            .ok_or_else(|| anyhow!("pymodbus exited before its ready line:\n{}", proc.tail()))?;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let ready: Value = serde_json::from_str(&line).with_context(|| line.clone())?;
+        let tcp: std::net::SocketAddr = ready["tcp"].as_str().context("tcp")?.parse()?;
+        Ok(Pymodbus {
+            proc,
+            host: tcp.ip().to_string(),
+            port: tcp.port(),
+            path: link.display().to_string(),
+        })
+    }
+}
+
+/// A peer gatewayd's Modbus devices can reach: the simulator or pymodbus.
+pub trait Peer {
+    fn host(&self) -> &str;
+    fn port(&self) -> u16;
+    fn path(&self) -> &str;
+}
+
+impl Peer for ModbusSim {
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+impl Peer for Pymodbus {
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn port(&self) -> u16 {
+        self.port
+    }
+    fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+async fn ok(api: &str, device: &str, method: &str, params: Value) -> Result<Value> {
+    let (s, b, _) = invoke(api, device, method, params, 5).await?;
+    ensure!(s == 200, "{device} {method}: {s} {b}");
+    Ok(b["result"].clone())
+}
+
+/// What every peer must agree on, on a fresh unit of [`unit_map`]: a word-swapped scaled
+/// float, a scaled signed value, a block of 10 registers into fields, a coil written and read
+/// back, a value out of range refused, and an address the unit lacks (exception 2).
+pub async fn reads_and_writes(api: &str, device: &str) -> Result<()> {
+    let energy = ok(api, device, "energy", json!(null)).await?;
+    ensure!(
+        (energy.as_f64().unwrap_or_default() - 12.345).abs() < 1e-9,
+        "energy {energy}"
+    );
+    let t = ok(api, device, "temperature", json!(null)).await?;
+    ensure!(t == json!(21.5), "temperature {t}");
+    let block = ok(api, device, "block", json!(null)).await?;
+    let want = json!({"voltage": 230.1, "delta": -5, "count": 65538, "flow": 12.5,
+                      "r16": 16, "r17": 17, "r18": 18, "r19": 19});
+    ensure!(block == want, "block {block}, want {want}");
+    let r = ok(api, device, "running", json!(null)).await?;
+    ensure!(r == json!(false), "running before start: {r}");
+    let r = ok(api, device, "start", json!(null)).await?;
+    ensure!(r == Value::Null, "start: {r}");
+    let r = ok(api, device, "running", json!(null)).await?;
+    ensure!(r == json!(true), "running after start: {r}");
+    let r = ok(api, device, "set_raw", json!({"value": 65535})).await?;
+    ensure!(r == Value::Null, "set_raw: {r}");
+    let r = ok(api, device, "config", json!(null)).await?;
+    ensure!(r == json!([65535, 0, 0]), "config: {r}");
+    let (s, b, _) = invoke(api, device, "set_raw", json!({"value": 70000}), 5).await?;
+    ensure!(
+        s == 400 && b["code"] == "invalid_params",
+        "out of range: {s} {b}"
+    );
+    let (s, b, _) = invoke(api, device, "missing", json!(null), 5).await?;
+    ensure!(
+        s == 502
+            && b["code"] == "device_error"
+            && b["device_status"] == 2
+            && b["detail"] == "modbus exception 2 (illegal data address)",
+        "missing address: {s} {b}"
+    );
+    Ok(())
 }
