@@ -391,6 +391,12 @@ pub struct HealthConfig {
     /// timeout) as a failure. Without a path, only call outcomes decide presence.
     #[serde(default)]
     pub path: Option<String>,
+    /// Modbus devices: a register (or coil) read as the probe, e.g.
+    /// `{ table = "holding_register", address = 0 }`; any reply, an exception too, counts as
+    /// alive, no reply (timeout, bad CRC, port or connection down) as a failure. Without it,
+    /// call outcomes and the port or connection decide presence.
+    #[serde(default)]
+    pub register: Option<ProbeRegister>,
     /// Time between probes, milliseconds.
     #[serde(default = "default_probe_interval")]
     pub interval_ms: u64,
@@ -402,10 +408,21 @@ pub struct HealthConfig {
     pub failures_before_offline: u32,
 }
 
+/// A Modbus probe register.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeRegister {
+    /// `coil`, `discrete_input`, `input_register` or `holding_register`.
+    pub table: crate::device::modbus::codec::Table,
+    /// Address read (one register or bit).
+    pub address: u16,
+}
+
 impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             path: None,
+            register: None,
             interval_ms: default_probe_interval(),
             timeout_ms: default_probe_timeout(),
             failures_before_offline: default_failures(),
@@ -562,6 +579,9 @@ impl DeviceConfig {
             DeviceKind::Serial | DeviceKind::ModbusRtu | DeviceKind::ModbusTcp => {}
         }
         if !self.kind.is_modbus() {
+            if self.health.register.is_some() {
+                p.push(format!("{at}.health.register: only for modbus devices"));
+            }
             if self.host.is_some() {
                 p.push(format!("{at}.host: only for modbus_tcp devices"));
             }

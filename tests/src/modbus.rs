@@ -70,6 +70,16 @@ impl ModbusSim {
         Ok(body)
     }
 
+    /// Sets values as a local operator would (`table` is e.g. `holding_registers`).
+    pub async fn panel(&self, unit: u8, table: &str, address: u16, values: Value) -> Result<()> {
+        let body = json!({"unit": unit, "table": table, "address": address, "values": values});
+        let (status, b) = post(&format!("{}/_control/registers", self.control), &body).await?;
+        if status != 200 {
+            bail!("setting registers: {status} {b}");
+        }
+        Ok(())
+    }
+
     /// Units (tables, counters, write log), collisions and faults.
     pub async fn state(&self) -> Result<Value> {
         let (status, body) = get(&format!("{}/_control/state", self.control)).await?;

@@ -376,3 +376,49 @@ async fn three_slaves_and_an_ascii_instrument_under_200_calls() -> Result<()> {
     }
     Ok(())
 }
+
+/// A unit polled for its reported state and probed on a register: a change made at its own
+/// panel shows in the reported half, and a unit that stops answering goes offline (though its
+/// bus is fine) and returns on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polled_reported_state_and_a_probe_register() -> Result<()> {
+    let env = Env::start(|sim| {
+        let mut s = rtu_port("rtu", sim);
+        s.push_str(&rtu_device("drive-1", "rtu", 1));
+        s.push_str(
+            r#"
+[devices.drive-1.reported_poll]
+method = "block"
+interval_ms = 1000
+
+[devices.drive-1.health]
+register = { table = "holding_register", address = 300 }
+interval_ms = 100
+timeout_ms = 300
+failures_before_offline = 2
+"#,
+        );
+        s
+    })
+    .await?;
+    let site = &env.site;
+    await_device_online(&site.stub.api, "drive-1", true).await?;
+    site.await_twin("drive-1", "polled voltage 230.1", |t| {
+        t["reported"]["voltage"] == json!(230.1) && t["reported"]["r19"] == json!(19)
+    })
+    .await?;
+    env.sim
+        .panel(1, "holding_registers", 10, json!([2400]))
+        .await?;
+    site.await_twin("drive-1", "polled voltage 240", |t| {
+        t["reported"]["voltage"] == json!(240.0)
+    })
+    .await?;
+
+    env.sim.fault(json!({"no_reply": true})).await?;
+    let view = await_device_online(&site.stub.api, "drive-1", false).await?;
+    eprintln!("offline: {view}");
+    env.sim.fault(json!({"no_reply": false})).await?;
+    await_device_online(&site.stub.api, "drive-1", true).await?;
+    Ok(())
+}

@@ -18,6 +18,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/_control/state", get(state))
         .route("/_control/faults", post(set_faults))
         .route("/_control/reset", post(reset))
+        .route("/_control/registers", post(set_registers))
         .with_state(shared)
 }
 
@@ -85,4 +86,51 @@ async fn reset(State(shared): State<Arc<Shared>>) -> Json<Value> {
         ..Default::default()
     });
     Json(view(&shared))
+}
+
+/// What the local panel sets: `{"unit": 1, "table": "holding_registers", "address": 100,
+/// "values": [1200]}` (coils and discrete inputs take booleans). Not counted as a request.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Panel {
+    unit: u8,
+    table: String,
+    address: u16,
+    values: Vec<Value>,
+}
+
+async fn set_registers(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    let bad = |e: String| (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response();
+    let panel: Panel = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => return bad(e.to_string()),
+    };
+    {
+        let mut state = shared.state();
+        let Some(unit) = state.units.get_mut(&panel.unit) else {
+            return bad(format!("no unit {}", panel.unit));
+        };
+        for (i, v) in panel.values.iter().enumerate() {
+            let a = panel.address.wrapping_add(i as u16);
+            let done = match (panel.table.as_str(), v) {
+                ("coils", Value::Bool(b)) => unit.coils.insert(a, *b).map(drop),
+                ("discrete_inputs", Value::Bool(b)) => unit.discrete_inputs.insert(a, *b).map(drop),
+                ("holding_registers", Value::Number(n)) => n
+                    .as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .and_then(|n| unit.holding_registers.insert(a, n))
+                    .map(drop),
+                ("input_registers", Value::Number(n)) => n
+                    .as_u64()
+                    .and_then(|n| u16::try_from(n).ok())
+                    .and_then(|n| unit.input_registers.insert(a, n))
+                    .map(drop),
+                _ => None,
+            };
+            if done.is_none() {
+                return bad(format!("cannot set {} {a} to {v}", panel.table));
+            }
+        }
+    }
+    Json(view(&shared)).into_response()
 }

@@ -204,7 +204,8 @@ static PROBES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
 
 pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: CancellationToken) {
     let health = device.config.health.clone();
-    let Some(path) = health.path.clone() else {
+    let modbus_probe = matches!(&device.driver, Driver::Modbus(d) if d.has_probe());
+    let Some(path) = health.path.clone().or(modbus_probe.then(String::new)) else {
         if let Driver::Http(d) = &device.driver {
             connect_probe_loop(&device, d, &presence, shutdown).await;
         }
@@ -221,6 +222,7 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
                 };
                 d.probe(&path, timeout).await
             }
+            Driver::Modbus(d) if d.has_probe() => d.probe(timeout).await,
             // No probe: call outcomes and the port task decide (validation refuses a path).
             Driver::Serial(_) | Driver::Modbus(_) => return,
         };

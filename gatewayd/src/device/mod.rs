@@ -226,21 +226,23 @@ impl Devices {
                     &dc,
                 )?),
                 DeviceKind::Serial => Driver::Serial(ports.driver(id.clone(), &dc)?),
-                DeviceKind::ModbusRtu => Driver::Modbus(modbus::ModbusDriver::rtu(
-                    id.clone(),
-                    dc.unit_id.unwrap_or(1),
-                    ports.modbus(id.clone(), &dc)?,
-                )),
+                DeviceKind::ModbusRtu => Driver::Modbus(
+                    modbus::ModbusDriver::rtu(
+                        id.clone(),
+                        dc.unit_id.unwrap_or(1),
+                        ports.modbus(id.clone(), &dc)?,
+                    )
+                    .with_probe(dc.health.register.as_ref()),
+                ),
                 DeviceKind::ModbusTcp => {
                     let host = dc.host.clone().unwrap_or_default();
                     let port = crate::config::modbus::tcp_port(&dc)
                         .map_err(|e| format!("devices.{id}.port: {e}"))?;
                     let link = endpoints.link(id.clone(), &host, port);
-                    Driver::Modbus(modbus::ModbusDriver::tcp(
-                        id.clone(),
-                        dc.unit_id.unwrap_or(1),
-                        link,
-                    ))
+                    Driver::Modbus(
+                        modbus::ModbusDriver::tcp(id.clone(), dc.unit_id.unwrap_or(1), link)
+                            .with_probe(dc.health.register.as_ref()),
+                    )
                 }
             };
             let limit = dc

@@ -68,6 +68,8 @@ pub struct ModbusDriver {
     id: DeviceId,
     unit: u8,
     link: LinkKind,
+    /// The read that probes presence, if configured.
+    probe: Option<Request>,
 }
 
 #[derive(Debug)]
@@ -83,6 +85,7 @@ impl ModbusDriver {
             id,
             unit,
             link: LinkKind::Tcp(link),
+            probe: None,
         }
     }
 
@@ -92,6 +95,41 @@ impl ModbusDriver {
             id,
             unit,
             link: LinkKind::Rtu(port),
+            probe: None,
+        }
+    }
+
+    /// Probes presence by reading `register` (one register or bit).
+    pub fn with_probe(mut self, register: Option<&crate::config::ProbeRegister>) -> Self {
+        self.probe = register.map(|r| {
+            plan::Span {
+                table: r.table,
+                address: r.address,
+                count: 1,
+            }
+            .request()
+        });
+        self
+    }
+
+    /// Whether a probe register is configured.
+    pub fn has_probe(&self) -> bool {
+        self.probe.is_some()
+    }
+
+    /// Reads the probe register: any reply (an exception too) means the device is there.
+    pub async fn probe(&self, timeout: Duration) -> Result<(), String> {
+        let Some(request) = self.probe.clone() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        match self.transact(request, started + timeout, started).await {
+            Ok(_)
+            | Err(CallError::Status { .. })
+            | Err(CallError::Busy {
+                status: Some(_), ..
+            }) => Ok(()),
+            Err(e) => Err(format!("probe register: {e}")),
         }
     }
 
