@@ -33,8 +33,8 @@ enum Command {
     /// Run a serial temperature controller on a new pseudo-terminal; prints one JSON line with
     /// its path and the control URL.
     Serial(SerialArgs),
-    /// Run Modbus slaves from a register map, over TCP and over RTU on a new
-    /// pseudo-terminal; prints one JSON line with the TCP address, the pty path and the
+    /// Run Modbus slaves from a register map, over Modbus TCP, RTU over TCP and RTU on a new
+    /// pseudo-terminal; prints one JSON line with the TCP addresses, the pty path and the
     /// control URL.
     Modbus(ModbusArgs),
 }
@@ -50,6 +50,9 @@ struct ModbusArgs {
     /// Address of the Modbus TCP listener.
     #[arg(long, default_value = "127.0.0.1:0")]
     tcp: SocketAddr,
+    /// Address of the listener taking RTU frames over TCP.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    rtu_tcp: SocketAddr,
     /// Address of the control API.
     #[arg(long, default_value = "127.0.0.1:0")]
     control: SocketAddr,
@@ -131,7 +134,10 @@ async fn modbus(args: ModbusArgs) -> anyhow::Result<()> {
     let tcp = TcpListener::bind(args.tcp)
         .await
         .with_context(|| format!("binding modbus tcp on {}", args.tcp))?;
-    let sim = match ModbusSim::open(&map, tcp, args.link.clone()) {
+    let rtu_tcp = TcpListener::bind(args.rtu_tcp)
+        .await
+        .with_context(|| format!("binding rtu-over-tcp on {}", args.rtu_tcp))?;
+    let sim = match ModbusSim::open(&map, tcp, rtu_tcp, args.link.clone()) {
         Ok(sim) => sim,
         Err(e) => {
             eprintln!("error: {e}");
@@ -143,6 +149,7 @@ async fn modbus(args: ModbusArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding control api on {}", args.control))?;
     let line = json!({
         "tcp": sim.tcp_addr().to_string(),
+        "rtu_tcp": sim.rtu_tcp_addr().to_string(),
         "link": args.link.display().to_string(),
         "control": format!("http://{}", control.local_addr()?),
     });

@@ -276,6 +276,11 @@ pub struct DeviceConfig {
     /// default 1 (many TCP devices ignore it; a converter routes by it).
     #[serde(default)]
     pub unit_id: Option<u8>,
+    /// modbus_tcp devices: `mbap` (Modbus TCP, default) or `rtu` (RTU frames with their CRC
+    /// over TCP, for converters that forward them as they are). Every device of one host and
+    /// port uses the same.
+    #[serde(default)]
+    pub framing: Option<crate::device::modbus::tcp::Framing>,
     /// Serial devices: the bus address, `{{address}}` in request templates (RS-485 units
     /// sharing a port are told apart by it).
     #[serde(default)]
@@ -581,6 +586,9 @@ impl DeviceConfig {
         if !self.kind.is_modbus() {
             if self.health.register.is_some() {
                 p.push(format!("{at}.health.register: only for modbus devices"));
+            }
+            if self.framing.is_some() {
+                p.push(format!("{at}.framing: only for modbus_tcp devices"));
             }
             if self.host.is_some() {
                 p.push(format!("{at}.host: only for modbus_tcp devices"));

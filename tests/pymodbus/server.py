@@ -1,10 +1,11 @@
 """A Modbus slave built on pymodbus, for interop runs of gatewayd's Modbus tests.
 
 Serves the units of a register map file (the JSON format of `device-fixtures modbus`; clamps
-are not simulated) over Modbus TCP on 127.0.0.1 and over Modbus RTU on a pseudo-terminal
-pair: pymodbus opens one end, `--link` points at the other (a relay thread copies bytes
-between the two masters, like a null-modem cable). Prints one JSON line
-{"tcp": "127.0.0.1:PORT", "link": PATH} once both listen, then serves until SIGTERM.
+are not simulated) over Modbus TCP on 127.0.0.1, over RTU frames on TCP, and over Modbus RTU
+on a pseudo-terminal pair: pymodbus opens one end, `--link` points at the other (a relay
+thread copies bytes between the two masters, like a null-modem cable). Prints one JSON line
+{"tcp": "127.0.0.1:PORT", "rtu_tcp": "127.0.0.1:PORT", "link": PATH} once all listen, then
+serves until SIGTERM.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import sys
 import threading
 import tty
 
+from pymodbus import FramerType
 from pymodbus.datastore import (
     ModbusServerContext,
     ModbusSlaveContext,
@@ -84,6 +86,9 @@ async def main():
     tcp = ModbusTcpServer(ctx, address=("127.0.0.1", 0))
     await tcp.serve_forever(background=True)
     port = tcp.transport.sockets[0].getsockname()[1]
+    rtu_tcp = ModbusTcpServer(ctx, framer=FramerType.RTU, address=("127.0.0.1", 0))
+    await rtu_tcp.serve_forever(background=True)
+    rtu_port = rtu_tcp.transport.sockets[0].getsockname()[1]
 
     ours, theirs, _keep = null_modem()
     if os.path.lexists(args.link):
@@ -92,13 +97,23 @@ async def main():
     rtu = ModbusSerialServer(ctx, port=ours, baudrate=115200)
     await rtu.serve_forever(background=True)
 
-    print(json.dumps({"tcp": f"127.0.0.1:{port}", "link": args.link}), flush=True)
+    print(
+        json.dumps(
+            {
+                "tcp": f"127.0.0.1:{port}",
+                "rtu_tcp": f"127.0.0.1:{rtu_port}",
+                "link": args.link,
+            }
+        ),
+        flush=True,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await tcp.shutdown()
+    await rtu_tcp.shutdown()
     await rtu.shutdown()
     os.remove(args.link)
 

@@ -19,6 +19,8 @@ pub struct ModbusSim {
     pub host: String,
     /// The TCP port.
     pub port: u16,
+    /// The RTU-over-TCP port.
+    pub rtu_tcp_port: u16,
     /// The stable link to the current pty.
     pub path: String,
 }
@@ -43,11 +45,14 @@ impl ModbusSim {
         ];
         let (proc, ready) = Proc::start("device-fixtures", &args, dir, name).await?;
         let tcp: std::net::SocketAddr = ready["tcp"].as_str().context("tcp")?.parse()?;
+        let rtu_tcp: std::net::SocketAddr =
+            ready["rtu_tcp"].as_str().context("rtu_tcp")?.parse()?;
         Ok(ModbusSim {
             proc,
             control: ready["control"].as_str().context("control")?.to_string(),
             host: tcp.ip().to_string(),
             port: tcp.port(),
+            rtu_tcp_port: rtu_tcp.port(),
             path: link.display().to_string(),
         })
     }
@@ -193,6 +198,14 @@ pub fn tcp_device(id: &str, peer: &dyn Peer, unit: u8) -> String {
     )
 }
 
+/// A modbus_tcp device `id` with RTU framing on `port` of `host`, with [`METER_ACTIONS`].
+pub fn rtu_over_tcp_device(id: &str, host: &str, port: u16, unit: u8) -> String {
+    format!(
+        "\n[devices.{id}]\nkind = \"modbus_tcp\"\nframing = \"rtu\"\nhost = \"{host}\"\nport = {port}\nunit_id = {unit}\n{}",
+        METER_ACTIONS.replace("{id}", id)
+    )
+}
+
 /// A serial port `port` on `peer`'s pty.
 pub fn rtu_port(port: &str, peer: &dyn Peer) -> String {
     format!(
@@ -216,6 +229,8 @@ pub struct Pymodbus {
     pub proc: Proc,
     pub host: String,
     pub port: u16,
+    /// The RTU-over-TCP port.
+    pub rtu_tcp_port: u16,
     pub path: String,
 }
 
@@ -272,10 +287,13 @@ impl Pymodbus {
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let ready: Value = serde_json::from_str(&line).with_context(|| line.clone())?;
         let tcp: std::net::SocketAddr = ready["tcp"].as_str().context("tcp")?.parse()?;
+        let rtu_tcp: std::net::SocketAddr =
+            ready["rtu_tcp"].as_str().context("rtu_tcp")?.parse()?;
         Ok(Pymodbus {
             proc,
             host: tcp.ip().to_string(),
             port: tcp.port(),
+            rtu_tcp_port: rtu_tcp.port(),
             path: link.display().to_string(),
         })
     }

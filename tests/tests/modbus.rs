@@ -3,7 +3,9 @@
 //! API. The same checks run over TCP and over RTU.
 
 use anyhow::Result;
-use e2e::modbus::{reads_and_writes, rtu_device, rtu_port, tcp_device, unit_map, ModbusSim};
+use e2e::modbus::{
+    reads_and_writes, rtu_device, rtu_over_tcp_device, rtu_port, tcp_device, unit_map, ModbusSim,
+};
 use e2e::*;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -60,8 +62,17 @@ fn both(sim: &ModbusSim) -> String {
     )
 }
 
+/// How a device reaches the simulator.
+#[derive(Clone, Copy, PartialEq)]
+enum Via {
+    Tcp,
+    Rtu,
+    RtuOverTcp,
+}
+
 /// Reads, writes, typed values and every fault, on one device; the simulator is reset after.
-async fn exercise(env: &Env, device: &str, rtu: bool) -> Result<()> {
+async fn exercise(env: &Env, device: &str, via: Via) -> Result<()> {
+    let rtu = via != Via::Tcp;
     // What every peer agrees on (pymodbus too, `modbus_interop.rs`).
     reads_and_writes(&env.site.stub.api, device).await?;
     env.sim.reset().await?;
@@ -178,7 +189,7 @@ async fn exercise(env: &Env, device: &str, rtu: bool) -> Result<()> {
 
     // The bus goes away: the device goes offline, calls fail at once, and it comes back.
     env.sim.fault(json!({"gone": true})).await?;
-    if rtu {
+    if via == Via::Rtu {
         await_device_online(&env.site.stub.api, device, false).await?;
     } else {
         // TCP: the next call finds the connection gone (it may have been written), and the
@@ -209,14 +220,23 @@ async fn modbus_tcp_reads_writes_and_faults() -> Result<()> {
     await_device_online(&env.site.stub.api, "meter-tcp", true).await?;
     let (_, view) = get(&format!("{}/api/v1/devices/meter-tcp", env.site.stub.api)).await?;
     assert_eq!(view["kind"], "modbus_tcp", "{view}");
-    exercise(&env, "meter-tcp", false).await
+    exercise(&env, "meter-tcp", Via::Tcp).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modbus_rtu_reads_writes_and_faults() -> Result<()> {
     let env = Env::start(both).await?;
     await_device_online(&env.site.stub.api, "meter-rtu", true).await?;
-    exercise(&env, "meter-rtu", true).await
+    exercise(&env, "meter-rtu", Via::Rtu).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_rtu_over_tcp_reads_writes_and_faults() -> Result<()> {
+    let env =
+        Env::start(|sim| rtu_over_tcp_device("meter-rtu-tcp", &sim.host, sim.rtu_tcp_port, 1))
+            .await?;
+    await_device_online(&env.site.stub.api, "meter-rtu-tcp", true).await?;
+    exercise(&env, "meter-rtu-tcp", Via::RtuOverTcp).await
 }
 
 /// A desired setpoint written to a holding register and read back: the device clamps it, so

@@ -1,9 +1,11 @@
 //! The Modbus end-to-end checks once more against pymodbus's server, an implementation
-//! nobody here wrote, over TCP and over a pseudo-terminal pair: our simulator must not be
+//! nobody here wrote, over TCP (MBAP and RTU frames) and over a pseudo-terminal pair: our simulator must not be
 //! the only peer that agrees with gatewayd.
 
 use anyhow::Result;
-use e2e::modbus::{reads_and_writes, rtu_device, rtu_port, tcp_device, unit_map, Pymodbus};
+use e2e::modbus::{
+    reads_and_writes, rtu_device, rtu_over_tcp_device, rtu_port, tcp_device, unit_map, Pymodbus,
+};
 use e2e::*;
 use serde_json::json;
 use std::time::Duration;
@@ -16,15 +18,17 @@ fn map() -> serde_json::Value {
 async fn pymodbus_tcp_and_rtu_agree_on_reads_writes_twins_and_messages() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let peer = Pymodbus::start(dir.path(), "pymodbus", &map()).await?;
-    // Unit 1 over TCP, unit 2 over RTU: each starts from the map's values.
+    // Unit 1 over Modbus TCP, unit 2 over RTU, unit 3 over RTU frames on TCP: each starts
+    // from the map's values.
     let devices = format!(
-        "{}{}{}",
+        "{}{}{}{}",
         tcp_device("meter-tcp", &peer, 1),
         rtu_port("rtu", &peer),
-        rtu_device("meter-rtu", "rtu", 2)
+        rtu_device("meter-rtu", "rtu", 2),
+        rtu_over_tcp_device("meter-rtu-tcp", &peer.host, peer.rtu_tcp_port, 3)
     );
     let site = Site::start_with(1, &devices).await?;
-    for device in ["meter-tcp", "meter-rtu"] {
+    for device in ["meter-tcp", "meter-rtu", "meter-rtu-tcp"] {
         await_device_online(&site.stub.api, device, true).await?;
         reads_and_writes(&site.stub.api, device).await?;
 

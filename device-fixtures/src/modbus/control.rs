@@ -35,6 +35,7 @@ fn view(shared: &Shared) -> Value {
         "rtu_frames": state.rtu_frames,
         "connections": state.connections,
         "tcp": shared.tcp.to_string(),
+        "rtu_tcp": shared.rtu_tcp.to_string(),
         "path": shared.path.borrow().clone(),
         "faults": shared.faults.borrow().clone(),
     })

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::{timeout, Instant};
@@ -34,6 +34,8 @@ pub(crate) struct Shared {
     pub initial: BTreeMap<u8, Unit>,
     pub link: PathBuf,
     pub tcp: SocketAddr,
+    /// RTU frames over TCP (as some converters forward them).
+    pub rtu_tcp: SocketAddr,
     pub path: watch::Sender<Option<String>>,
 }
 
@@ -88,12 +90,19 @@ impl Shared {
 pub struct ModbusSim {
     shared: Arc<Shared>,
     tcp: TcpListener,
+    rtu_tcp: TcpListener,
     pty: Pty,
 }
 
 impl ModbusSim {
-    /// The units of `map`, TCP on `tcp`, RTU on a new pty linked at `link`.
-    pub fn open(map: &MapFile, tcp: TcpListener, link: PathBuf) -> Result<ModbusSim, String> {
+    /// The units of `map`, Modbus TCP on `tcp`, RTU frames over TCP on `rtu_tcp`, RTU on a new
+    /// pty linked at `link`.
+    pub fn open(
+        map: &MapFile,
+        tcp: TcpListener,
+        rtu_tcp: TcpListener,
+        link: PathBuf,
+    ) -> Result<ModbusSim, String> {
         let mut units = BTreeMap::new();
         for (id, f) in &map.units {
             units.insert(
@@ -104,6 +113,7 @@ impl ModbusSim {
         let pty = Pty::open().map_err(|e| format!("creating the pseudo-terminal: {e}"))?;
         pty::link(&link, &pty.path).map_err(|e| format!("linking {}: {e}", link.display()))?;
         let addr = tcp.local_addr().map_err(|e| e.to_string())?;
+        let rtu_addr = rtu_tcp.local_addr().map_err(|e| e.to_string())?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 units: units.clone(),
@@ -115,26 +125,53 @@ impl ModbusSim {
             initial: units,
             link,
             tcp: addr,
+            rtu_tcp: rtu_addr,
             path: watch::Sender::new(Some(pty.path.clone())),
         });
-        Ok(ModbusSim { shared, tcp, pty })
+        Ok(ModbusSim {
+            shared,
+            tcp,
+            rtu_tcp,
+            pty,
+        })
     }
 
-    /// The TCP address.
+    /// The Modbus TCP address.
     pub fn tcp_addr(&self) -> SocketAddr {
         self.shared.tcp
+    }
+
+    /// The RTU-over-TCP address.
+    pub fn rtu_tcp_addr(&self) -> SocketAddr {
+        self.shared.rtu_tcp
     }
 
     /// Serves TCP, RTU and the control API on `control` until `shutdown`.
     pub async fn run(self, control: TcpListener, shutdown: CancellationToken) -> io::Result<()> {
         let stop = shutdown.child_token();
-        let tcp = tokio::spawn(serve_tcp(self.shared.clone(), self.tcp, stop.clone()));
+        let addr = self.shared.tcp;
+        let tcp = tokio::spawn(serve_tcp(
+            self.shared.clone(),
+            self.tcp,
+            addr,
+            false,
+            stop.clone(),
+        ));
+        let addr = self.shared.rtu_tcp;
+        let rtu_tcp = tokio::spawn(serve_tcp(
+            self.shared.clone(),
+            self.rtu_tcp,
+            addr,
+            true,
+            stop.clone(),
+        ));
         let rtu = tokio::spawn(supervise_rtu(self.shared.clone(), self.pty, stop.clone()));
         let served = axum::serve(control, control::router(self.shared.clone()))
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .await;
         stop.cancel();
         let _ = tcp.await;
+        let _ = rtu_tcp.await;
         let _ = rtu.await;
         pty::unlink(&self.shared.link);
         served
@@ -142,8 +179,15 @@ impl ModbusSim {
 }
 
 /// Accepts connections while the bus is there; `gone` closes the listener and every
-/// connection, and clearing it binds the same address again.
-async fn serve_tcp(shared: Arc<Shared>, first: TcpListener, stop: CancellationToken) {
+/// connection, and clearing it binds the same address again. `rtu`: RTU frames instead of
+/// MBAP.
+async fn serve_tcp(
+    shared: Arc<Shared>,
+    first: TcpListener,
+    addr: SocketAddr,
+    rtu: bool,
+    stop: CancellationToken,
+) {
     let mut faults = shared.faults.subscribe();
     let mut listener = Some(first);
     loop {
@@ -154,7 +198,7 @@ async fn serve_tcp(shared: Arc<Shared>, first: TcpListener, stop: CancellationTo
                     r = faults.wait_for(|f| !f.gone) => if r.is_err() { return },
                     _ = stop.cancelled() => return,
                 }
-                match TcpListener::bind(shared.tcp).await {
+                match TcpListener::bind(addr).await {
                     Ok(l) => l,
                     Err(e) => {
                         tracing::error!(%e, "cannot bind the modbus tcp port again; retrying");
@@ -176,7 +220,18 @@ async fn serve_tcp(shared: Arc<Shared>, first: TcpListener, stop: CancellationTo
                 accepted = l.accept() => if let Ok((s, _)) = accepted {
                     let _ = s.set_nodelay(true);
                     shared.state().connections += 1;
-                    tokio::spawn(serve_connection(shared.clone(), s, gone.clone()));
+                    if rtu {
+                        let (shared, gone) = (shared.clone(), gone.clone());
+                        tokio::spawn(async move {
+                            let mut s = s;
+                            tokio::select! {
+                                _ = gone.cancelled() => {}
+                                _ = serve_rtu(&shared, &mut s) => {}
+                            }
+                        });
+                    } else {
+                        tokio::spawn(serve_connection(shared.clone(), s, gone.clone()));
+                    }
                 },
             }
         }
@@ -270,7 +325,7 @@ async fn supervise_rtu(shared: Arc<Shared>, first: Pty, stop: CancellationToken)
 
 /// The bus: frames by their function code's length (or the line going quiet), answers the
 /// addressed unit; requests for units not in the map are left unanswered, like on a real bus.
-async fn serve_rtu(shared: &Shared, port: &mut tokio_serial::SerialStream) {
+async fn serve_rtu<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, port: &mut S) {
     let mut got: Vec<u8> = Vec::new();
     let mut buf = [0u8; 512];
     loop {
@@ -308,9 +363,9 @@ async fn serve_rtu(shared: &Shared, port: &mut tokio_serial::SerialStream) {
     }
 }
 
-async fn serve_frame(
+async fn serve_frame<S: AsyncRead + AsyncWrite + Unpin>(
     shared: &Shared,
-    port: &mut tokio_serial::SerialStream,
+    port: &mut S,
     frame: &[u8],
     pending: &mut Vec<u8>,
 ) {

@@ -443,6 +443,9 @@ pub(super) fn check_device(
             if dev.host.is_some() {
                 p.push(format!("{at}.host: only for modbus_tcp devices"));
             }
+            if dev.framing.is_some() {
+                p.push(format!("{at}.framing: only for modbus_tcp devices"));
+            }
         }
         _ => {
             match dev.host.as_deref() {
@@ -470,9 +473,29 @@ pub fn tcp_port(dev: &DeviceConfig) -> Result<u16, String> {
     }
 }
 
-/// Checks that every bus carries one protocol and that no two Modbus devices on one bus
-/// share a unit id.
+/// Checks that every bus carries one protocol, that no two Modbus devices on one bus share a
+/// unit id, and that the devices of one TCP endpoint agree on its framing.
 pub(super) fn check_buses(devices: &BTreeMap<String, DeviceConfig>, p: &mut Vec<String>) {
+    let mut endpoints: BTreeMap<(String, u16), (&str, crate::device::modbus::tcp::Framing)> =
+        BTreeMap::new();
+    for (id, d) in devices
+        .iter()
+        .filter(|(_, d)| d.kind == DeviceKind::ModbusTcp)
+    {
+        let (Some(host), Ok(port)) = (&d.host, tcp_port(d)) else {
+            continue;
+        };
+        let framing = d.framing.unwrap_or_default();
+        match endpoints.get(&(host.clone(), port)) {
+            Some((other, f)) if *f != framing => p.push(format!(
+                "devices.{id}.framing: {host}:{port} is also device {other}'s, with another framing; one connection has one framing"
+            )),
+            Some(_) => {}
+            None => {
+                endpoints.insert((host.clone(), port), (id, framing));
+            }
+        }
+    }
     let mut on: BTreeMap<&str, Vec<(&str, &DeviceConfig)>> = BTreeMap::new();
     for (id, d) in devices {
         if matches!(d.kind, DeviceKind::Serial | DeviceKind::ModbusRtu) {
@@ -620,6 +643,13 @@ mod tests {
         write = "{{speed}}"
         [devices.drive-2.methods.none]
         address = 1
+        [devices.meter-2]
+        kind = "modbus_tcp"
+        host = "192.168.10.40"
+        framing = "rtu"
+        [devices.meter-2.methods.energy]
+        table = "input_register"
+        address = 0
         "#;
         let all = load(&text).unwrap_err().problems.join("\n");
         assert!(
@@ -634,6 +664,10 @@ mod tests {
         );
         assert!(
             all.contains("devices.drive-2.methods.none.table: required for a Modbus device"),
+            "{all}"
+        );
+        assert!(
+            all.contains("devices.meter-2.framing: 192.168.10.40:502 is also device meter-1's, with another framing"),
             "{all}"
         );
     }

@@ -238,7 +238,8 @@ impl Devices {
                     let host = dc.host.clone().unwrap_or_default();
                     let port = crate::config::modbus::tcp_port(&dc)
                         .map_err(|e| format!("devices.{id}.port: {e}"))?;
-                    let link = endpoints.link(id.clone(), &host, port);
+                    let framing = dc.framing.unwrap_or_default();
+                    let link = endpoints.link(id.clone(), &host, port, framing);
                     Driver::Modbus(
                         modbus::ModbusDriver::tcp(id.clone(), dc.unit_id.unwrap_or(1), link)
                             .with_probe(dc.health.register.as_ref()),

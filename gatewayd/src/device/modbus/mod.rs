@@ -8,6 +8,7 @@
 pub mod codec;
 pub mod pdu;
 pub mod plan;
+pub mod rtu_tcp;
 pub mod tcp;
 
 use super::{Answer, CallError};

@@ -1,6 +1,7 @@
 //! Modbus TCP endpoints: one task per `host:port` owns the one connection (a `tokio-modbus`
-//! client) that every unit behind it shares, serves one transaction at a time, and
-//! reconnects with the shared backoff. A connection that timed out or answered out of turn
+//! client, or RTU frames over TCP with `framing = "rtu"`, see `rtu_tcp`) that every unit
+//! behind it shares, serves one transaction at a time, and reconnects with the shared
+//! backoff. A connection that timed out or answered out of turn
 //! is dropped, so a late reply can never be taken for the next request's.
 
 use super::pdu::{Exception, Reply, Request};
@@ -35,20 +36,23 @@ pub struct Endpoints {
 }
 
 struct Used {
+    framing: Framing,
     link: Link,
     jobs: mpsc::Receiver<Transaction>,
     devices: Vec<DeviceId>,
 }
 
 impl Endpoints {
-    /// The link to `host:port` for device `id` (one per endpoint, shared).
-    pub fn link(&mut self, id: DeviceId, host: &str, port: u16) -> Link {
+    /// The link to `host:port` for device `id` (one per endpoint, shared; validation makes
+    /// every device of an endpoint use the same framing).
+    pub fn link(&mut self, id: DeviceId, host: &str, port: u16, framing: Framing) -> Link {
         let used = self
             .open
             .entry((host.to_string(), port))
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(QUEUE);
                 Used {
+                    framing,
                     link: Link {
                         name: format!("modbus endpoint {host}:{port}"),
                         jobs: tx,
@@ -72,6 +76,7 @@ impl Endpoints {
             let task = EndpointTask {
                 host,
                 port,
+                framing: used.framing,
                 jobs: used.jobs,
                 presence: presence.clone(),
                 devices: used.devices,
@@ -86,13 +91,31 @@ impl Endpoints {
     }
 }
 
+/// How requests travel on a TCP connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Framing {
+    /// Modbus TCP: the MBAP header (transaction id, unit id), no CRC.
+    #[default]
+    Mbap,
+    /// RTU frames (unit id, CRC) over TCP, as some converters forward them.
+    Rtu,
+}
+
+/// The open connection.
+enum Conn {
+    Mbap(Context),
+    Rtu(TcpStream),
+}
+
 struct EndpointTask {
     host: String,
     port: u16,
+    framing: Framing,
     jobs: mpsc::Receiver<Transaction>,
     presence: Arc<Presence>,
     devices: Vec<DeviceId>,
-    ctx: Option<Context>,
+    ctx: Option<Conn>,
     backoff: Backoff,
     /// While disconnected: when the next connect may be tried.
     next_connect: Instant,
@@ -140,7 +163,17 @@ impl EndpointTask {
         if Instant::now() >= job.deadline || !job.ticket.take() {
             return Err(Failure::Expired);
         }
-        let ctx = self.ctx.as_mut().expect("connected above");
+        let ctx = match self.ctx.as_mut().expect("connected above") {
+            Conn::Mbap(ctx) => ctx,
+            Conn::Rtu(stream) => {
+                let out =
+                    super::rtu_tcp::exchange(stream, job.unit, &job.request, job.deadline).await;
+                if out.drop {
+                    self.drop_connection("rtu exchange failed");
+                }
+                return out.result;
+            }
+        };
         ctx.set_slave(Slave(job.unit));
         let request = to_request(&job.request);
         match timeout_at(job.deadline, ctx.call(request)).await {
@@ -179,7 +212,10 @@ impl EndpointTask {
         let err = match connected {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
-                self.ctx = Some(tokio_modbus::client::tcp::attach(stream));
+                self.ctx = Some(match self.framing {
+                    Framing::Mbap => Conn::Mbap(tokio_modbus::client::tcp::attach(stream)),
+                    Framing::Rtu => Conn::Rtu(stream),
+                });
                 self.backoff.reset();
                 if self.last_error.take().is_some() {
                     info!(endpoint = %target, "modbus endpoint reachable again");
