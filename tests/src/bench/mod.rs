@@ -7,7 +7,7 @@
 //!
 //! - `cloud`: the bench's own MQTT sessions (cloud side and echo);
 //! - `rig`: the bench's cloud stub, and a gatewayd and its devices on it;
-//! - `latency`, `throughput`, `twin_fanout`, `messages`, `footprint`: one phase each;
+//! - `latency`, `throughput`, `twin_fanout`, `messages`, `footprint`, `modbus`: one phase each;
 //! - `swarm`: the cloud side under many simulated gateways (`crate::swarm`), on its own stub;
 //! - `load`: operator-API bursts and polling; `procfs`, `stats`: measuring helpers;
 //! - `report`: targets, verdicts, table and JSON.
@@ -17,6 +17,7 @@ pub mod footprint;
 pub mod latency;
 pub mod load;
 pub mod messages;
+pub mod modbus;
 pub mod procfs;
 pub mod report;
 pub mod rig;
@@ -66,6 +67,8 @@ pub struct Options {
     pub broker: Option<String>,
     /// Gateways and devices per gateway of the swarm phase; `None` skips it.
     pub swarm: Option<(usize, usize)>,
+    /// Rounds, calls in flight and duration of the Modbus phase; `None` skips it.
+    pub modbus: Option<modbus::ModbusOptions>,
     /// Where logs and stores go (emptied first).
     pub dir: PathBuf,
 }
@@ -203,6 +206,14 @@ pub async fn run(opts: &Options) -> Result<Report> {
         None => None,
     };
 
+    let modbus = match &opts.modbus {
+        Some(m) => {
+            eprintln!("bench: 7. modbus, TCP and RTU, {} rounds each", m.rounds);
+            Some(modbus::measure(&stub, &opts.dir.join("modbus"), m).await?)
+        }
+        None => None,
+    };
+
     let settings = Settings {
         profile: if cfg!(debug_assertions) {
             "debug"
@@ -237,6 +248,9 @@ pub async fn run(opts: &Options) -> Result<Report> {
     );
     if let Some(swarm) = swarm {
         report.add_swarm(swarm);
+    }
+    if let Some(modbus) = modbus {
+        report.add_modbus(modbus);
     }
     Ok(report)
 }

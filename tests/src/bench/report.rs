@@ -113,6 +113,8 @@ pub struct Report {
     pub footprint: Option<Footprint>,
     /// `None` with `--skip-swarm`; set by [`Report::add_swarm`].
     pub swarm: Option<super::swarm::SwarmReport>,
+    /// `None` with `--skip-modbus`; set by [`Report::add_modbus`].
+    pub modbus: Option<super::modbus::ModbusReport>,
     pub checks: Vec<Check>,
 }
 
@@ -218,6 +220,7 @@ impl Report {
             messages,
             footprint,
             swarm: None,
+            modbus: None,
             checks,
         }
     }
@@ -513,6 +516,14 @@ impl Report {
                 }
             }
             None => row("6", "swarm".into(), "skipped (--skip-swarm)".into(), None),
+        }
+        match &self.modbus {
+            Some(m) => {
+                for (what, result, measure) in m.rows() {
+                    row("7", what, result, measure.and_then(|m| self.check(m)));
+                }
+            }
+            None => row("7", "modbus".into(), "skipped (--skip-modbus)".into(), None),
         }
 
         let mut out = String::new();

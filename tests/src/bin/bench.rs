@@ -61,6 +61,12 @@ struct Cli {
     /// Skip the swarm phase.
     #[arg(long)]
     skip_swarm: bool,
+    /// Skip the Modbus phase.
+    #[arg(long)]
+    skip_modbus: bool,
+    /// Sequential rounds of the Modbus phase, per transport.
+    #[arg(long, default_value_t = 1000)]
+    modbus_rounds: usize,
     /// Use this external MQTT broker (e.g. a Mosquitto at mqtt://127.0.0.1:1883) instead of the
     /// stub's embedded one.
     #[arg(long, value_name = "URL")]
@@ -116,6 +122,11 @@ fn main() -> Result<()> {
         idle: Duration::from_secs(cli.idle_seconds),
         broker: cli.broker,
         swarm: (!cli.skip_swarm).then_some((cli.swarm_gateways, cli.swarm_devices)),
+        modbus: (!cli.skip_modbus).then(|| bench::modbus::ModbusOptions {
+            rounds: cli.modbus_rounds.max(1),
+            in_flight: cli.in_flight,
+            duration: Duration::from_secs(cli.duration),
+        }),
         dir: target.join("bench"),
     };
     let runtime = tokio::runtime::Runtime::new()?;
