@@ -311,11 +311,9 @@ impl ModbusReport {
                 None,
             ));
             let wire = match (t.wire_ms, t.gap_ms) {
-                (Some(w), Some(g)) => {
-                    format!(
-                        " (on a real 115,200 baud line add {w:.2} ms of frames + {g:.2} ms gap)"
-                    )
-                }
+                (Some(w), Some(g)) => format!(
+                    "; includes the {g:.2} ms frame gap the port keeps (timer-rounded); a real 115,200 baud line adds {w:.2} ms of frames"
+                ),
                 _ => String::new(),
             };
             rows.push((
