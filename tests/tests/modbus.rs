@@ -274,6 +274,73 @@ async fn a_clamped_setpoint_shows_a_delta() -> Result<()> {
         state["units"]["1"]["holding_registers"]["100"], 1500,
         "{state}"
     );
+
+    // 7000.0 is 70000 raw, beyond a u16: refused before anything is written, with the reason.
+    let before = env.requests(1).await?;
+    site.patch_desired("meter-tcp", json!({"setpoint": 7000.0}), None)
+        .await?;
+    let twin = site
+        .await_twin("meter-tcp", "setpoint refused", |t| {
+            t["apply"]["setpoint"]["state"] == "refused"
+        })
+        .await?;
+    let reason = twin["apply"]["setpoint"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("out of range for u16"), "{twin}");
+    assert_eq!(twin["reported"]["setpoint"], json!(150.0), "{twin}");
+    assert_eq!(env.requests(1).await?, before, "nothing written");
+    Ok(())
+}
+
+/// A unit answering exception 6 (busy) did not act: a message waits and is tried again with
+/// backoff, and runs exactly once when the unit is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_unit_gets_its_message_once_it_is_free() -> Result<()> {
+    let env = Env::start(|sim| tcp_device("meter-tcp", sim, 1)).await?;
+    let site = &env.site;
+    await_device_online(&site.stub.api, "meter-tcp", true).await?;
+    env.sim.fault(json!({"exception": 6})).await?;
+    let id = site
+        .send_ok(
+            "meter-tcp",
+            json!({"command": "CONFIGURE", "seq": 4242, "speed": 9}),
+            60,
+        )
+        .await?;
+    let admin = site.gateway.admin().await?;
+    let waiting = eventually("two busy attempts", Duration::from_secs(20), || {
+        let (admin, id) = (admin.clone(), id.clone());
+        async move {
+            let (_, rows) = get(&format!("{admin}/api/inbox?device=meter-tcp")).await?;
+            Ok(rows.as_array().and_then(|r| {
+                r.iter()
+                    .find(|m| m["id"] == id.as_str() && m["attempts"].as_u64() >= Some(2))
+                    .cloned()
+            }))
+        }
+    })
+    .await?;
+    assert!(
+        waiting["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("exception 6"),
+        "{waiting}"
+    );
+    env.sim.fault(json!({"exception": null})).await?;
+    let m = site
+        .await_final("meter-tcp", &id, Duration::from_secs(20))
+        .await?;
+    assert_eq!(m["status"], "completed", "{m}");
+    let state = env.sim.state().await?;
+    let writes = state["units"]["1"]["writes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let written: Vec<_> = writes.iter().filter(|w| w[2][0] == 4242).collect();
+    assert_eq!(written.len(), 1, "{state}");
+    assert_eq!(written[0][2], json!([4242, 9, 1]), "{state}");
     Ok(())
 }
 
