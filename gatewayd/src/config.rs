@@ -20,6 +20,7 @@ use action::validate_actions;
 pub use action::{ActionConfig, HttpVerb, ResultMode};
 pub use admin::AdminConfig;
 pub use cloud::{parse_broker, Broker, CloudConfig, CloudSecurity, Secret};
+pub use modbus::ProbeRegister;
 pub use serial::{FieldType, SerialPortConfig};
 
 /// The whole configuration.
@@ -265,7 +266,7 @@ pub struct DeviceConfig {
     pub reported_poll: Option<PollConfig>,
     /// Serial and modbus_rtu devices: the name of their port in `[serial_ports]`.
     /// modbus_tcp devices: the TCP port (default 502).
-    #[serde(default, deserialize_with = "name_or_number")]
+    #[serde(default, deserialize_with = "modbus::name_or_number")]
     pub port: Option<String>,
     /// modbus_tcp devices: the host name or IP address of the Modbus TCP server (a device,
     /// or a converter in front of an RTU bus). Devices naming the same host and port share
@@ -310,20 +311,6 @@ pub struct DeviceConfig {
     /// (a device that power-cycled to its defaults is brought back to what operators asked).
     #[serde(default = "yes")]
     pub reapply_on_reconnect: bool,
-}
-
-/// A port name, or a TCP port number written as a number.
-fn name_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Port {
-        Name(String),
-        Number(u64),
-    }
-    Ok(Option::<Port>::deserialize(d)?.map(|p| match p {
-        Port::Name(s) => s,
-        Port::Number(n) => n.to_string(),
-    }))
 }
 
 fn default_transient_status() -> Vec<u16> {
@@ -411,16 +398,6 @@ pub struct HealthConfig {
     /// Consecutive failed probes before the device counts as offline.
     #[serde(default = "default_failures")]
     pub failures_before_offline: u32,
-}
-
-/// A Modbus probe register.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProbeRegister {
-    /// `coil`, `discrete_input`, `input_register` or `holding_register`.
-    pub table: crate::device::modbus::codec::Table,
-    /// Address read (one register or bit).
-    pub address: u16,
 }
 
 impl Default for HealthConfig {

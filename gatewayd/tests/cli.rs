@@ -22,7 +22,7 @@ fn the_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("ok (gateway plant-a-line-3, 2 devices)"),
+        text.contains("ok (gateway plant-a-line-3, 4 devices)"),
         "{text}"
     );
 }

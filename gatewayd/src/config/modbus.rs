@@ -401,6 +401,32 @@ fn shape(spec: &RegisterSpec, writes: bool, at: &str, p: &mut Vec<String>) -> Op
     (p.len() == before).then_some(shape)
 }
 
+/// A Modbus probe register.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeRegister {
+    /// `coil`, `discrete_input`, `input_register` or `holding_register`.
+    pub table: Table,
+    /// Address read (one register or bit).
+    pub address: u16,
+}
+
+/// A port name, or a TCP port number written as a number.
+pub(super) fn name_or_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Port {
+        Name(String),
+        Number(u64),
+    }
+    Ok(Option::<Port>::deserialize(d)?.map(|p| match p {
+        Port::Name(s) => s,
+        Port::Number(n) => n.to_string(),
+    }))
+}
+
 /// Checks what only a Modbus device has (unit id, and its serial port or TCP endpoint) and
 /// that it sets nothing that another kind uses.
 pub(super) fn check_device(
