@@ -344,18 +344,31 @@ async fn a_busy_unit_gets_its_message_once_it_is_free() -> Result<()> {
     Ok(())
 }
 
-/// Messages writing three registers each (FC 16) while gatewayd is killed with SIGKILL again
-/// and again: every message ends final, and none is written twice.
+/// Messages writing three registers each (FC 16), over TCP and RTU, while gatewayd is killed
+/// with SIGKILL again and again: every message ends final, and none is written twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configure_commands_run_at_most_once_across_kill_9() -> Result<()> {
-    let mut env = Env::start(|sim| tcp_device("meter-tcp", sim, 1)).await?;
-    await_device_online(&env.site.stub.api, "meter-tcp", true).await?;
+    // Unit 1 over TCP, unit 2 over RTU.
+    let devices = [("meter-tcp", "1"), ("meter-rtu", "2")];
+    let mut env = Env::start(|sim| {
+        tcp_device("meter-tcp", sim, 1) + &rtu_port("rtu", sim) + &rtu_device("meter-rtu", "rtu", 2)
+    })
+    .await?;
+    for (device, _) in devices {
+        await_device_online(&env.site.stub.api, device, true).await?;
+    }
     // Each write takes 30 ms to answer, so the kills land while messages run.
     env.sim.fault(json!({"slow_ms": 30})).await?;
     let mut ids = Vec::new();
     for n in 0..40u64 {
+        let (device, unit) = devices[n as usize % 2];
         let payload = json!({"command": "CONFIGURE", "seq": 1000 + n, "speed": n});
-        ids.push((1000 + n, env.site.send_ok("meter-tcp", payload, 600).await?));
+        ids.push((
+            device,
+            unit,
+            1000 + n,
+            env.site.send_ok(device, payload, 600).await?,
+        ));
     }
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     for _ in 0..5 {
@@ -368,32 +381,30 @@ async fn configure_commands_run_at_most_once_across_kill_9() -> Result<()> {
     }
     let mut by_status: std::collections::BTreeMap<String, usize> = Default::default();
     let mut finals = Vec::new();
-    for (seq, id) in &ids {
+    for (device, unit, seq, id) in &ids {
         let m = env
             .site
-            .await_final("meter-tcp", id, Duration::from_secs(60))
+            .await_final(device, id, Duration::from_secs(60))
             .await?;
         let status = m["status"].as_str().unwrap_or("?").to_string();
         *by_status.entry(status.clone()).or_default() += 1;
-        finals.push((*seq, status));
+        finals.push((*unit, *seq, status));
     }
     let state = env.sim.state().await?;
-    let writes = state["units"]["1"]["writes"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    let written = |seq: u64| {
-        writes
-            .iter()
+    let written = |unit: &str, seq: u64| {
+        state["units"][unit]["writes"]
+            .as_array()
+            .into_iter()
+            .flatten()
             .filter(|w| w[0] == 16 && w[1] == 200 && w[2][0] == seq)
             .count()
     };
     eprintln!("after 5 kills: {by_status:?}");
-    for (seq, status) in &finals {
-        let n = written(*seq);
-        assert!(n <= 1, "seq {seq} written {n} times");
+    for (unit, seq, status) in &finals {
+        let n = written(unit, *seq);
+        assert!(n <= 1, "unit {unit} seq {seq} written {n} times");
         if status == "completed" {
-            assert_eq!(n, 1, "completed seq {seq} written {n} times");
+            assert_eq!(n, 1, "completed seq {seq} written {n} times on unit {unit}");
         }
     }
     assert!(
@@ -402,15 +413,13 @@ async fn configure_commands_run_at_most_once_across_kill_9() -> Result<()> {
             .all(|s| s == "completed" || s == "may_have_run"),
         "{by_status:?}"
     );
-    // The last write carried the speed of its message, and the trailing 1.
-    let regs = &state["units"]["1"]["holding_registers"];
-    assert_eq!(regs["202"], 1, "{state}");
     env.site.stop_gatewayd().await?;
     Ok(())
 }
 
-/// Three slaves on one RTU bus and an ASCII instrument on another port, 200 calls in flight:
-/// every answer belongs to its device, and the bus served one request at a time.
+/// Three slaves on one RTU bus and an ASCII instrument on another port, 200 mixed reads and
+/// writes in flight: every answer belongs to its device, every write reached its own unit
+/// once, and the bus served one request at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_slaves_and_an_ascii_instrument_under_200_calls() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -435,17 +444,20 @@ async fn three_slaves_and_an_ascii_instrument_under_200_calls() -> Result<()> {
     }
     let api = env.site.stub.api.clone();
     let mut calls = Vec::new();
+    // A quarter to the instrument; the rest to the slaves, each either reading its own id or
+    // writing a value no other call writes.
     for n in 0..200usize {
         let api = api.clone();
         calls.push(tokio::spawn(async move {
-            let (device, method, want) = match n % 4 {
-                0 => ("tc-1", "temperature", json!({"temp": 21.5})),
-                k => (["slave-1", "slave-2", "slave-3"][k - 1], "unit", json!(k)),
+            let (device, method, params, want) = match (n % 4, n % 8 < 4) {
+                (0, _) => ("tc-1", "temperature", json!(null), json!({"temp": 21.5})),
+                (k, true) => (SLAVES[k - 1], "unit", json!(null), json!(k)),
+                (k, false) => (SLAVES[k - 1], "set_raw", json!({"value": n}), Value::Null),
             };
-            let (s, b, _) = invoke(&api, device, method, json!(null), 60).await?;
+            let (s, b, _) = invoke(&api, device, method, params, 60).await?;
             anyhow::ensure!(
                 s == 200 && b["result"] == want,
-                "{device}: {s} {b}, want {want}"
+                "{device} {method}: {s} {b}, want {want}"
             );
             Ok::<_, anyhow::Error>(())
         }));
@@ -455,14 +467,26 @@ async fn three_slaves_and_an_ascii_instrument_under_200_calls() -> Result<()> {
     }
     let state = env.sim.state().await?;
     assert_eq!(state["collisions"], 0, "{state}");
-    for unit in ["1", "2", "3"] {
-        assert!(
-            state["units"][unit]["requests"].as_u64().unwrap_or(0) >= 50,
-            "{state}"
-        );
+    for k in 1..=3usize {
+        let unit = &state["units"][k.to_string()];
+        assert!(unit["requests"].as_u64().unwrap_or(0) >= 50, "{state}");
+        // Every write reached its own unit, once.
+        let mut written: Vec<u64> = unit["writes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|w| w[2][0].as_u64().unwrap_or(u64::MAX))
+            .collect();
+        written.sort_unstable();
+        let want: Vec<u64> = (0..200u64)
+            .filter(|n| n % 4 == k as u64 && n % 8 >= 4)
+            .collect();
+        assert_eq!(written, want, "unit {k}");
     }
     Ok(())
 }
+
+const SLAVES: [&str; 3] = ["slave-1", "slave-2", "slave-3"];
 
 /// A unit polled for its reported state and probed on a register: a change made at its own
 /// panel shows in the reported half, and a unit that stops answering goes offline (though its
