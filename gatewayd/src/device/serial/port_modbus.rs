@@ -168,3 +168,161 @@ impl PortTask {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! RTU exchanges over a real pseudo-terminal: the test plays the units on the master side.
+
+    use super::super::PortTask;
+    use crate::config::SerialPortConfig;
+    use crate::device::health::Presence;
+    use crate::device::modbus::pdu::{crc16, Reply, Request};
+    use crate::device::modbus::{Failure, Transaction};
+    use crate::device::serial::port::Ticket;
+    use gatewayd_protocol::DeviceId;
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::{mpsc, oneshot};
+    use tokio::time::Instant;
+    use tokio_serial::{SerialPort, SerialStream};
+
+    type Outcome = Result<Result<Reply, crate::device::modbus::pdu::Exception>, Failure>;
+
+    struct Bus {
+        modbus: mpsc::Sender<Transaction>,
+        _lines: mpsc::Sender<super::super::Job>,
+        device: SerialStream,
+        _slave: SerialStream,
+    }
+
+    fn bus(gap_ms: u64) -> Bus {
+        let (master, slave) = SerialStream::pair().unwrap();
+        let config: SerialPortConfig = serde_json::from_value(serde_json::json!({
+            "path": slave.name().unwrap(),
+            "baud": 9600,
+            "inter_request_gap_ms": gap_ms,
+        }))
+        .unwrap();
+        let id = DeviceId::new("drive").unwrap();
+        let presence = Arc::new(Presence::new([id.clone()].into_iter(), 0));
+        let (lines, lines_rx) = mpsc::channel(8);
+        let (modbus, modbus_rx) = mpsc::channel(8);
+        let task = PortTask::new("bus".into(), config, lines_rx, presence, vec![id])
+            .with_modbus(modbus_rx);
+        tokio::spawn(task.run());
+        Bus {
+            modbus,
+            _lines: lines,
+            device: master,
+            _slave: slave,
+        }
+    }
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut f = body.to_vec();
+        let crc = crc16(&f);
+        f.extend_from_slice(&crc.to_le_bytes());
+        f
+    }
+
+    impl Bus {
+        async fn send(&self, unit: u8, within: Duration) -> oneshot::Receiver<Outcome> {
+            let (reply, rx) = oneshot::channel();
+            let t = Transaction {
+                unit,
+                request: Request::ReadHoldingRegisters(0, 1),
+                deadline: Instant::now() + within,
+                ticket: Arc::new(Ticket::default()),
+                reply,
+            };
+            self.modbus.send(t).await.unwrap();
+            rx
+        }
+
+        /// Reads one 8-byte read request.
+        async fn heard(&mut self) -> Vec<u8> {
+            let mut buf = [0u8; 8];
+            self.device.read_exact(&mut buf).await.unwrap();
+            buf.to_vec()
+        }
+
+        async fn say(&mut self, bytes: &[u8]) {
+            self.device.write_all(bytes).await.unwrap();
+        }
+    }
+
+    const LONG: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn bad_frames_fail_their_own_request_only() {
+        let mut b = bus(0);
+        let good = framed(&[7, 3, 2, 0, 42]);
+        // A bad CRC, then junk after it: the next request is answered correctly.
+        let rx = b.send(7, LONG).await;
+        assert_eq!(b.heard().await, framed(&[7, 3, 0, 0, 0, 1]));
+        let mut bad = good.clone();
+        bad[4] ^= 0xFF;
+        b.say(&bad).await;
+        assert_eq!(
+            rx.await.unwrap(),
+            Err(Failure::BadReply("reply has a bad CRC".into()))
+        );
+        b.say(&[0xAA, 0xBB, 0xCC]).await;
+        // A reply from another unit.
+        let rx = b.send(7, LONG).await;
+        b.heard().await;
+        b.say(&framed(&[8, 3, 2, 0, 42])).await;
+        assert_eq!(
+            rx.await.unwrap(),
+            Err(Failure::BadReply(
+                "reply from unit 8, the request was to unit 7".into()
+            ))
+        );
+        let rx = b.send(7, LONG).await;
+        b.heard().await;
+        b.say(&good).await;
+        assert_eq!(rx.await.unwrap(), Ok(Ok(Reply::Words(vec![42]))));
+        // An exception.
+        let rx = b.send(7, LONG).await;
+        b.heard().await;
+        b.say(&framed(&[7, 0x83, 2])).await;
+        assert_eq!(
+            rx.await.unwrap(),
+            Ok(Err(crate::device::modbus::pdu::Exception(2)))
+        );
+    }
+
+    #[tokio::test]
+    async fn silence_is_a_timeout_and_the_bus_keeps_its_gap() {
+        let mut b = bus(30);
+        let rx = b.send(7, Duration::from_millis(200)).await;
+        b.heard().await;
+        let started = Instant::now();
+        assert_eq!(rx.await.unwrap(), Err(Failure::Timeout));
+        assert!(started.elapsed() < Duration::from_millis(400));
+        // Every request waits at least inter_request_gap_ms after the last exchange, a failed
+        // one too (measured from when the test saw the outcome, a moment after the task
+        // stamped the exchange's end: hence 29 ms).
+        let timed_out = Instant::now();
+        let rx = b.send(7, LONG).await;
+        b.heard().await;
+        assert!(
+            timed_out.elapsed() >= Duration::from_millis(29),
+            "request {:?} after a timeout (gap 30 ms)",
+            timed_out.elapsed()
+        );
+        b.say(&framed(&[7, 3, 2, 0, 1])).await;
+        assert_eq!(rx.await.unwrap(), Ok(Ok(Reply::Words(vec![1]))));
+        let replied = Instant::now();
+        let rx = b.send(7, LONG).await;
+        b.heard().await;
+        assert!(
+            replied.elapsed() >= Duration::from_millis(29),
+            "request {:?} after a reply (gap 30 ms)",
+            replied.elapsed()
+        );
+        b.say(&framed(&[7, 3, 2, 0, 2])).await;
+        assert_eq!(rx.await.unwrap(), Ok(Ok(Reply::Words(vec![2]))));
+    }
+}
