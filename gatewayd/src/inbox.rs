@@ -373,8 +373,10 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
         return;
     };
     let mut presence = inbox.devices.presence.watch(&device.id);
-    let span = tracing::info_span!("messages", device = %device.id);
-    async move {
+    // The span lives only while there is work: a span kept for an idle worker would cost
+    // every device its registry entry.
+    let span = || tracing::info_span!("messages", device = %device.id);
+    {
         let (min, max) = (inbox.config.retry_min_ms, inbox.config.retry_max_ms);
         let mut retry = Backoff::new(min, max);
         let mut store_retry = Backoff::new(100, 10_000);
@@ -399,7 +401,7 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
             let next = match next {
                 Ok(n) => n,
                 Err(e) => {
-                    warn!(error = %e, "cannot read the inbox");
+                    warn!(device = %device.id, error = %e, "cannot read the inbox");
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = pause_after_failure(&inbox.store, store_retry.delay()) => {}
@@ -417,14 +419,23 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
                     } else {
                         format!("only {left} ms of the ttl were left, too little to start it; not executed")
                     };
-                    if inbox.end(&device, &msg.id, FeedbackOutcome::Expired, Some(reason), None, &stop).await {
+                    let end = inbox.end(
+                        &device,
+                        &msg.id,
+                        FeedbackOutcome::Expired,
+                        Some(reason),
+                        None,
+                        &stop,
+                    );
+                    if Box::pin(end.instrument(span())).await {
                         continue;
                     }
                     return;
                 }
                 let until_expiry = Duration::from_millis(left);
                 if inbox.devices.presence.is_online(&device.id) {
-                    match execute(&device, &inbox, &msg, &stop).await {
+                    // Boxed: a device call's state lives only while it runs, so an idle worker stays small.
+                    match Box::pin(execute(&device, &inbox, &msg, &stop).instrument(span())).await {
                         Attempt::Done => {
                             retry.reset();
                             store_retry.reset();
@@ -435,7 +446,7 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
                             sleep_for = Some(store_retry.delay());
                         }
                         Attempt::Again { why, after } => {
-                            debug!(message = %msg.id, %why, "device did not act; retrying");
+                            debug!(device = %device.id, message = %msg.id, %why, "device did not act; retrying");
                             let delay = after.unwrap_or_else(|| retry.delay());
                             sleep_for = Some(delay.min(until_expiry));
                         }
@@ -452,8 +463,6 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
             }
         }
     }
-    .instrument(span)
-    .await
 }
 
 enum Attempt {

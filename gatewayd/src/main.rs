@@ -76,7 +76,7 @@ fn main() -> ExitCode {
             init_tracing(cli.log_format, &config.log.level);
             // What SIGHUP compares a re-read file with; taken before `run` consumes the config.
             let fingerprint = Fingerprint::of(&config);
-            release_freed_memory();
+            gatewayd::release_freed_memory();
             let notifier = Notifier::from_vars(|k| std::env::var(k).ok(), std::process::id())
                 .unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "NOTIFY_SOCKET unusable; no service manager notifications");
@@ -115,7 +115,7 @@ fn main() -> ExitCode {
                 // allocates far more than stays in use; give it back once it has settled.
                 tokio::spawn(async {
                     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
-                    release_freed_memory();
+                    gatewayd::release_freed_memory();
                 });
                 let ops = Operations { admin, notifier };
                 match gatewayd::run(config, ops, shutdown).await {
@@ -127,16 +127,6 @@ fn main() -> ExitCode {
                 }
             })
         }
-    }
-}
-
-/// Parsing a large configuration peaks far above what stays in use; hand the freed pages back
-/// to the system so a small gateway does not carry that peak for the life of the process.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
@@ -209,7 +199,7 @@ async fn recheck(path: &Path, running: &Fingerprint) {
     let running = running.clone();
     let verdict = tokio::task::spawn_blocking(move || {
         let verdict = reload::judge(&running, Config::load(&file, Config::env()));
-        release_freed_memory();
+        gatewayd::release_freed_memory();
         verdict
     })
     .await;

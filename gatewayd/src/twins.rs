@@ -180,8 +180,10 @@ pub async fn worker(
         return;
     };
     let mut presence = devices.presence.watch(&device.id);
-    let span = tracing::info_span!("twin", device = %device.id);
-    async move {
+    // The span lives only while there is work: a span kept for an idle worker would cost
+    // every device its registry entry.
+    let span = || tracing::info_span!("twin", device = %device.id);
+    {
         let mut backoff = Backoff::new(200, 10_000);
         let mut attempts: HashMap<String, u32> = HashMap::new();
         let mut was_online = devices.presence.is_online(&device.id);
@@ -192,7 +194,7 @@ pub async fn worker(
             let online = devices.presence.is_online(&device.id);
             let mut full = false;
             if online && !was_online && device.config.reapply_on_reconnect {
-                info!("device back online: applying its desired state again");
+                info!(device = %device.id, "device back online: applying its desired state again");
                 full = true;
             }
             was_online = online;
@@ -202,7 +204,7 @@ pub async fn worker(
             let row = match twins.load(&device.id).await {
                 Ok(row) => row,
                 Err(e) => {
-                    warn!(error = %e, "cannot read the twin");
+                    warn!(device = %device.id, error = %e, "cannot read the twin");
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = pause_after_failure(&twins.store, backoff.delay()) => {}
@@ -217,9 +219,10 @@ pub async fn worker(
                 && row.desired.as_object().is_some_and(|d| !d.is_empty())
                 && (newer || full || due);
             if wanted {
-                match apply_round(&device, &devices, &twins, &outbox, row, full, &mut attempts)
-                    .await
-                {
+                // Boxed: the round's state lives only while it runs, so an idle worker stays small.
+                let round =
+                    apply_round(&device, &devices, &twins, &outbox, row, full, &mut attempts);
+                match Box::pin(round.instrument(span())).await {
                     Ok(Round::Done) => {
                         backoff.reset();
                         owed = None;
@@ -231,7 +234,7 @@ pub async fn worker(
                         retry_in = Some(after.unwrap_or_else(|| backoff.delay()));
                     }
                     Err(why) => {
-                        debug!(%why, "twin application postponed");
+                        debug!(device = %device.id, %why, "twin application postponed");
                         owed = Some(full || owed == Some(true));
                         retry_in = Some(backoff.delay());
                     }
@@ -247,8 +250,6 @@ pub async fn worker(
             }
         }
     }
-    .instrument(span)
-    .await
 }
 
 /// How a round ended.

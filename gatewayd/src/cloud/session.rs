@@ -449,6 +449,7 @@ impl Dispatcher {
             presence_parts = devices.presence.parts(),
             "announced"
         );
+        crate::release_freed_memory();
     }
 
     /// Deletes retained parts a previous run published beyond today's `parts` (an empty

@@ -207,7 +207,7 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
     let modbus_probe = matches!(&device.driver, Driver::Modbus(d) if d.has_probe());
     let Some(path) = health.path.clone().or(modbus_probe.then(String::new)) else {
         if let Driver::Http(d) = &device.driver {
-            connect_probe_loop(&device, d, &presence, shutdown).await;
+            Box::pin(connect_probe_loop(&device, d, &presence, shutdown)).await;
         }
         return;
     };
@@ -220,7 +220,8 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
                 let Ok(_permit) = PROBES.acquire().await else {
                     return;
                 };
-                d.probe(&path, timeout).await
+                // Boxed: the probe's state lives only while it runs.
+                Box::pin(d.probe(&path, timeout)).await
             }
             Driver::Modbus(d) if d.has_probe() => d.probe(timeout).await,
             // No probe: call outcomes and the port task decide (validation refuses a path).
