@@ -242,15 +242,51 @@ pub enum Broker {
 /// Simulated HTTP devices in one process.
 pub struct Fleet {
     pub proc: Proc,
-    /// Control API base.
+    /// Further processes of a fleet larger than [`DEVICES_PER_PROCESS`] (no control API used).
+    pub shards: Vec<Proc>,
+    /// Control API base (of the first process's devices).
     pub control: String,
     /// (name, API base) per device.
     pub devices: Vec<(String, String)>,
 }
 
+/// Devices one simulator process serves at most. Each device holds a listening socket and the
+/// gateway's keep-alive connections to it, and a process may open 20,000 files on the machines
+/// the tests run on; a real site's devices are separate hosts with no such shared limit.
+pub const DEVICES_PER_PROCESS: usize = 4000;
+
 impl Fleet {
-    /// Starts devices named `prefix-1..=prefix-n`.
+    /// Starts devices named `prefix-1..=prefix-n`; above [`DEVICES_PER_PROCESS`], in several
+    /// processes, the second one's devices named `prefix2-1..`, and so on.
     pub async fn start(dir: &Path, prefix: &str, n: usize) -> Result<Fleet> {
+        let (proc, control, mut devices) =
+            Self::start_one(dir, prefix, n.min(DEVICES_PER_PROCESS), "devices").await?;
+        let mut shards = Vec::new();
+        let mut left = n.saturating_sub(DEVICES_PER_PROCESS);
+        while left > 0 {
+            let k = shards.len() + 2;
+            let count = left.min(DEVICES_PER_PROCESS);
+            let (p, _, more) =
+                Self::start_one(dir, &format!("{prefix}{k}"), count, &format!("devices-{k}"))
+                    .await?;
+            shards.push(p);
+            devices.extend(more);
+            left -= count;
+        }
+        Ok(Fleet {
+            proc,
+            shards,
+            control,
+            devices,
+        })
+    }
+
+    async fn start_one(
+        dir: &Path,
+        prefix: &str,
+        n: usize,
+        log: &str,
+    ) -> Result<(Proc, String, Vec<(String, String)>)> {
         let args = vec![
             "http".to_string(),
             "--name".into(),
@@ -262,7 +298,7 @@ impl Fleet {
             "--control".into(),
             "127.0.0.1:0".into(),
         ];
-        let (proc, ready) = Proc::start("device-fixtures", &args, dir, "devices").await?;
+        let (proc, ready) = Proc::start("device-fixtures", &args, dir, log).await?;
         let control = ready["control"].as_str().context("control")?.to_string();
         let devices = ready["devices"]
             .as_array()
@@ -275,11 +311,15 @@ impl Fleet {
                 )
             })
             .collect();
-        Ok(Fleet {
-            proc,
-            control,
-            devices,
-        })
+        Ok((proc, control, devices))
+    }
+
+    /// The simulator processes' ids.
+    pub fn pids(&self) -> Vec<u32> {
+        std::iter::once(&self.proc)
+            .chain(&self.shards)
+            .filter_map(|p| p.child.id())
+            .collect()
     }
 
     /// Sets faults on one device, e.g. `{"offline": true}`.

@@ -117,10 +117,8 @@ pub async fn measure(
     );
     let store = dir.join("gatewayd.db");
     let fsync_p50_ms = load::fsync_p50_ms(dir, FSYNC_ROUNDS)?;
-    let mut all_pids = vec![
-        ("gatewayd", rig.gateway_pid()?),
-        ("device-fixtures", rig.fleet_pid()?),
-    ];
+    let mut all_pids = vec![("gatewayd", rig.gateway_pid()?)];
+    all_pids.extend(rig.fleet_pids()?);
     all_pids.extend_from_slice(pids);
     procfs::settle(all_pids[0].1, SETTLE_STEP, SETTLE_MAX).await?;
     let api = stub.api.clone();

@@ -138,12 +138,9 @@ pub async fn run(opts: &Options) -> Result<Report> {
         opts.in_flight,
         opts.duration.as_secs()
     );
-    let pids = [
-        ("gatewayd", rig.gateway_pid()?),
-        ("cloud-stub", stub_pid),
-        ("device-fixtures", rig.fleet_pid()?),
-        ("bench", std::process::id()),
-    ];
+    let mut pids = vec![("gatewayd", rig.gateway_pid()?), ("cloud-stub", stub_pid)];
+    pids.extend(rig.fleet_pids()?);
+    pids.push(("bench", std::process::id()));
     let throughput = throughput::measure(
         cloud.clone(),
         &rig.gateway_id,

@@ -90,17 +90,18 @@ impl CpuMeter {
         Ok((used.percent(), used.elapsed))
     }
 
-    /// CPU time each process used since `start` (user + system, whole clock ticks).
+    /// CPU time each process used since `start` (user + system, whole clock ticks); processes
+    /// of one name are summed.
     pub fn used(&self) -> Result<CpuUsed> {
         let elapsed = self.start.elapsed();
-        let seconds = self
-            .ticks
-            .iter()
-            .map(|(name, pid, before)| {
-                let spent = cpu_ticks(*pid)?.saturating_sub(*before) as f64 / self.hz as f64;
-                Ok((name.clone(), spent))
-            })
-            .collect::<Result<_>>()?;
+        let mut seconds: Vec<(String, f64)> = Vec::new();
+        for (name, pid, before) in &self.ticks {
+            let spent = cpu_ticks(*pid)?.saturating_sub(*before) as f64 / self.hz as f64;
+            match seconds.iter_mut().find(|(n, _)| n == name) {
+                Some((_, s)) => *s += spent,
+                None => seconds.push((name.clone(), spent)),
+            }
+        }
         Ok(CpuUsed {
             elapsed,
             seconds,

@@ -58,19 +58,22 @@ impl Rig {
         self.gateway.proc.child.id().context("gatewayd has exited")
     }
 
-    /// The devices' process id.
-    pub fn fleet_pid(&self) -> Result<u32> {
-        self.fleet
-            .proc
-            .child
-            .id()
-            .context("device-fixtures has exited")
+    /// The devices' processes, named for the CPU figures (one name: their use is summed).
+    pub fn fleet_pids(&self) -> Result<Vec<(&'static str, u32)>> {
+        let pids = self.fleet.pids();
+        if pids.len() != 1 + self.fleet.shards.len() {
+            bail!("a device-fixtures process has exited");
+        }
+        Ok(pids.into_iter().map(|p| ("device-fixtures", p)).collect())
     }
 
     /// Stops gatewayd (SIGTERM, so it leaves the broker cleanly) and then the devices.
     pub async fn stop(mut self) -> Result<()> {
         self.gateway.proc.terminate().await?;
         self.fleet.proc.kill9().await;
+        for p in &mut self.fleet.shards {
+            p.kill9().await;
+        }
         Ok(())
     }
 }

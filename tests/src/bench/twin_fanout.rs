@@ -88,10 +88,8 @@ pub async fn measure(
         "bench:    gatewayd up with {devices} devices, all online after {:.1} s",
         rig.ready_after.as_secs_f64()
     );
-    let mut all_pids = vec![
-        ("gatewayd", rig.gateway_pid()?),
-        ("device-fixtures", rig.fleet_pid()?),
-    ];
+    let mut all_pids = vec![("gatewayd", rig.gateway_pid()?)];
+    all_pids.extend(rig.fleet_pids()?);
     all_pids.extend_from_slice(pids);
     let settled_after = procfs::settle(all_pids[0].1, SETTLE_STEP, SETTLE_MAX).await?;
     let api = stub.api.clone();
