@@ -135,7 +135,7 @@ impl EndpointTask {
                     None => break,
                 },
                 _ = sleep_until(self.next_connect), if down => {
-                    let _ = self.connect().await;
+                    let _ = self.connect(None).await;
                 }
             }
         }
@@ -158,7 +158,9 @@ impl EndpointTask {
             if Instant::now() < self.next_connect {
                 return Err(Failure::NotSent(self.down_reason()));
             }
-            self.connect().await.map_err(Failure::NotSent)?;
+            self.connect(Some(job.deadline))
+                .await
+                .map_err(Failure::NotSent)?;
         }
         if Instant::now() >= job.deadline || !job.ticket.take() {
             return Err(Failure::Expired);
@@ -205,10 +207,19 @@ impl EndpointTask {
         )
     }
 
-    /// Connects; on failure marks the devices offline and schedules the next attempt.
-    async fn connect(&mut self) -> Result<(), String> {
+    /// Connects; on failure marks the devices offline and schedules the next attempt. A
+    /// connect still under way at `deadline` (a call's) is given up without judging the
+    /// endpoint: the call was not sent, and the timer tries again.
+    async fn connect(&mut self, deadline: Option<Instant>) -> Result<(), String> {
         let target = format!("{}:{}", self.host, self.port);
-        let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&target)).await;
+        let limit = Instant::now() + CONNECT_TIMEOUT;
+        let until = deadline.map_or(limit, |d| d.min(limit));
+        let connected = timeout_at(until, TcpStream::connect(&target)).await;
+        if connected.is_err() && until < limit {
+            return Err(format!(
+                "connecting to modbus endpoint {target} took longer than the call's deadline"
+            ));
+        }
         let err = match connected {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
