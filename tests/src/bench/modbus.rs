@@ -312,7 +312,7 @@ impl ModbusReport {
             ));
             let wire = match (t.wire_ms, t.gap_ms) {
                 (Some(w), Some(g)) => format!(
-                    "; includes the {g:.2} ms frame gap the port keeps (timer-rounded); a real 115,200 baud line adds {w:.2} ms of frames"
+                    "; includes what is left of the {g:.2} ms frame gap the port keeps; a real 115,200 baud line adds {w:.2} ms of frames"
                 ),
                 _ => String::new(),
             };

@@ -60,7 +60,7 @@ impl PortTask {
         let quiet = self.silent_interval();
         if let Some(last) = self.last_exchange {
             let gap = Duration::from_millis(self.config.inter_request_gap_ms).max(quiet);
-            sleep_until((last + gap).min(t.deadline)).await;
+            quiet_until((last + gap).min(t.deadline)).await;
         }
         if let Err(e) = self.discard_input() {
             let why = format!("serial port {} failed: {e}", self.config.path);
@@ -166,6 +166,20 @@ impl PortTask {
             }
         }
         Ok(())
+    }
+}
+
+/// Waits until `t`. The runtime's timer ticks in whole milliseconds, which would stretch a
+/// 1.75 ms frame gap to up to 3 ms and cost a fast bus a third of its transactions; the last
+/// few milliseconds are slept on a blocking thread instead, to the microsecond.
+async fn quiet_until(t: Instant) {
+    const FINE: Duration = Duration::from_millis(3);
+    if t.saturating_duration_since(Instant::now()) > FINE {
+        sleep_until(t - FINE).await;
+    }
+    let rest = t.saturating_duration_since(Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
     }
 }
 
