@@ -2,8 +2,8 @@
 //! (`plan`) as one or more transactions to its unit, through its link, and turns replies and
 //! exceptions into a result or a `CallError`. The pure core: `codec` (typed values in
 //! registers), `pdu` (requests, replies, RTU frames) and `plan` (reads coalesced, writes);
-//! `tcp` owns one connection per endpoint; RTU exchanges run on the serial port's task
-//! (`device::serial::port`), which owns the bus.
+//! `tcp` owns one connection per endpoint (`rtu_tcp` for RTU frames over it); RTU exchanges
+//! on a serial bus run on the port's task (`device::serial::port_modbus`), which owns the bus.
 
 pub mod codec;
 pub mod pdu;
@@ -58,7 +58,7 @@ pub enum Failure {
 /// The way to a device's link task.
 #[derive(Debug, Clone)]
 pub struct Link {
-    /// `tcp://host:port` or the serial port's name, for messages.
+    /// `modbus endpoint host:port`, for messages.
     pub name: String,
     pub jobs: mpsc::Sender<Transaction>,
 }
