@@ -5,7 +5,7 @@
 //! lists it; device ids are global, so when two gateways claim the same id the newest catalog
 //! wins.
 
-use crate::store::{DeviceRecord, GatewayRecord};
+use crate::store::{DeviceRecord, GatewayRecord, PresenceRecord};
 use gatewayd_protocol::{
     Catalog, DeviceId, DeviceInfo, DevicePresence, DeviceStatus, ErrorCode, GatewayId,
     GatewayState, ParamSpec, RpcError,
@@ -380,14 +380,7 @@ impl Registry {
     /// The persistent form of one gateway and its devices.
     pub fn records(&self, id: &GatewayId) -> Option<(GatewayRecord, Vec<DeviceRecord>)> {
         let gw = self.gateways.get(id)?;
-        let record = GatewayRecord {
-            id: id.clone(),
-            online: gw.online,
-            boot_id: gw.boot_id.clone(),
-            software: gw.software.clone(),
-            last_seen_ms: gw.last_seen_ms,
-            store_id: gw.store_id.clone(),
-        };
+        let record = self.gateway_record(id)?;
         let devices = gw
             .devices
             .iter()
@@ -402,6 +395,39 @@ impl Registry {
             })
             .collect();
         Some((record, devices))
+    }
+
+    /// The gateway's record and the presence of those of `ids` it owns.
+    pub fn presence_records<'a>(
+        &self,
+        id: &GatewayId,
+        ids: impl Iterator<Item = &'a DeviceId>,
+    ) -> Option<(GatewayRecord, Vec<PresenceRecord>)> {
+        let record = self.gateway_record(id)?;
+        let devices = ids
+            .filter_map(|d| self.devices.get(d))
+            .filter(|d| &d.gateway == id)
+            .map(|d| PresenceRecord {
+                id: d.info.id.clone(),
+                online: d.online,
+                since_ms: d.since_ms,
+                reason: d.reason.clone(),
+                last_seen_ms: d.last_seen_ms,
+            })
+            .collect();
+        Some((record, devices))
+    }
+
+    fn gateway_record(&self, id: &GatewayId) -> Option<GatewayRecord> {
+        let gw = self.gateways.get(id)?;
+        Some(GatewayRecord {
+            id: id.clone(),
+            online: gw.online,
+            boot_id: gw.boot_id.clone(),
+            software: gw.software.clone(),
+            last_seen_ms: gw.last_seen_ms,
+            store_id: gw.store_id.clone(),
+        })
     }
 
     fn gateway_entry(&mut self, id: &GatewayId, now_ms: u64) -> &mut Gateway {

@@ -12,8 +12,8 @@ use crate::store::{Commit, StoreHandle};
 use crate::twins::Twins;
 use gatewayd_protocol::chunk::CatalogAssembly;
 use gatewayd_protocol::{
-    decode, Catalog, DevicePresence, ErrorCode, Feedback, GatewayId, GatewayState, ReportedUpdate,
-    RpcError, RpcResponse, Topics, TwinSync, Up,
+    decode, Catalog, DeviceId, DevicePresence, ErrorCode, Feedback, GatewayId, GatewayState,
+    ReportedUpdate, RpcError, RpcResponse, Topics, TwinSync, Up,
 };
 use serde::de::DeserializeOwned;
 use std::collections::HashMap;
@@ -201,8 +201,15 @@ impl Uplink {
             }
             Up::Devices => {
                 if let Some(presence) = parse::<DevicePresence>(gw, kind, payload) {
-                    registry::lock(&self.registry).apply_presence(gw, presence, now_ms);
-                    self.persist(gw);
+                    let ids: Vec<DeviceId> = presence.devices.keys().cloned().collect();
+                    let mut reg = registry::lock(&self.registry);
+                    reg.apply_presence(gw, presence, now_ms);
+                    // Only this part's devices: a big gateway sends dozens of parts.
+                    let records = reg.presence_records(gw, ids.iter());
+                    drop(reg);
+                    if let Some((gateway, devices)) = records {
+                        self.store.save_presence(gateway, devices);
+                    }
                 }
             }
             _ => {}

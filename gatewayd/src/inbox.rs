@@ -29,7 +29,7 @@ use gatewayd_protocol::message::FeedbackOutcome;
 use gatewayd_protocol::{validate_params, C2dMessage, DeviceId, Feedback, PROTOCOL_VERSION};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -244,6 +244,17 @@ impl Inbox {
         }
     }
 
+    /// The devices with a pending message: the ones whose worker has work at start-up.
+    pub async fn pending_devices(&self) -> Result<HashSet<String>, StoreError> {
+        self.store
+            .call(|c| {
+                c.prepare("SELECT DISTINCT device FROM inbox WHERE state = 'pending'")?
+                    .query_map([], |r| r.get(0))?
+                    .collect()
+            })
+            .await
+    }
+
     /// Wakes the worker of `device`.
     pub fn wake(&self, device: &DeviceId) {
         if let Some(w) = self.wakers.get(device) {
@@ -367,8 +378,10 @@ struct Next {
     expires_at_ms: u64,
 }
 
-/// Executes one device's messages in order until `stop`.
-pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationToken) {
+/// Executes one device's messages in order until `stop`. `idle`: the start-up query
+/// ([`Inbox::pending_devices`]) found no pending message for this device, so the worker waits
+/// for a wake-up before it reads the inbox.
+pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, idle: bool, stop: CancellationToken) {
     let Some(wake) = inbox.wakers.get(&device.id).cloned() else {
         return;
     };
@@ -380,6 +393,13 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, stop: CancellationTo
         let (min, max) = (inbox.config.retry_min_ms, inbox.config.retry_max_ms);
         let mut retry = Backoff::new(min, max);
         let mut store_retry = Backoff::new(100, 10_000);
+        if idle {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = wake.notified() => {}
+                r = presence.changed() => { if r.is_err() { return } }
+            }
+        }
         loop {
             let id = device.id.to_string();
             let next = inbox

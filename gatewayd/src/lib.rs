@@ -85,12 +85,14 @@ pub async fn run(
     }
     let twins = Arc::new(twins::Twins::new(store.clone(), &devices, metrics.clone()));
     let outbox = outbox::Wake::default();
+    let owing = twins.owing().await?;
     for d in devices.all() {
         background.spawn(twins::worker(
             d.clone(),
             devices.clone(),
             twins.clone(),
             outbox.clone(),
+            !owing.contains(d.id.as_str()),
             shutdown.clone(),
         ));
         background.spawn(twins::poll_reported(
@@ -115,8 +117,15 @@ pub async fn run(
             "messages interrupted by a restart during their device call ended failed"
         );
     }
+    let pending = inbox.pending_devices().await?;
     for d in devices.all() {
-        background.spawn(inbox::worker(d.clone(), inbox.clone(), shutdown.clone()));
+        let idle = !pending.contains(d.id.as_str());
+        background.spawn(inbox::worker(
+            d.clone(),
+            inbox.clone(),
+            idle,
+            shutdown.clone(),
+        ));
     }
     let shared = Arc::new(cloud::Shared {
         devices: devices.clone(),

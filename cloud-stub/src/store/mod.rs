@@ -49,7 +49,7 @@ mod twins;
 
 pub use commit::Commit;
 pub use messages::{apply as apply_message_writes, MessageRecord, MessageWrite};
-pub use registry::{DeviceRecord, GatewayRecord};
+pub use registry::{DeviceRecord, GatewayRecord, PresenceRecord};
 pub use twins::TwinRow;
 
 use gatewayd_protocol::DeviceId;
@@ -303,6 +303,13 @@ impl StoreHandle {
     pub fn save_gateway(&self, gateway: GatewayRecord, devices: Vec<DeviceRecord>) {
         self.write("gateway", move |conn| {
             registry::save_gateway(conn, &gateway, &devices)
+        });
+    }
+
+    /// Queues the gateway's row and the presence of some of its devices.
+    pub fn save_presence(&self, gateway: GatewayRecord, devices: Vec<PresenceRecord>) {
+        self.write("presence", move |conn| {
+            registry::save_presence(conn, &gateway, &devices)
         });
     }
 

@@ -1,7 +1,7 @@
 //! Registry rows: gateways and the devices their newest catalog declares.
 
 use super::{i64_of, to_json, u64_of, StoreError};
-use gatewayd_protocol::{DeviceInfo, GatewayId};
+use gatewayd_protocol::{DeviceId, DeviceInfo, GatewayId};
 use rusqlite::{params, Connection};
 
 /// One persisted gateway.
@@ -21,6 +21,16 @@ pub struct GatewayRecord {
 pub struct DeviceRecord {
     pub gateway: GatewayId,
     pub info: DeviceInfo,
+    pub online: bool,
+    pub since_ms: u64,
+    pub reason: Option<String>,
+    pub last_seen_ms: u64,
+}
+
+/// One device's presence, written without its catalog entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresenceRecord {
+    pub id: DeviceId,
     pub online: bool,
     pub since_ms: u64,
     pub reason: Option<String>,
@@ -107,18 +117,7 @@ pub(super) fn save_gateway(
     gateway: &GatewayRecord,
     devices: &[DeviceRecord],
 ) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "INSERT OR REPLACE INTO gateways (id, online, boot_id, software, last_seen_ms, store_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        gateway.id.as_str(),
-        gateway.online,
-        gateway.boot_id,
-        gateway.software,
-        i64_of(gateway.last_seen_ms),
-        gateway.store_id,
-    ])?;
+    save_gateway_row(conn, gateway)?;
     conn.prepare_cached("DELETE FROM devices WHERE gateway_id = ?1")?
         .execute([gateway.id.as_str()])?;
     let mut insert = conn.prepare_cached(
@@ -139,5 +138,46 @@ pub(super) fn save_gateway(
             i64_of(d.last_seen_ms)
         ])?;
     }
+    Ok(())
+}
+
+/// The gateway's row and the presence of some of its devices (one presence part's), leaving
+/// its other devices' rows as they are: a gateway of 10,000 devices sends dozens of parts.
+pub(super) fn save_presence(
+    conn: &Connection,
+    gateway: &GatewayRecord,
+    devices: &[PresenceRecord],
+) -> Result<(), StoreError> {
+    save_gateway_row(conn, gateway)?;
+    let mut update = conn.prepare_cached(
+        "UPDATE devices SET online = ?3, since_ms = ?4, reason = ?5, last_seen_ms = ?6
+         WHERE id = ?1 AND gateway_id = ?2",
+    )?;
+    for d in devices {
+        update.execute(params![
+            d.id.as_str(),
+            gateway.id.as_str(),
+            d.online,
+            i64_of(d.since_ms),
+            d.reason,
+            i64_of(d.last_seen_ms)
+        ])?;
+    }
+    Ok(())
+}
+
+fn save_gateway_row(conn: &Connection, gateway: &GatewayRecord) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO gateways (id, online, boot_id, software, last_seen_ms, store_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        gateway.id.as_str(),
+        gateway.online,
+        gateway.boot_id,
+        gateway.software,
+        i64_of(gateway.last_seen_ms),
+        gateway.store_id,
+    ])?;
     Ok(())
 }

@@ -13,7 +13,7 @@ pub struct Rig {
     pub gateway: Gateway,
     pub fleet: Fleet,
     pub gateway_id: GatewayId,
-    /// From start until the stub showed every device online.
+    /// From gatewayd's start until the stub showed every device online.
     pub ready_after: Duration,
 }
 
@@ -29,8 +29,9 @@ impl Rig {
         probe_interval_ms: u64,
     ) -> Result<Rig> {
         std::fs::create_dir_all(dir)?;
-        let started = Instant::now();
         let fleet = Fleet::start(dir, prefix, n).await?;
+        // From gatewayd's start: the simulators' own start-up is not the gateway's.
+        let started = Instant::now();
         let store = dir.join("gatewayd.db");
         let config = GatewayConfig {
             gateway_id,
