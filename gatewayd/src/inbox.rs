@@ -386,13 +386,8 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, idle: bool, stop: Ca
         return;
     };
     let mut presence = inbox.devices.presence.watch(&device.id);
-    // The span lives only while there is work: a span kept for an idle worker would cost
-    // every device its registry entry.
-    let span = || tracing::info_span!("messages", device = %device.id);
-    {
-        let (min, max) = (inbox.config.retry_min_ms, inbox.config.retry_max_ms);
-        let mut retry = Backoff::new(min, max);
-        let mut store_retry = Backoff::new(100, 10_000);
+    let mut idle = idle;
+    loop {
         if idle {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -400,87 +395,113 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, idle: bool, stop: Ca
                 r = presence.changed() => { if r.is_err() { return } }
             }
         }
-        loop {
-            let id = device.id.to_string();
-            let next = inbox
-                .store
-                .call(move |c| {
-                    c.prepare_cached(
-                        "SELECT id, payload, expires_at_ms FROM inbox WHERE device = ?1 AND state = 'pending' ORDER BY seq LIMIT 1",
-                    )?
-                    .query_row([id], |r| {
-                        Ok(Next {
-                            id: r.get(0)?,
-                            payload: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or(Value::Null),
-                            expires_at_ms: r.get::<_, i64>(2)? as u64,
-                        })
+        idle = true;
+        // Boxed: the state of the work lives only while there is some, so the ten thousand
+        // idle workers of a big gateway stay small.
+        let work = run_until_empty(&device, &inbox, &wake, &mut presence, &stop);
+        if Box::pin(work).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Executes the device's messages until none is pending (`Ok`), or until `stop` or the presence
+/// table is gone (`Err`).
+async fn run_until_empty(
+    device: &Arc<Device>,
+    inbox: &Arc<Inbox>,
+    wake: &Notify,
+    presence: &mut tokio::sync::watch::Receiver<bool>,
+    stop: &CancellationToken,
+) -> Result<(), ()> {
+    let span = || tracing::info_span!("messages", device = %device.id);
+    let (min, max) = (inbox.config.retry_min_ms, inbox.config.retry_max_ms);
+    let mut retry = Backoff::new(min, max);
+    let mut store_retry = Backoff::new(100, 10_000);
+    loop {
+        let id = device.id.to_string();
+        let next = inbox
+            .store
+            .call(move |c| {
+                c.prepare_cached(
+                    "SELECT id, payload, expires_at_ms FROM inbox WHERE device = ?1 AND state = 'pending' ORDER BY seq LIMIT 1",
+                )?
+                .query_row([id], |r| {
+                    Ok(Next {
+                        id: r.get(0)?,
+                        payload: serde_json::from_str(&r.get::<_, String>(1)?).unwrap_or(Value::Null),
+                        expires_at_ms: r.get::<_, i64>(2)? as u64,
                     })
-                    .optional()
                 })
-                .await;
-            let next = match next {
-                Ok(n) => n,
-                Err(e) => {
-                    warn!(device = %device.id, error = %e, "cannot read the inbox");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = pause_after_failure(&inbox.store, store_retry.delay()) => {}
-                    }
+                .optional()
+            })
+            .await;
+        let next = match next {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(device = %device.id, error = %e, "cannot read the inbox");
+                tokio::select! {
+                    _ = stop.cancelled() => return Err(()),
+                    _ = pause_after_failure(&inbox.store, store_retry.delay()) => {}
+                }
+                continue;
+            }
+        };
+        let Some(msg) = next else {
+            return Ok(());
+        };
+        let sleep_for: Duration;
+        {
+            let now = now_ms();
+            let left = msg.expires_at_ms.saturating_sub(now);
+            if left < inbox.config.min_remaining_ms {
+                let reason = if left == 0 {
+                    "ttl passed before the device could be reached".to_string()
+                } else {
+                    format!(
+                        "only {left} ms of the ttl were left, too little to start it; not executed"
+                    )
+                };
+                let end = inbox.end(
+                    device,
+                    &msg.id,
+                    FeedbackOutcome::Expired,
+                    Some(reason),
+                    None,
+                    stop,
+                );
+                if end.instrument(span()).await {
                     continue;
                 }
-            };
-            let mut sleep_for = None;
-            if let Some(msg) = next {
-                let now = now_ms();
-                let left = msg.expires_at_ms.saturating_sub(now);
-                if left < inbox.config.min_remaining_ms {
-                    let reason = if left == 0 {
-                        "ttl passed before the device could be reached".to_string()
-                    } else {
-                        format!("only {left} ms of the ttl were left, too little to start it; not executed")
-                    };
-                    let end = inbox.end(
-                        &device,
-                        &msg.id,
-                        FeedbackOutcome::Expired,
-                        Some(reason),
-                        None,
-                        &stop,
-                    );
-                    if Box::pin(end.instrument(span())).await {
+                return Err(());
+            }
+            let until_expiry = Duration::from_millis(left);
+            if inbox.devices.presence.is_online(&device.id) {
+                match execute(device, inbox, &msg, stop).instrument(span()).await {
+                    Attempt::Done => {
+                        retry.reset();
+                        store_retry.reset();
                         continue;
                     }
-                    return;
-                }
-                let until_expiry = Duration::from_millis(left);
-                if inbox.devices.presence.is_online(&device.id) {
-                    // Boxed: a device call's state lives only while it runs, so an idle worker stays small.
-                    match Box::pin(execute(&device, &inbox, &msg, &stop).instrument(span())).await {
-                        Attempt::Done => {
-                            retry.reset();
-                            store_retry.reset();
-                            continue;
-                        }
-                        Attempt::Stopped => return,
-                        Attempt::StoreFailed => {
-                            sleep_for = Some(store_retry.delay());
-                        }
-                        Attempt::Again { why, after } => {
-                            debug!(device = %device.id, message = %msg.id, %why, "device did not act; retrying");
-                            let delay = after.unwrap_or_else(|| retry.delay());
-                            sleep_for = Some(delay.min(until_expiry));
-                        }
+                    Attempt::Stopped => return Err(()),
+                    Attempt::StoreFailed => {
+                        sleep_for = store_retry.delay();
                     }
-                } else {
-                    sleep_for = Some(until_expiry);
+                    Attempt::Again { why, after } => {
+                        debug!(device = %device.id, message = %msg.id, %why, "device did not act; retrying");
+                        let delay = after.unwrap_or_else(|| retry.delay());
+                        sleep_for = delay.min(until_expiry);
+                    }
                 }
+            } else {
+                sleep_for = until_expiry;
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = wake.notified() => {}
-                r = presence.changed() => { if r.is_err() { return } }
-                _ = tokio::time::sleep(sleep_for.unwrap_or_default()), if sleep_for.is_some() => {}
-            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Err(()),
+            _ = wake.notified() => {}
+            r = presence.changed() => { if r.is_err() { return Err(()) } }
+            _ = tokio::time::sleep(sleep_for) => {}
         }
     }
 }

@@ -197,16 +197,9 @@ pub async fn worker(
         return;
     };
     let mut presence = devices.presence.watch(&device.id);
-    // The span lives only while there is work: a span kept for an idle worker would cost
-    // every device its registry entry.
-    let span = || tracing::info_span!("twin", device = %device.id);
-    {
-        let mut backoff = Backoff::new(200, 10_000);
-        let mut attempts: HashMap<String, u32> = HashMap::new();
-        let mut was_online = devices.presence.is_online(&device.id);
-        // A round still owed: `Some(full)` after a round left properties pending.
-        let mut owed: Option<bool> = None;
-        let mut retry_in: Option<Duration> = None;
+    let mut was_online = devices.presence.is_online(&device.id);
+    let mut idle = idle;
+    loop {
         if idle {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -214,63 +207,101 @@ pub async fn worker(
                 r = presence.changed() => { if r.is_err() { return } }
             }
         }
-        loop {
-            let online = devices.presence.is_online(&device.id);
-            let mut full = false;
-            if online && !was_online && device.config.reapply_on_reconnect {
-                info!(device = %device.id, "device back online: applying its desired state again");
-                full = true;
+        idle = true;
+        // Boxed: the state of the rounds lives only while there is work, so the ten thousand
+        // idle workers of a big gateway stay small.
+        let rounds = apply_until_idle(
+            &device,
+            &devices,
+            &twins,
+            &outbox,
+            &wake,
+            &mut presence,
+            &mut was_online,
+            &stop,
+        );
+        if Box::pin(rounds).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs rounds until nothing is owed (`Ok`), or until `stop` or the presence table is gone
+/// (`Err`).
+#[allow(clippy::too_many_arguments)]
+async fn apply_until_idle(
+    device: &Arc<Device>,
+    devices: &Arc<Devices>,
+    twins: &Arc<Twins>,
+    outbox: &Wake,
+    wake: &tokio::sync::Notify,
+    presence: &mut tokio::sync::watch::Receiver<bool>,
+    was_online: &mut bool,
+    stop: &CancellationToken,
+) -> Result<(), ()> {
+    let span = || tracing::info_span!("twin", device = %device.id);
+    let mut backoff = Backoff::new(200, 10_000);
+    let mut attempts: HashMap<String, u32> = HashMap::new();
+    // A round still owed: `Some(full)` after a round left properties pending.
+    let mut owed: Option<bool> = None;
+    let mut retry_in: Option<Duration> = None;
+    loop {
+        let online = devices.presence.is_online(&device.id);
+        let mut full = false;
+        if online && !*was_online && device.config.reapply_on_reconnect {
+            info!(device = %device.id, "device back online: applying its desired state again");
+            full = true;
+        }
+        *was_online = online;
+        if twins.take_reapply(&device.id) {
+            full = true;
+        }
+        let row = match twins.load(&device.id).await {
+            Ok(row) => row,
+            Err(e) => {
+                warn!(device = %device.id, error = %e, "cannot read the twin");
+                tokio::select! {
+                    _ = stop.cancelled() => return Err(()),
+                    _ = pause_after_failure(&twins.store, backoff.delay()) => {}
+                }
+                continue;
             }
-            was_online = online;
-            if twins.take_reapply(&device.id) {
-                full = true;
-            }
-            let row = match twins.load(&device.id).await {
-                Ok(row) => row,
-                Err(e) => {
-                    warn!(device = %device.id, error = %e, "cannot read the twin");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = pause_after_failure(&twins.store, backoff.delay()) => {}
-                    }
+        };
+        let newer = row.desired_version > row.applied_version;
+        let due = retry_in.is_none() && owed.is_some();
+        let full = full || (due && owed == Some(true));
+        let wanted = online
+            && row.desired.as_object().is_some_and(|d| !d.is_empty())
+            && (newer || full || due);
+        if wanted {
+            let round = apply_round(device, devices, twins, outbox, row, full, &mut attempts);
+            match round.instrument(span()).await {
+                Ok(Round::Done) => {
+                    backoff.reset();
+                    owed = None;
+                    retry_in = None;
                     continue;
                 }
-            };
-            let newer = row.desired_version > row.applied_version;
-            let due = retry_in.is_none() && owed.is_some();
-            let full = full || (due && owed == Some(true));
-            let wanted = online
-                && row.desired.as_object().is_some_and(|d| !d.is_empty())
-                && (newer || full || due);
-            if wanted {
-                // Boxed: the round's state lives only while it runs, so an idle worker stays small.
-                let round =
-                    apply_round(&device, &devices, &twins, &outbox, row, full, &mut attempts);
-                match Box::pin(round.instrument(span())).await {
-                    Ok(Round::Done) => {
-                        backoff.reset();
-                        owed = None;
-                        retry_in = None;
-                        continue;
-                    }
-                    Ok(Round::Pending { after }) => {
-                        owed = Some(full || owed == Some(true));
-                        retry_in = Some(after.unwrap_or_else(|| backoff.delay()));
-                    }
-                    Err(why) => {
-                        debug!(device = %device.id, %why, "twin application postponed");
-                        owed = Some(full || owed == Some(true));
-                        retry_in = Some(backoff.delay());
-                    }
+                Ok(Round::Pending { after }) => {
+                    owed = Some(full || owed == Some(true));
+                    retry_in = Some(after.unwrap_or_else(|| backoff.delay()));
+                }
+                Err(why) => {
+                    debug!(device = %device.id, %why, "twin application postponed");
+                    owed = Some(full || owed == Some(true));
+                    retry_in = Some(backoff.delay());
                 }
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = wake.notified() => {}
-                r = presence.changed() => { if r.is_err() { return } }
-                _ = tokio::time::sleep(retry_in.unwrap_or_default()), if retry_in.is_some() => {
-                    retry_in = None;
-                }
+        }
+        if owed.is_none() && retry_in.is_none() {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Err(()),
+            _ = wake.notified() => {}
+            r = presence.changed() => { if r.is_err() { return Err(()) } }
+            _ = tokio::time::sleep(retry_in.unwrap_or_default()), if retry_in.is_some() => {
+                retry_in = None;
             }
         }
     }

@@ -22,37 +22,53 @@ pub fn split_catalog(
     generation: u64,
     max_bytes: usize,
 ) -> Result<Vec<Catalog>, EntryTooLarge> {
-    let budget = max_bytes.saturating_sub(PART_OVERHEAD);
-    let mut groups: Vec<Vec<DeviceInfo>> = vec![Vec::new()];
-    let mut used = 0;
-    for d in devices {
-        let size = serde_json::to_vec(&d).map_or(usize::MAX, |v| v.len()) + 1;
-        if size > budget {
-            return Err(EntryTooLarge {
-                device: d.id,
-                size,
-                max: max_bytes,
-            });
-        }
-        if used + size > budget && !groups.last().is_some_and(Vec::is_empty) {
-            groups.push(Vec::new());
-            used = 0;
-        }
-        used += size;
-        groups.last_mut().expect("one group").push(d);
-    }
-    let parts = groups.len() as u32;
-    Ok(groups
+    let counts = plan_catalog(&devices, max_bytes)?;
+    let parts = counts.len() as u32;
+    let mut devices = devices.into_iter();
+    Ok(counts
         .into_iter()
         .enumerate()
-        .map(|(i, devices)| Catalog {
+        .map(|(i, n)| Catalog {
             v: PROTOCOL_VERSION,
             generation,
             part: i as u32,
             parts,
-            devices,
+            devices: devices.by_ref().take(n).collect(),
         })
         .collect())
+}
+
+/// How many of `devices` (in the given order) each catalog part takes so that each part's
+/// serialized size stays at or below `max_bytes`, greedily; what [`split_catalog`] does, for a
+/// caller that builds each part's entries only when it sends the part (a gateway of 10,000
+/// devices need not hold every entry at once). Always at least one part.
+pub fn plan_catalog<I>(devices: I, max_bytes: usize) -> Result<Vec<usize>, EntryTooLarge>
+where
+    I: IntoIterator,
+    I::Item: std::borrow::Borrow<DeviceInfo>,
+{
+    let budget = max_bytes.saturating_sub(PART_OVERHEAD);
+    let mut counts = vec![0];
+    let mut used = 0;
+    for d in devices {
+        let d = std::borrow::Borrow::<DeviceInfo>::borrow(&d);
+        let size = serde_json::to_vec(d).map_or(usize::MAX, |v| v.len()) + 1;
+        if size > budget {
+            return Err(EntryTooLarge {
+                device: d.id.clone(),
+                size,
+                max: max_bytes,
+            });
+        }
+        let last = counts.last_mut().expect("one part");
+        if used + size > budget && *last > 0 {
+            counts.push(0);
+            used = 0;
+        }
+        used += size;
+        *counts.last_mut().expect("one part") += 1;
+    }
+    Ok(counts)
 }
 
 /// Longest presence `reason` a gateway sends (longer ones are cut), so a presence part's size

@@ -397,11 +397,11 @@ impl Dispatcher {
         }
         let devices = &self.shared.devices;
         let mut catalog_parts = 0;
-        match devices.catalog(rand::random(), self.max_publish) {
-            Ok(parts) => {
-                let n = parts.len() as u32;
+        match devices.catalog_plan(self.max_publish) {
+            Ok(plan) => {
+                let n = plan.len() as u32;
                 catalog_parts = n;
-                for part in parts {
+                for part in devices.catalog_parts(rand::random(), &plan) {
                     let body = serde_json::to_vec(&part).expect("catalog serializes");
                     self.publisher
                         .publish(

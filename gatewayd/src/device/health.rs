@@ -203,7 +203,7 @@ fn cut(text: String, max: usize) -> String {
 static PROBES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
 
 pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: CancellationToken) {
-    let health = device.config.health.clone();
+    let health = &device.config.health;
     let modbus_probe = matches!(&device.driver, Driver::Modbus(d) if d.has_probe());
     let Some(path) = health.path.clone().or(modbus_probe.then(String::new)) else {
         if let Driver::Http(d) = &device.driver {
@@ -223,7 +223,7 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
                 // Boxed: the probe's state lives only while it runs.
                 Box::pin(d.probe(&path, timeout)).await
             }
-            Driver::Modbus(d) if d.has_probe() => d.probe(timeout).await,
+            Driver::Modbus(d) if d.has_probe() => Box::pin(d.probe(timeout)).await,
             // No probe: call outcomes and the port task decide (validation refuses a path).
             Driver::Serial(_) | Driver::Modbus(_) => return,
         };

@@ -269,7 +269,7 @@ impl Devices {
         endpoints.start(&presence)?;
         let devices = Devices { by_id, presence };
         devices
-            .catalog(0, config.cloud.max_packet_bytes)
+            .catalog_plan(config.cloud.max_packet_bytes)
             .map_err(|e| format!("{e}; raise cloud.max_packet_bytes or shorten its methods"))?;
         Ok(devices)
     }
@@ -286,18 +286,37 @@ impl Devices {
         v
     }
 
-    /// The catalog announced at connect, in parts that each fit a publish of `max_publish`
-    /// bytes (checked at start: an entry too large for one publish stops gatewayd).
-    pub fn catalog(
+    /// How many devices (in id order) each part of the catalog announced at connect carries,
+    /// so that each part fits a publish of `max_publish` bytes (checked at start: an entry too
+    /// large for one publish stops gatewayd).
+    pub fn catalog_plan(
         &self,
-        generation: u64,
         max_publish: usize,
-    ) -> Result<Vec<gatewayd_protocol::Catalog>, gatewayd_protocol::chunk::EntryTooLarge> {
-        gatewayd_protocol::chunk::split_catalog(
-            self.all().into_iter().map(|d| d.info()).collect(),
-            generation,
+    ) -> Result<Vec<usize>, gatewayd_protocol::chunk::EntryTooLarge> {
+        gatewayd_protocol::chunk::plan_catalog(
+            self.all().into_iter().map(|d| d.info()),
             max_publish,
         )
+    }
+
+    /// The catalog's parts after `plan`, each built only when the iterator reaches it: a
+    /// gateway of 10,000 devices never holds every entry at once.
+    pub fn catalog_parts<'a>(
+        &'a self,
+        generation: u64,
+        plan: &'a [usize],
+    ) -> impl Iterator<Item = gatewayd_protocol::Catalog> + 'a {
+        let parts = plan.len() as u32;
+        let mut devices = self.all().into_iter();
+        plan.iter()
+            .enumerate()
+            .map(move |(i, &n)| gatewayd_protocol::Catalog {
+                v: gatewayd_protocol::PROTOCOL_VERSION,
+                generation,
+                part: i as u32,
+                parts,
+                devices: devices.by_ref().take(n).map(|d| d.info()).collect(),
+            })
     }
 
     /// Number of devices.
