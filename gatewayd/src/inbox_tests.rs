@@ -124,7 +124,7 @@ result = "none"
         inbox.recover().await.unwrap();
         let stop = CancellationToken::new();
         let device = devices.get(&DeviceId::new("d1").unwrap()).unwrap().clone();
-        tokio::spawn(worker(device, inbox.clone(), stop.clone()));
+        tokio::spawn(worker(device, inbox.clone(), false, stop.clone()));
         Rig {
             inbox,
             store,
