@@ -20,12 +20,28 @@ pub const OF_ECHO_FLOOR_PERCENT: f64 = 60.0;
 pub const CPU_US_PER_RPC: f64 = 40.0;
 pub const CPU_US_PER_MESSAGE: f64 = 150.0;
 pub const CPU_US_PER_TWIN_PROPERTY: f64 = 150.0;
-/// One desired change to each of 1,000 devices, until every twin shows it reported.
-pub const TWIN_FANOUT_S: f64 = 2.0;
+/// One desired change to each device, until every twin shows it reported: 2 s for up to
+/// 1,000 devices, 5 s beyond (10,000 on a gateway).
+pub fn twin_fanout_target_s(devices: usize) -> f64 {
+    if devices > 1000 {
+        5.0
+    } else {
+        2.0
+    }
+}
+/// From gatewayd's start until the cloud shows every device online.
+pub const START_ALL_ONLINE_S: f64 = 10.0;
 /// Messages completed durably per second.
 pub const MESSAGES_PER_S: f64 = 5_000.0;
-/// Decimal megabytes.
-pub const RSS_MB: f64 = 30.0;
+/// Idle resident memory, decimal megabytes: 30 MB for up to 1,000 devices, 60 MB beyond
+/// (10,000 on a gateway).
+pub fn rss_target_mb(devices: usize) -> f64 {
+    if devices > 1000 {
+        60.0
+    } else {
+        30.0
+    }
+}
 pub const IDLE_CPU_PERCENT: f64 = 0.5;
 
 /// How the run was set up.
@@ -159,7 +175,13 @@ impl Report {
                 "twin_fanout",
                 t.elapsed_s,
                 "s",
-                TWIN_FANOUT_S,
+                twin_fanout_target_s(t.devices),
+            ));
+            checks.push(Check::at_most(
+                "start_all_online",
+                t.ready_after_s,
+                "s",
+                START_ALL_ONLINE_S,
             ));
             checks.push(Check::at_most(
                 "twin_not_converged",
@@ -203,7 +225,7 @@ impl Report {
                 "rss_idle",
                 mb(f.rss_idle_kib()),
                 "MB",
-                RSS_MB,
+                rss_target_mb(f.devices),
             ));
             checks.push(Check::at_most(
                 "idle_cpu",
@@ -369,7 +391,7 @@ impl Report {
                         num(w.devices as f64)
                     ),
                     format!("{:.1} s", w.ready_after_s),
-                    None,
+                    self.check("start_all_online"),
                 );
                 row(
                     "3",

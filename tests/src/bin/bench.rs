@@ -26,7 +26,7 @@ struct Cli {
     #[arg(long, default_value_t = 2000)]
     samples: usize,
     /// Devices of the twin fan-out phase (one desired change each).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 10_000)]
     twin_devices: usize,
     /// Skip the twin fan-out phase.
     #[arg(long)]
@@ -47,7 +47,7 @@ struct Cli {
     #[arg(long, default_value_t = 30)]
     idle_seconds: u64,
     /// Devices configured in the footprint phase.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 10_000)]
     footprint_devices: usize,
     /// Skip the footprint phase.
     #[arg(long)]
