@@ -66,7 +66,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config: path } => {
-            let config = match Config::load(&path, Config::env()) {
+            let (config, fingerprint) = match load_compact(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{}: {e}", path.display());
@@ -74,8 +74,6 @@ fn main() -> ExitCode {
                 }
             };
             init_tracing(cli.log_format, &config.log.level);
-            // What SIGHUP compares a re-read file with; taken before `run` consumes the config.
-            let fingerprint = Fingerprint::of(&config);
             gatewayd::release_freed_memory();
             let notifier = Notifier::from_vars(|k| std::env::var(k).ok(), std::process::id())
                 .unwrap_or_else(|e| {
@@ -127,6 +125,29 @@ fn main() -> ExitCode {
                 }
             })
         }
+    }
+}
+
+/// Loads the configuration and takes its fingerprint (what SIGHUP compares a re-read file with)
+/// on a thread of its own, and keeps copies made on this one.
+///
+/// Parsing a file of 10,000 devices and fingerprinting it allocate about 70 MB for what ends as
+/// a few. On this thread the survivors would be spread over that peak and keep much of it
+/// resident for the life of the process (measured: about 8 MB more idle RSS at 10,000
+/// devices); the parsing thread's allocations go to a heap of their own, released with it.
+fn load_compact(path: &Path) -> Result<(Config, Fingerprint), gatewayd::config::ConfigError> {
+    let parsed = std::thread::scope(|s| {
+        s.spawn(|| {
+            let config = Config::load(path, Config::env())?;
+            let fingerprint = Fingerprint::of(&config);
+            Ok((config, fingerprint))
+        })
+        .join()
+    });
+    match parsed {
+        Ok(Ok((config, fingerprint))) => Ok((config.clone(), fingerprint.clone())),
+        Ok(Err(e)) => Err(e),
+        Err(panic) => std::panic::resume_unwind(panic),
     }
 }
 
