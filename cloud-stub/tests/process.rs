@@ -141,7 +141,8 @@ async fn the_log_is_plain_text_and_an_ordinary_disconnect_is_no_error() {
         );
         assert!(
             !line.contains("ERROR"),
-            "an error in an ordinary run: {line}"
+            "an error in an ordinary run: {line}\nthe whole log:\n{}",
+            log.join("\n")
         );
     }
     assert!(log
