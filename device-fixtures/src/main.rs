@@ -129,8 +129,7 @@ async fn modbus(args: ModbusArgs) -> anyhow::Result<()> {
             std::process::exit(EX_USAGE);
         }
     };
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let signals = Signals::install()?;
     let tcp = TcpListener::bind(args.tcp)
         .await
         .with_context(|| format!("binding modbus tcp on {}", args.tcp))?;
@@ -153,19 +152,10 @@ async fn modbus(args: ModbusArgs) -> anyhow::Result<()> {
         "link": args.link.display().to_string(),
         "control": format!("http://{}", control.local_addr()?),
     });
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")?;
-    stdout.flush()?;
-    drop(stdout);
-    let shutdown = CancellationToken::new();
-    let served = tokio::spawn(sim.run(control, shutdown.clone()));
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM, stopping"),
-        _ = sigint.recv() => tracing::info!("SIGINT, stopping"),
-    }
-    shutdown.cancel();
-    served.await.context("modbus simulator task panicked")??;
-    Ok(())
+    serve(line, signals, "modbus simulator", |stop| {
+        sim.run(control, stop)
+    })
+    .await
 }
 
 async fn serial(args: SerialArgs) -> anyhow::Result<()> {
@@ -185,8 +175,7 @@ async fn serial(args: SerialArgs) -> anyhow::Result<()> {
             std::process::exit(EX_USAGE);
         }
     }
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let signals = Signals::install()?;
     let sim = SerialSim::open(SerialSimSpec {
         addresses: args.address,
         link: args.link.clone(),
@@ -201,20 +190,10 @@ async fn serial(args: SerialArgs) -> anyhow::Result<()> {
         "link": args.link.as_ref().map(|l| l.display().to_string()),
         "control": format!("http://{}", control.local_addr()?),
     });
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")?;
-    stdout.flush()?;
-    drop(stdout);
-
-    let shutdown = CancellationToken::new();
-    let served = tokio::spawn(sim.run(control, shutdown.clone()));
-    tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM, stopping"),
-        _ = sigint.recv() => tracing::info!("SIGINT, stopping"),
-    }
-    shutdown.cancel();
-    served.await.context("serial simulator task panicked")??;
-    Ok(())
+    serve(line, signals, "serial simulator", |stop| {
+        sim.run(control, stop)
+    })
+    .await
 }
 
 async fn http(args: HttpArgs) -> anyhow::Result<()> {
@@ -236,8 +215,7 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
         }
     }
     // Installed before the ports are announced, so a caller may signal as soon as it reads them.
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let signals = Signals::install()?;
     let mut devices = Vec::with_capacity(names.len());
     let mut announced = Vec::with_capacity(names.len());
     for name in names {
@@ -260,19 +238,55 @@ async fn http(args: HttpArgs) -> anyhow::Result<()> {
         "control": format!("http://{}", control.local_addr()?),
         "devices": announced,
     });
+    serve(line, signals, "fleet", |stop| {
+        run_http_fleet(devices, control, stop)
+    })
+    .await
+}
+
+/// SIGTERM and SIGINT, installed before the ready line, so a caller may signal as soon as it
+/// reads it.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Prints the ready `line`, runs the simulator `run` makes until SIGTERM or SIGINT, then stops
+/// it and waits for it.
+async fn serve<F, E>(
+    line: serde_json::Value,
+    mut signals: Signals,
+    what: &str,
+    run: impl FnOnce(CancellationToken) -> F,
+) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: Send + 'static,
+    anyhow::Error: From<E>,
+{
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "{line}")?;
     stdout.flush()?;
     drop(stdout);
-
     let shutdown = CancellationToken::new();
-    let fleet = tokio::spawn(run_http_fleet(devices, control, shutdown.clone()));
+    let served = tokio::spawn(run(shutdown.clone()));
     tokio::select! {
-        _ = sigterm.recv() => tracing::info!("SIGTERM, stopping"),
-        _ = sigint.recv() => tracing::info!("SIGINT, stopping"),
+        _ = signals.term.recv() => tracing::info!("SIGTERM, stopping"),
+        _ = signals.int.recv() => tracing::info!("SIGINT, stopping"),
     }
     shutdown.cancel();
-    fleet.await.context("fleet task panicked")??;
+    served
+        .await
+        .with_context(|| format!("{what} task panicked"))??;
     Ok(())
 }
 

@@ -24,6 +24,7 @@ use crate::device::{answer_text, CallError, Device, Devices};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::store::{pause_after_failure, Store, StoreError};
+use crate::wakeups::{Ended, Wakeups};
 use gatewayd_protocol::limits::MAX_MESSAGE_PAYLOAD;
 use gatewayd_protocol::message::FeedbackOutcome;
 use gatewayd_protocol::{validate_params, C2dMessage, DeviceId, Feedback, PROTOCOL_VERSION};
@@ -385,35 +386,29 @@ pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, idle: bool, stop: Ca
     let Some(wake) = inbox.wakers.get(&device.id).cloned() else {
         return;
     };
-    let mut presence = inbox.devices.presence.watch(&device.id);
+    let mut wakeups = Wakeups::new(stop, wake, inbox.devices.presence.watch(&device.id));
     let mut idle = idle;
     loop {
-        if idle {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = wake.notified() => {}
-                r = presence.changed() => { if r.is_err() { return } }
-            }
+        if idle && wakeups.event().await.is_err() {
+            return;
         }
         idle = true;
         // Boxed: the state of the work lives only while there is some, so the ten thousand
         // idle workers of a big gateway stay small.
-        let work = run_until_empty(&device, &inbox, &wake, &mut presence, &stop);
+        let work = run_until_empty(&device, &inbox, &mut wakeups);
         if Box::pin(work).await.is_err() {
             return;
         }
     }
 }
 
-/// Executes the device's messages until none is pending (`Ok`), or until `stop` or the presence
-/// table is gone (`Err`).
+/// Executes the device's messages until none is pending (`Ok`), or until the worker is to stop.
 async fn run_until_empty(
     device: &Arc<Device>,
     inbox: &Arc<Inbox>,
-    wake: &Notify,
-    presence: &mut tokio::sync::watch::Receiver<bool>,
-    stop: &CancellationToken,
-) -> Result<(), ()> {
+    wakeups: &mut Wakeups,
+) -> Result<(), Ended> {
+    let stop = &wakeups.stop.clone();
     let span = || tracing::info_span!("messages", device = %device.id);
     let (min, max) = (inbox.config.retry_min_ms, inbox.config.retry_max_ms);
     let mut retry = Backoff::new(min, max);
@@ -441,7 +436,7 @@ async fn run_until_empty(
             Err(e) => {
                 warn!(device = %device.id, error = %e, "cannot read the inbox");
                 tokio::select! {
-                    _ = stop.cancelled() => return Err(()),
+                    _ = stop.cancelled() => return Err(Ended),
                     _ = pause_after_failure(&inbox.store, store_retry.delay()) => {}
                 }
                 continue;
@@ -450,59 +445,46 @@ async fn run_until_empty(
         let Some(msg) = next else {
             return Ok(());
         };
-        let sleep_for: Duration;
-        {
-            let now = now_ms();
-            let left = msg.expires_at_ms.saturating_sub(now);
-            if left < inbox.config.min_remaining_ms {
-                let reason = if left == 0 {
-                    "ttl passed before the device could be reached".to_string()
-                } else {
-                    format!(
-                        "only {left} ms of the ttl were left, too little to start it; not executed"
-                    )
-                };
-                let end = inbox.end(
-                    device,
-                    &msg.id,
-                    FeedbackOutcome::Expired,
-                    Some(reason),
-                    None,
-                    stop,
-                );
-                if end.instrument(span()).await {
+        let now = now_ms();
+        let left = msg.expires_at_ms.saturating_sub(now);
+        if left < inbox.config.min_remaining_ms {
+            let reason = if left == 0 {
+                "ttl passed before the device could be reached".to_string()
+            } else {
+                format!("only {left} ms of the ttl were left, too little to start it; not executed")
+            };
+            let end = inbox.end(
+                device,
+                &msg.id,
+                FeedbackOutcome::Expired,
+                Some(reason),
+                None,
+                stop,
+            );
+            if end.instrument(span()).await {
+                continue;
+            }
+            return Err(Ended);
+        }
+        let until_expiry = Duration::from_millis(left);
+        let sleep_for = if inbox.devices.presence.is_online(&device.id) {
+            match execute(device, inbox, &msg, stop).instrument(span()).await {
+                Attempt::Done => {
+                    retry.reset();
+                    store_retry.reset();
                     continue;
                 }
-                return Err(());
-            }
-            let until_expiry = Duration::from_millis(left);
-            if inbox.devices.presence.is_online(&device.id) {
-                match execute(device, inbox, &msg, stop).instrument(span()).await {
-                    Attempt::Done => {
-                        retry.reset();
-                        store_retry.reset();
-                        continue;
-                    }
-                    Attempt::Stopped => return Err(()),
-                    Attempt::StoreFailed => {
-                        sleep_for = store_retry.delay();
-                    }
-                    Attempt::Again { why, after } => {
-                        debug!(device = %device.id, message = %msg.id, %why, "device did not act; retrying");
-                        let delay = after.unwrap_or_else(|| retry.delay());
-                        sleep_for = delay.min(until_expiry);
-                    }
+                Attempt::Stopped => return Err(Ended),
+                Attempt::StoreFailed => store_retry.delay(),
+                Attempt::Again { why, after } => {
+                    debug!(device = %device.id, message = %msg.id, %why, "device did not act; retrying");
+                    after.unwrap_or_else(|| retry.delay()).min(until_expiry)
                 }
-            } else {
-                sleep_for = until_expiry;
             }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return Err(()),
-            _ = wake.notified() => {}
-            r = presence.changed() => { if r.is_err() { return Err(()) } }
-            _ = tokio::time::sleep(sleep_for) => {}
-        }
+        } else {
+            until_expiry
+        };
+        wakeups.event_or(sleep_for).await?;
     }
 }
 

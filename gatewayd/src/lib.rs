@@ -19,6 +19,7 @@ pub mod supervise;
 pub mod template;
 pub mod twin;
 pub mod twins;
+pub mod wakeups;
 
 #[cfg(test)]
 mod serial_props;

@@ -14,6 +14,7 @@ use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::store::{pause_after_failure, Store, StoreError};
 use crate::twin::{applied_after, plan, report, Step, StepOutcome};
+use crate::wakeups::{Ended, Wakeups, Woke};
 use gatewayd_protocol::twin::{decide_desired, merge_patch, validate_doc, DesiredDecision};
 use gatewayd_protocol::{DesiredBody, DesiredUpdate, DeviceId};
 use rusqlite::{params, OptionalExtension};
@@ -196,16 +197,12 @@ pub async fn worker(
     let Some(wake) = twins.wakers.get(&device.id).cloned() else {
         return;
     };
-    let mut presence = devices.presence.watch(&device.id);
+    let mut wakeups = Wakeups::new(stop, wake, devices.presence.watch(&device.id));
     let mut was_online = devices.presence.is_online(&device.id);
     let mut idle = idle;
     loop {
-        if idle {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = wake.notified() => {}
-                r = presence.changed() => { if r.is_err() { return } }
-            }
+        if idle && wakeups.event().await.is_err() {
+            return;
         }
         idle = true;
         // Boxed: the state of the rounds lives only while there is work, so the ten thousand
@@ -215,10 +212,8 @@ pub async fn worker(
             &devices,
             &twins,
             &outbox,
-            &wake,
-            &mut presence,
+            &mut wakeups,
             &mut was_online,
-            &stop,
         );
         if Box::pin(rounds).await.is_err() {
             return;
@@ -226,19 +221,15 @@ pub async fn worker(
     }
 }
 
-/// Runs rounds until nothing is owed (`Ok`), or until `stop` or the presence table is gone
-/// (`Err`).
-#[allow(clippy::too_many_arguments)]
+/// Runs rounds until nothing is owed (`Ok`), or until the worker is to stop.
 async fn apply_until_idle(
     device: &Arc<Device>,
     devices: &Arc<Devices>,
     twins: &Arc<Twins>,
     outbox: &Wake,
-    wake: &tokio::sync::Notify,
-    presence: &mut tokio::sync::watch::Receiver<bool>,
+    wakeups: &mut Wakeups,
     was_online: &mut bool,
-    stop: &CancellationToken,
-) -> Result<(), ()> {
+) -> Result<(), Ended> {
     let span = || tracing::info_span!("twin", device = %device.id);
     let mut backoff = Backoff::new(200, 10_000);
     let mut attempts: HashMap<String, u32> = HashMap::new();
@@ -261,7 +252,7 @@ async fn apply_until_idle(
             Err(e) => {
                 warn!(device = %device.id, error = %e, "cannot read the twin");
                 tokio::select! {
-                    _ = stop.cancelled() => return Err(()),
+                    _ = wakeups.stop.cancelled() => return Err(Ended),
                     _ = pause_after_failure(&twins.store, backoff.delay()) => {}
                 }
                 continue;
@@ -296,13 +287,13 @@ async fn apply_until_idle(
         if owed.is_none() && retry_in.is_none() {
             return Ok(());
         }
-        tokio::select! {
-            _ = stop.cancelled() => return Err(()),
-            _ = wake.notified() => {}
-            r = presence.changed() => { if r.is_err() { return Err(()) } }
-            _ = tokio::time::sleep(retry_in.unwrap_or_default()), if retry_in.is_some() => {
-                retry_in = None;
+        match retry_in {
+            Some(after) => {
+                if wakeups.event_or(after).await? == Woke::Timer {
+                    retry_in = None;
+                }
             }
+            None => wakeups.event().await?,
         }
     }
 }

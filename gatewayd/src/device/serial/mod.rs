@@ -221,8 +221,12 @@ impl Ports {
         }
     }
 
-    /// The driver of serial device `id`, on the port its configuration names.
-    pub fn driver(&mut self, id: DeviceId, config: &DeviceConfig) -> Result<SerialDriver, String> {
+    /// The name and configuration of the port device `id`'s configuration names.
+    fn port_of(
+        &self,
+        id: &DeviceId,
+        config: &DeviceConfig,
+    ) -> Result<(String, SerialPortConfig), String> {
         let name = config
             .port
             .clone()
@@ -232,6 +236,12 @@ impl Ports {
             .get(&name)
             .ok_or_else(|| format!("device {id}: no serial port '{name}'"))?
             .clone();
+        Ok((name, port_config))
+    }
+
+    /// The driver of serial device `id`, on the port its configuration names.
+    pub fn driver(&mut self, id: DeviceId, config: &DeviceConfig) -> Result<SerialDriver, String> {
+        let (name, port_config) = self.port_of(&id, config)?;
         let used = self.used(&name, &port_config);
         let lines = compile_lines(
             &port_config,
@@ -251,15 +261,7 @@ impl Ports {
 
     /// The port of Modbus RTU device `id`, shared with every device on it.
     pub fn modbus(&mut self, id: DeviceId, config: &DeviceConfig) -> Result<PortSender, String> {
-        let name = config
-            .port
-            .clone()
-            .ok_or_else(|| format!("device {id}: port missing"))?;
-        let port_config = self
-            .configs
-            .get(&name)
-            .ok_or_else(|| format!("device {id}: no serial port '{name}'"))?
-            .clone();
+        let (name, port_config) = self.port_of(&id, config)?;
         let used = self.used(&name, &port_config);
         used.devices.push(id);
         Ok(PortSender(used.handle.clone()))

@@ -219,23 +219,13 @@ impl PortTask {
         if Instant::now() >= job.deadline {
             return Err(ExchangeError::Expired);
         }
-        if self.port.is_none() {
-            match self.open() {
-                Ok(()) => self.port_up(),
-                Err(why) => {
-                    self.mark_offline(&why);
-                    return Err(ExchangeError::PortDown(why));
-                }
-            }
-        }
+        self.ensure_open().map_err(ExchangeError::PortDown)?;
         if let Some(last) = self.last_exchange {
             let free = last + Duration::from_millis(self.config.inter_request_gap_ms);
             sleep_until(free.min(job.deadline)).await;
         }
         if let Err(e) = self.read_waiting() {
-            let why = format!("serial port {} failed: {e}", self.config.path);
-            self.port_down(why.clone());
-            return Err(ExchangeError::PortDown(why));
+            return Err(ExchangeError::PortDown(self.failed(e)));
         }
         // Checked again right before writing: the gap may have used the time up, or the
         // caller given up.
@@ -259,9 +249,7 @@ impl PortTask {
                 })
             }
             Ok(Err(e)) if written == 0 => {
-                let why = format!("serial port {} failed: {e}", self.config.path);
-                self.port_down(why.clone());
-                return Err(ExchangeError::PortDown(why));
+                return Err(ExchangeError::PortDown(self.failed(e)));
             }
             Ok(Err(e)) => return Err(self.lost(e)),
             Ok(Ok(())) => {}
@@ -352,6 +340,27 @@ impl PortTask {
                 Err(e) => debug!(port = %self.name, error = %e, "dropped unsolicited input"),
             }
         }
+    }
+
+    /// Opens the port if it is closed; when it cannot be, its devices go offline and the
+    /// reason is returned (nothing was sent).
+    fn ensure_open(&mut self) -> Result<(), String> {
+        if self.port.is_none() {
+            if let Err(why) = self.open() {
+                self.mark_offline(&why);
+                return Err(why);
+            }
+            self.port_up();
+        }
+        Ok(())
+    }
+
+    /// Closes the port after an I/O error before any byte of a request was written; the
+    /// reason.
+    fn failed(&mut self, e: io::Error) -> String {
+        let why = format!("serial port {} failed: {e}", self.config.path);
+        self.port_down(why.clone());
+        why
     }
 
     /// Closes the port after an I/O error once the request was (partly) written.

@@ -48,24 +48,14 @@ impl PortTask {
         if Instant::now() >= t.deadline {
             return Err(Failure::Expired);
         }
-        if self.port.is_none() {
-            match self.open() {
-                Ok(()) => self.port_up(),
-                Err(why) => {
-                    self.mark_offline(&why);
-                    return Err(Failure::NotSent(why));
-                }
-            }
-        }
+        self.ensure_open().map_err(Failure::NotSent)?;
         let quiet = self.silent_interval();
         if let Some(last) = self.last_exchange {
             let gap = Duration::from_millis(self.config.inter_request_gap_ms).max(quiet);
             quiet_until((last + gap).min(t.deadline)).await;
         }
         if let Err(e) = self.discard_input() {
-            let why = format!("serial port {} failed: {e}", self.config.path);
-            self.port_down(why.clone());
-            return Err(Failure::NotSent(why));
+            return Err(Failure::NotSent(self.failed(e)));
         }
         if Instant::now() >= t.deadline || !t.ticket.take() {
             return Err(Failure::Expired);
@@ -92,9 +82,7 @@ impl PortTask {
             }
             Err(_) => return Err(Failure::Timeout),
             Ok(Err(e)) if written == 0 => {
-                let why = format!("serial port {} failed: {e}", self.config.path);
-                self.port_down(why.clone());
-                return Err(Failure::NotSent(why));
+                return Err(Failure::NotSent(self.failed(e)));
             }
             Ok(Err(e)) => return Err(Failure::BadReply(self.lost(e).to_string())),
             Ok(Ok(())) => {}
