@@ -8,6 +8,7 @@ pub mod config;
 pub mod modbus;
 pub mod raw;
 pub mod swarm;
+pub mod thingsboard;
 pub mod tls;
 
 use anyhow::{anyhow, bail, Context, Result};
