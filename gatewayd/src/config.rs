@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use action::validate_actions;
 pub use action::{ActionConfig, HttpVerb, ResultMode};
 pub use admin::AdminConfig;
-pub use cloud::{parse_broker, Broker, CloudConfig, CloudSecurity, Secret};
+pub use cloud::{
+    parse_broker, Broker, CloudConfig, CloudProfile, CloudSecurity, Secret, ThingsBoardConfig,
+};
 pub use modbus::ProbeRegister;
 pub use serial::{FieldType, SerialPortConfig};
 
@@ -530,6 +532,25 @@ impl Config {
                 },
             };
             dev.validate(&at, profile, &mut p);
+            if self.cloud.profile == CloudProfile::Thingsboard {
+                // ThingsBoard sends methods and commands alike as RPCs: the name decides.
+                let named = |f: fn(&ProfileConfig) -> &BTreeMap<String, ActionConfig>,
+                             own: &BTreeMap<String, ActionConfig>| {
+                    let mut names: Vec<String> = profile
+                        .map(|pr| f(pr).keys().cloned().collect())
+                        .unwrap_or_default();
+                    names.extend(own.keys().cloned());
+                    names
+                };
+                let methods = named(|pr| &pr.methods, &dev.methods);
+                for command in named(|pr| &pr.commands, &dev.commands) {
+                    if methods.contains(&command) {
+                        p.push(format!(
+                            "{at}: '{command}' is both a method and a command; with cloud.profile = \"thingsboard\" every RPC arrives the same way and the name decides, so a name must be one or the other"
+                        ));
+                    }
+                }
+            }
             if dev.kind == DeviceKind::Serial {
                 serial::check_device(dev, &self.serial_ports, &at, &mut p);
             }

@@ -5,11 +5,10 @@
 //! coalesced into one. Receivers ignore duplicates (reported patches by `seq`, feedback by the
 //! forward-only message status).
 
+use crate::cloud::adapter::{Adapter, Out};
 use crate::cloud::Publisher;
 use crate::store::Store;
-use gatewayd_protocol::{
-    ApplyStatus, DeviceId, GatewayId, ReportedUpdate, Topics, Up, PROTOCOL_VERSION,
-};
+use gatewayd_protocol::{ApplyStatus, DeviceId};
 use rusqlite::{params, Connection};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -66,17 +65,17 @@ struct Row {
     body: Value,
 }
 
-/// One publish made of one or more rows.
+/// What one or more rows become: the publishes the cloud adapter asks for (none when that
+/// cloud does not hear this step; the rows are then done at once).
 struct Group {
     seqs: Vec<i64>,
-    topic: String,
-    payload: Vec<u8>,
+    publishes: Vec<Out>,
 }
 
 /// The sender task.
 pub struct Sender {
     pub store: Store,
-    pub gateway: GatewayId,
+    pub adapter: Arc<Adapter>,
     pub publisher: Publisher,
     pub acks: mpsc::UnboundedReceiver<u64>,
     pub connected: watch::Receiver<bool>,
@@ -120,12 +119,31 @@ impl Sender {
                         if let Some(last) = rows.last() {
                             cursor = last.seq;
                         }
-                        for g in coalesce(&self.gateway, rows) {
+                        let mut done = Vec::new();
+                        for g in coalesce(&self.adapter, rows) {
+                            let Some((last, before)) = g.publishes.split_last() else {
+                                done.extend(g.seqs);
+                                continue;
+                            };
+                            // Acknowledgements come in order: the rows are done once the
+                            // last of their publishes is.
+                            for out in before {
+                                self.publisher
+                                    .publish(out.topic.clone(), out.payload.clone(), out.retain, None)
+                                    .await;
+                            }
                             let tag = next_tag;
                             next_tag += 1;
                             rows_in_flight += g.seqs.len();
                             in_flight.insert(tag, g.seqs);
-                            self.publisher.publish(g.topic, g.payload, false, Some(tag)).await;
+                            self.publisher
+                                .publish(last.topic.clone(), last.payload.clone(), last.retain, Some(tag))
+                                .await;
+                        }
+                        if !done.is_empty() {
+                            if let Err(e) = delete(&self.store, done).await {
+                                warn!(error = %e, "cannot delete outbox rows the cloud does not hear");
+                            }
                         }
                     }
                     Err(e) => warn!(error = %e, "cannot read the outbox"),
@@ -146,14 +164,7 @@ impl Sender {
                     rows_in_flight = rows_in_flight.saturating_sub(done.len());
                     if !done.is_empty() {
                         let n = done.len();
-                        let r = self.store.call(move |c| {
-                            let mut st = c.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
-                            for seq in done {
-                                st.execute([seq])?;
-                            }
-                            Ok(())
-                        }).await;
-                        match r {
+                        match delete(&self.store, done).await {
                             Ok(()) => debug!(rows = n, "outbox rows acknowledged"),
                             Err(e) => warn!(error = %e, "cannot delete acknowledged outbox rows"),
                         }
@@ -173,13 +184,25 @@ impl Sender {
     }
 }
 
+async fn delete(store: &Store, seqs: Vec<i64>) -> Result<(), crate::store::StoreError> {
+    store
+        .call(move |c| {
+            let mut st = c.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?;
+            for seq in seqs {
+                st.execute([seq])?;
+            }
+            Ok(())
+        })
+        .await
+}
+
 /// Rows of one device's reported patches being merged: their seqs, the composed patch, and the
 /// apply statuses.
 type Pending = (Vec<i64>, Value, BTreeMap<String, ApplyStatus>);
 
 /// Turns rows into publishes: reported patches of one device merged (in `seq` order) into one
 /// update carrying the highest `seq`; feedback rows one each.
-fn coalesce(gateway: &GatewayId, rows: Vec<Row>) -> Vec<Group> {
+fn coalesce(adapter: &Adapter, rows: Vec<Row>) -> Vec<Group> {
     let mut out = Vec::new();
     let mut reported: BTreeMap<String, Pending> = BTreeMap::new();
     for row in rows {
@@ -202,8 +225,7 @@ fn coalesce(gateway: &GatewayId, rows: Vec<Row>) -> Vec<Group> {
             }
             "feedback" => out.push(Group {
                 seqs: vec![row.seq],
-                topic: Topics::up(gateway, Up::MessageFeedback),
-                payload: row.body.to_string().into_bytes(),
+                publishes: adapter.feedback(&row.body),
             }),
             other => warn!(
                 kind = other,
@@ -216,17 +238,10 @@ fn coalesce(gateway: &GatewayId, rows: Vec<Row>) -> Vec<Group> {
         let Ok(device) = DeviceId::new(device) else {
             continue;
         };
-        let update = ReportedUpdate {
-            v: PROTOCOL_VERSION,
-            device,
-            seq: seqs.iter().copied().max().unwrap_or(0) as u64,
-            patch,
-            apply,
-        };
+        let seq = seqs.iter().copied().max().unwrap_or(0) as u64;
         out.push(Group {
+            publishes: adapter.reported(&device, seq, patch, apply),
             seqs,
-            topic: Topics::up(gateway, Up::TwinReported),
-            payload: serde_json::to_vec(&update).expect("reported update serializes"),
         });
     }
     out
@@ -284,9 +299,10 @@ mod tests {
 
     #[test]
     fn reported_rows_of_one_device_coalesce_into_one_update() {
-        let gw = GatewayId::new("g").unwrap();
+        let gw = gatewayd_protocol::GatewayId::new("g").unwrap();
+        let adapter = Adapter::Native(crate::cloud::adapter::Native::new(gw));
         let groups = coalesce(
-            &gw,
+            &adapter,
             vec![
                 row(
                     3,
@@ -314,16 +330,17 @@ mod tests {
             .iter()
             .find(|g| g.seqs == vec![3, 5])
             .expect("agv-1 group");
-        let u: ReportedUpdate = serde_json::from_slice(&agv1.payload).unwrap();
+        let u: gatewayd_protocol::ReportedUpdate =
+            serde_json::from_slice(&agv1.publishes[0].payload).unwrap();
         assert_eq!(u.seq, 5);
         assert_eq!(
             u.patch,
             json!({"a": 2, "b": null}),
             "a delete survives coalescing"
         );
-        assert_eq!(agv1.topic, "gw/g/up/twin/reported");
+        assert_eq!(agv1.publishes[0].topic, "gw/g/up/twin/reported");
         assert!(groups
             .iter()
-            .any(|g| g.seqs == vec![4] && g.topic == "gw/g/up/msg/feedback"));
+            .any(|g| g.seqs == vec![4] && g.publishes[0].topic == "gw/g/up/msg/feedback"));
     }
 }

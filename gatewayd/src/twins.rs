@@ -112,6 +112,49 @@ impl Twins {
         })
     }
 
+    /// Stores a desired change from a cloud that keeps no versions (ThingsBoard's shared
+    /// attributes): the gateway orders changes by arrival and numbers them itself, each one the
+    /// held version plus one. A `Snapshot` replaces the document; a `Patch` is merged. A change
+    /// that leaves the document as it was is `Ignore`d, so a full state asked again at every
+    /// connect applies nothing when nothing changed. Resolves after the commit.
+    pub fn receive_unversioned(
+        &self,
+        device: DeviceId,
+        body: DesiredBody,
+    ) -> oneshot::Receiver<Result<DesiredDecision, StoreError>> {
+        self.store.submit(move |c| {
+            let row = load_row(c, device.as_str())?;
+            let mut doc = match &body {
+                DesiredBody::Patch(p) => {
+                    let mut doc = row.desired.clone();
+                    merge_patch(&mut doc, p);
+                    doc
+                }
+                DesiredBody::Snapshot(s) => s.clone(),
+            };
+            if !doc.is_object() {
+                doc = json!({});
+            }
+            if doc == row.desired {
+                return Ok(DesiredDecision::Ignore);
+            }
+            if let Err(e) = validate_doc(&doc) {
+                warn!(%device, error = %e, "desired document refused");
+                return Ok(DesiredDecision::Ignore);
+            }
+            c.prepare_cached(
+                "INSERT INTO twin (device, desired, desired_version) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(device) DO UPDATE SET desired = ?2, desired_version = ?3",
+            )?
+            .execute(params![
+                device.as_str(),
+                doc.to_string(),
+                (row.desired_version + 1) as i64
+            ])?;
+            Ok(DesiredDecision::Apply)
+        })
+    }
+
     /// The devices whose twin has a desired version not yet applied: the ones whose worker has
     /// a round to run at start-up.
     pub async fn owing(&self) -> Result<HashSet<String>, StoreError> {

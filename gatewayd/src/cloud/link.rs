@@ -60,14 +60,14 @@ impl Publisher {
             .await;
     }
 
-    /// Queues a retained publish followed by a clean disconnect.
-    pub async fn publish_then_disconnect(&self, topic: String, payload: Vec<u8>) {
+    /// Queues a publish followed by a clean disconnect.
+    pub async fn publish_then_disconnect(&self, topic: String, payload: Vec<u8>, retain: bool) {
         let _ = self
             .tx
             .send(Outbound {
                 topic,
                 payload,
-                retain: true,
+                retain,
                 tag: None,
                 then_disconnect: true,
             })

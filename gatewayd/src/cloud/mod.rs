@@ -1,6 +1,7 @@
 //! The cloud link: one MQTT session carrying every device of this gateway. Only this module
 //! knows MQTT; everything else sees decoded protocol payloads and a `Publisher`.
 
+pub mod adapter;
 mod link;
 mod session;
 

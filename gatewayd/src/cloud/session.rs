@@ -7,6 +7,7 @@
 //! - the presence task republishes the retained device snapshot when it changes;
 //! - the outbox sender (`outbox.rs`) delivers reported patches and feedback.
 
+use super::adapter::{Adapter, Ctx, Inbound, ReplyTo};
 use super::link::{self, Link, LinkEvent, Publisher};
 use crate::backoff::Backoff;
 use crate::clock::now_ms;
@@ -16,22 +17,19 @@ use crate::inbox::{Inbox, Receipt};
 use crate::metrics::Metrics;
 use crate::outbox::{self, Wake};
 use crate::rpc;
-use crate::store::{Health, Store};
+use crate::store::{Health, Store, StoreError};
 use crate::supervise::Supervisor;
 use crate::twins::Twins;
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
 use gatewayd_protocol::twin::DesiredDecision;
 use gatewayd_protocol::{
-    decode, C2dMessage, DecodeError, DesiredUpdate, DeviceId, Down, ErrorCode, GatewayId,
-    GatewayState, RpcError, RpcOutcome, RpcRequest, RpcResponse, Topics, TwinSync, Up,
-    PROTOCOL_VERSION,
+    DesiredBody, DeviceId, ErrorCode, GatewayId, MessageId, RequestId, RpcError, RpcOutcome,
+    RpcRequest, RpcResponse, PROTOCOL_VERSION,
 };
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, LastWill, MqttOptions, NetworkOptions, Publish, QoS, TlsConfiguration, Transport,
+    AsyncClient, MqttOptions, NetworkOptions, Publish, QoS, TlsConfiguration, Transport,
 };
-use rusqlite::OptionalExtension;
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +61,7 @@ pub struct Shared {
 /// A running session.
 pub struct Session {
     publisher: Publisher,
-    gateway: GatewayId,
+    adapter: Arc<Adapter>,
     boot_id: String,
     store_id: String,
     connected: watch::Receiver<bool>,
@@ -95,6 +93,11 @@ impl Session {
             .client_id
             .clone()
             .unwrap_or_else(|| gateway.to_string());
+        let adapter = Arc::new(Adapter::new(
+            config,
+            gateway.clone(),
+            shared.devices.clone(),
+        ));
 
         // A clean session: what must survive an outage lives in SQLite (inbox, twin cache,
         // outbox) and the cloud re-sends on reconnect, so the broker keeps no state for us.
@@ -111,13 +114,10 @@ impl Session {
             // Nothing larger than the configured limit ever leaves: announcements are split,
             // oversize RPC results answered with a coded error.
             .set_max_packet_size(MAX_MQTT_PACKET, config.cloud.max_packet_bytes)
-            .set_inflight(500)
-            .set_last_will(LastWill::new(
-                Topics::up(&gateway, Up::State),
-                state_payload(false, &boot_id, shared.store.id(), None),
-                QoS::AtLeastOnce,
-                true,
-            ));
+            .set_inflight(500);
+        if let Some(will) = adapter.last_will(&boot_id, shared.store.id()) {
+            opts.set_last_will(will);
+        }
         let (client, mut eventloop) = AsyncClient::new(opts, 4096);
         let mut net = NetworkOptions::new();
         net.set_tcp_nodelay(true);
@@ -162,7 +162,7 @@ impl Session {
                 "outbox sender",
                 outbox::Sender {
                     store: shared.store.clone(),
-                    gateway: gateway.clone(),
+                    adapter: adapter.clone(),
                     publisher: publisher.clone(),
                     acks,
                     connected: connected.clone(),
@@ -184,11 +184,12 @@ impl Session {
                 stop.clone(),
             ),
         ));
+        let max_publish = config.cloud.max_packet_bytes;
         let dispatcher = Dispatcher {
-            max_publish: config.cloud.max_packet_bytes,
+            max_publish,
             client: client.clone(),
             publisher: publisher.clone(),
-            gateway: gateway.clone(),
+            adapter: adapter.clone(),
             boot_id: boot_id.clone(),
             shared: shared.clone(),
             work,
@@ -200,9 +201,11 @@ impl Session {
         tasks.spawn(supervisor.critical(
             "presence publisher",
             publish_presence(
+                adapter.clone(),
                 publisher.clone(),
-                gateway.clone(),
-                shared.devices.clone(),
+                boot_id.clone(),
+                shared.clone(),
+                max_publish,
                 connected.clone(),
                 stop.clone(),
             ),
@@ -210,17 +213,18 @@ impl Session {
         tasks.spawn(supervisor.critical(
             "store health publisher",
             publish_store_health(
+                adapter.clone(),
                 publisher.clone(),
-                gateway.clone(),
                 boot_id.clone(),
                 shared.clone(),
+                max_publish,
                 connected.clone(),
                 stop.clone(),
             ),
         ));
         Ok(Session {
             publisher,
-            gateway,
+            adapter,
             boot_id,
             store_id: shared.store.id().to_string(),
             connected,
@@ -245,11 +249,9 @@ impl Session {
         self.stop_accepting();
         if *self.connected.borrow() {
             // The link disconnects right after this publish, so nothing overtakes it.
+            let bye = self.adapter.goodbye(&self.boot_id, &self.store_id);
             self.publisher
-                .publish_then_disconnect(
-                    Topics::up(&self.gateway, Up::State),
-                    state_payload(false, &self.boot_id, &self.store_id, None),
-                )
+                .publish_then_disconnect(bye.topic, bye.payload, bye.retain)
                 .await;
             let mut connected = self.connected.clone();
             let _ = tokio::time::timeout(wait, connected.wait_for(|c| !*c)).await;
@@ -260,30 +262,12 @@ impl Session {
     }
 }
 
-fn state_payload(
-    online: bool,
-    boot_id: &str,
-    store_id: &str,
-    store_error: Option<String>,
-) -> Vec<u8> {
-    serde_json::to_vec(&GatewayState {
-        v: PROTOCOL_VERSION,
-        online,
-        boot_id: boot_id.to_string(),
-        software: concat!("gatewayd ", env!("CARGO_PKG_VERSION")).to_string(),
-        at_ms: now_ms(),
-        store_id: store_id.to_string(),
-        store_error,
-    })
-    .expect("state serializes")
-}
-
 struct Dispatcher {
     /// `cloud.max_packet_bytes`.
     max_publish: usize,
     client: AsyncClient,
     publisher: Publisher,
-    gateway: GatewayId,
+    adapter: Arc<Adapter>,
     boot_id: String,
     shared: Arc<Shared>,
     work: TaskTracker,
@@ -347,6 +331,17 @@ async fn acker(
 }
 
 impl Dispatcher {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            publisher: &self.publisher,
+            devices: &self.shared.devices,
+            store: &self.shared.store,
+            twins: &self.shared.twins,
+            boot_id: &self.boot_id,
+            max_publish: self.max_publish,
+        }
+    }
+
     async fn run(self, mut rx: mpsc::UnboundedReceiver<LinkEvent>, stop: CancellationToken) {
         loop {
             // Cancel safety: `recv` loses nothing when the other branch wins.
@@ -385,216 +380,154 @@ impl Dispatcher {
         tx
     }
 
-    /// Subscribes and publishes catalog, presence, birth and the twin sync, at every connect.
+    /// Subscribes, then lets the adapter announce the gateway, at every connect.
     async fn announce(&self) {
-        let gw = &self.gateway;
-        if let Err(e) = self
-            .client
-            .subscribe(Topics::down_filter(gw), QoS::AtLeastOnce)
-            .await
-        {
-            warn!(error = %e, "cannot subscribe");
-        }
-        let devices = &self.shared.devices;
-        let mut catalog_parts = 0;
-        match devices.catalog_plan(self.max_publish) {
-            Ok(plan) => {
-                let n = plan.len() as u32;
-                catalog_parts = n;
-                for part in devices.catalog_parts(rand::random(), &plan) {
-                    let body = serde_json::to_vec(&part).expect("catalog serializes");
-                    self.publisher
-                        .publish(
-                            Topics::up_part(gw, Up::Catalog, part.part),
-                            body,
-                            true,
-                            None,
-                        )
-                        .await;
-                }
-                self.clear_stale_parts(Up::Catalog, n).await;
+        for filter in self.adapter.subscriptions() {
+            if let Err(e) = self.client.subscribe(filter, QoS::AtLeastOnce).await {
+                warn!(error = %e, "cannot subscribe");
             }
-            // Checked at start; cannot happen with the running configuration.
-            Err(e) => warn!(error = %e, "catalog not announced"),
         }
-        let presence = &devices.presence;
-        presence.take_dirty();
-        for part in 0..presence.parts() {
-            let body = serde_json::to_vec(&presence.part(part)).expect("presence serializes");
-            self.publisher
-                .publish(Topics::up_part(gw, Up::Devices, part), body, true, None)
-                .await;
-        }
-        self.clear_stale_parts(Up::Devices, presence.parts()).await;
-        self.publisher
-            .publish(
-                Topics::up(gw, Up::State),
-                state_payload(
-                    true,
-                    &self.boot_id,
-                    self.shared.store.id(),
-                    store_error(&self.shared.store),
-                ),
-                true,
-                None,
-            )
-            .await;
-        match self.shared.twins.held_versions().await {
-            Ok(held) => self.sync(held).await,
-            Err(e) => warn!(error = %e, "cannot read twin versions for the sync"),
-        }
-        debug!(
-            devices = devices.len(),
-            catalog_parts,
-            presence_parts = devices.presence.parts(),
-            "announced"
-        );
+        self.adapter.announce(&self.ctx()).await;
         crate::release_freed_memory();
-    }
-
-    /// Deletes retained parts a previous run published beyond today's `parts` (an empty
-    /// retained publish deletes), remembering the count in the store for the next start.
-    async fn clear_stale_parts(&self, kind: Up, parts: u32) {
-        let key = format!("parts/{}", kind.suffix());
-        let k = key.clone();
-        let before = self
-            .shared
-            .store
-            .call(move |c| {
-                let old: Option<String> = c
-                    .query_row("SELECT value FROM meta WHERE key = ?1", [&k], |r| r.get(0))
-                    .optional()?;
-                c.execute(
-                    "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                     ON CONFLICT(key) DO UPDATE SET value = ?2",
-                    rusqlite::params![k, parts.to_string()],
-                )?;
-                Ok(old.and_then(|v| v.parse::<u32>().ok()).unwrap_or(0))
-            })
-            .await
-            .unwrap_or(0);
-        for stale in parts..before.min(100_000) {
-            self.publisher
-                .publish(
-                    Topics::up_part(&self.gateway, kind, stale),
-                    Vec::new(),
-                    true,
-                    None,
-                )
-                .await;
-        }
-    }
-
-    async fn sync(&self, devices: BTreeMap<DeviceId, u64>) {
-        publish_sync(&self.publisher, &self.gateway, devices).await;
     }
 
     async fn on_publish(&self, p: Publish) {
         let received_ms = now_ms();
-        let kind = Topics::parse_down(&p.topic).filter(|(gw, _)| gw == &self.gateway);
-        match kind {
-            Some((_, Down::RpcRequest)) => {
+        match self.adapter.decode(&p.topic, &p.payload, received_ms) {
+            Inbound::Rpc { req, reply } => {
                 // RPCs are never stored: acknowledge as soon as the order allows.
-                let payload = p.payload.clone();
                 self.ack_now(p);
-                self.on_rpc(&payload, received_ms).await;
+                self.on_rpc(req, reply, received_ms);
             }
-            Some((_, Down::TwinDesired)) => self.on_desired(p),
-            Some((_, Down::Message)) => self.on_message(p, received_ms),
-            None => {
-                warn!(topic = %p.topic, "publish on an unexpected topic dropped");
+            Inbound::RpcRefused { reply, error } => {
+                self.ack_now(p);
+                warn!(code = %error.code, message = %error.message, "RPC request refused");
+                self.shared.metrics.rpc(Err(error.code), Duration::ZERO);
+                let resp = RpcResponse {
+                    v: PROTOCOL_VERSION,
+                    id: reply_id(&reply),
+                    outcome: RpcOutcome::Error(error),
+                };
+                let out = self.adapter.rpc_reply(&reply, &resp);
+                self.publisher
+                    .publish(out.topic, out.payload, out.retain, None)
+                    .await;
+            }
+            Inbound::Desired(update) => {
+                let (device, version) = (update.device.clone(), update.version);
+                if self.unknown_device(&device) {
+                    return self.ack_now(p);
+                }
+                let committed = self.shared.twins.receive(update);
+                self.after_desired(p, device, Some(version), committed);
+            }
+            Inbound::DesiredChange { device, patch } => {
+                if self.unknown_device(&device) {
+                    return self.ack_now(p);
+                }
+                let committed = self
+                    .shared
+                    .twins
+                    .receive_unversioned(device.clone(), DesiredBody::Patch(patch));
+                self.after_desired(p, device, None, committed);
+            }
+            Inbound::DesiredState { device, state } => {
+                if self.unknown_device(&device) {
+                    return self.ack_now(p);
+                }
+                let committed = self
+                    .shared
+                    .twins
+                    .receive_unversioned(device.clone(), DesiredBody::Snapshot(state));
+                self.after_desired(p, device, None, committed);
+            }
+            Inbound::Message(msg) => {
+                let (id, device) = (msg.id.clone(), msg.device.clone());
+                let committed = self.shared.inbox.receive(msg, received_ms);
+                self.after_message(p, id, device, committed);
+            }
+            Inbound::MessageRefused { id, device, reason } => {
+                warn!(message = %id, %reason, "malformed message rejected");
+                let committed =
+                    self.shared
+                        .inbox
+                        .refuse(id.clone(), device.clone(), reason, received_ms);
+                self.after_message(p, id, device, committed);
+            }
+            Inbound::Drop(why) => {
+                warn!(topic = %p.topic, "publish dropped: {why}");
                 self.ack_now(p);
             }
+            Inbound::Nothing => self.ack_now(p),
         }
+    }
+
+    fn unknown_device(&self, device: &DeviceId) -> bool {
+        let unknown = self.shared.devices.get(device).is_none();
+        if unknown {
+            warn!(%device, "desired update for a device this gateway does not have");
+        }
+        unknown
     }
 
     /// Commit, then acknowledge: a crash before the commit means the broker redelivers (or the
     /// sync at connect catches up), never a lost change.
-    fn on_desired(&self, p: Publish) {
-        let update: DesiredUpdate = match decode(&p.payload) {
-            Ok(u) => u,
-            Err(e) => {
-                warn!(error = %e, "malformed desired update dropped");
-                self.ack_now(p);
-                return;
-            }
-        };
-        if self.shared.devices.get(&update.device).is_none() {
-            warn!(device = %update.device, "desired update for a device this gateway does not have");
-            self.ack_now(p);
-            return;
-        }
-        let device = update.device.clone();
-        let version = update.version;
-        let committed = self.shared.twins.receive(update);
+    fn after_desired(
+        &self,
+        p: Publish,
+        device: DeviceId,
+        version: Option<u64>,
+        committed: oneshot::Receiver<Result<DesiredDecision, StoreError>>,
+    ) {
         let acked = self.ack_after(p);
         let shared = self.shared.clone();
+        let adapter = self.adapter.clone();
         let publisher = self.publisher.clone();
-        let gateway = self.gateway.clone();
+        let boot_id = self.boot_id.clone();
+        let max_publish = self.max_publish;
         self.work.spawn(async move {
             let committed = committed.await;
             let _ = acked.send(matches!(committed, Ok(Ok(_))));
             match committed {
                 Ok(Ok(decision)) => match decision {
                     DesiredDecision::Apply => {
-                        debug!(%device, version, "desired update stored");
+                        debug!(%device, ?version, "desired update stored");
                         shared.twins.wake(&device);
                     }
-                    DesiredDecision::Ignore => {
-                        debug!(%device, version, "stale desired update ignored")
-                    }
+                    DesiredDecision::Ignore => match version {
+                        Some(version) => debug!(%device, version, "stale desired update ignored"),
+                        None => debug!(%device, "unchanged desired state ignored"),
+                    },
                     DesiredDecision::Resync => {
-                        info!(%device, version, "gap in desired versions: asking for a snapshot");
-                        if let Ok(held) = shared.twins.load(&device).await {
-                            let devices = BTreeMap::from([(device, held.desired_version)]);
-                            publish_sync(&publisher, &gateway, devices).await;
-                        }
+                        info!(%device, ?version, "gap in desired versions: asking for a snapshot");
+                        let ctx = Ctx {
+                            publisher: &publisher,
+                            devices: &shared.devices,
+                            store: &shared.store,
+                            twins: &shared.twins,
+                            boot_id: &boot_id,
+                            max_publish,
+                        };
+                        adapter.resync(&ctx, &device).await;
                     }
                 },
                 // Not committed (the disk failed): not acknowledged, the connection is dropped
                 // and the twin sync at the next connect catches up.
-                Ok(Err(e)) => warn!(%device, version, error = %e, "desired update not stored"),
-                Err(_) => warn!(%device, version, "desired update not stored: the store stopped"),
+                Ok(Err(e)) => warn!(%device, ?version, error = %e, "desired update not stored"),
+                Err(_) => warn!(%device, ?version, "desired update not stored: the store stopped"),
             }
         });
     }
 
     /// Commit (inbox row and `received` feedback), then acknowledge; a redelivered id is
     /// acknowledged again and nothing else happens.
-    fn on_message(&self, p: Publish, received_ms: u64) {
-        let (id, device, committed) = match decode::<C2dMessage>(&p.payload) {
-            Ok(msg) => {
-                let (id, device) = (msg.id.clone(), msg.device.clone());
-                (id, device, self.shared.inbox.receive(msg, received_ms))
-            }
-            Err(e) => {
-                // Answer with a coded feedback where the id and device can be read, so the
-                // message ends at once instead of waiting for its TTL.
-                #[derive(serde::Deserialize)]
-                struct Head {
-                    id: gatewayd_protocol::MessageId,
-                    device: DeviceId,
-                }
-                let Ok(head) = serde_json::from_slice::<Head>(&p.payload) else {
-                    warn!(error = %e, "malformed message dropped (no valid id to answer)");
-                    self.ack_now(p);
-                    return;
-                };
-                warn!(message = %head.id, error = %e, "malformed message rejected");
-                let code = match e {
-                    DecodeError::Version(_) => ErrorCode::UnsupportedVersion,
-                    DecodeError::Json(_) => ErrorCode::BadRequest,
-                };
-                let reason = format!("{code}: message refused: {e}");
-                let committed = self.shared.inbox.refuse(
-                    head.id.clone(),
-                    head.device.clone(),
-                    reason,
-                    received_ms,
-                );
-                (head.id, head.device, committed)
-            }
-        };
+    fn after_message(
+        &self,
+        p: Publish,
+        id: MessageId,
+        device: DeviceId,
+        committed: oneshot::Receiver<Result<Receipt, StoreError>>,
+    ) {
         let acked = self.ack_after(p);
         let shared = self.shared.clone();
         self.work.spawn(async move {
@@ -609,7 +542,8 @@ impl Dispatcher {
                         shared.outbox.wake();
                     }
                     Receipt::Duplicate => {
-                        debug!(message = %id, "redelivered message acknowledged again")
+                        debug!(message = %id, "redelivered message acknowledged again");
+                        shared.outbox.wake();
                     }
                 },
                 // Not committed (the disk failed): not acknowledged, the connection is dropped,
@@ -620,69 +554,51 @@ impl Dispatcher {
         });
     }
 
-    async fn on_rpc(&self, payload: &[u8], received_ms: u64) {
+    fn on_rpc(&self, req: RpcRequest, reply: ReplyTo, received_ms: u64) {
         let received = std::time::Instant::now();
-        let req: RpcRequest = match decode(payload) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, "malformed RPC request dropped");
-                // Answer if at least the id can be read, so the caller is not left waiting.
-                if let Some(id) = serde_json::from_slice::<serde_json::Value>(payload)
-                    .ok()
-                    .and_then(|v| v.get("id").cloned())
-                    .and_then(|id| serde_json::from_value(id).ok())
-                {
-                    let code = match e {
-                        DecodeError::Version(_) => ErrorCode::UnsupportedVersion,
-                        DecodeError::Json(_) => ErrorCode::BadRequest,
-                    };
-                    let err = RpcError::new(code, format!("request refused: {e}"));
-                    self.shared.metrics.rpc(Err(err.code), received.elapsed());
-                    self.respond(RpcResponse {
-                        v: PROTOCOL_VERSION,
-                        id,
-                        outcome: RpcOutcome::Error(err),
-                    })
-                    .await;
-                }
-                return;
-            }
-        };
         if !self.accepting.load(Ordering::SeqCst) {
             let err = RpcError::new(
                 ErrorCode::ShuttingDown,
                 "gateway is shutting down and takes no new calls",
             );
             self.shared.metrics.rpc(Err(err.code), received.elapsed());
-            self.respond(RpcResponse {
-                v: PROTOCOL_VERSION,
-                id: req.id,
-                outcome: RpcOutcome::Error(err),
-            })
-            .await;
+            let out = self.adapter.rpc_reply(
+                &reply,
+                &RpcResponse {
+                    v: PROTOCOL_VERSION,
+                    id: req.id,
+                    outcome: RpcOutcome::Error(err),
+                },
+            );
+            let publisher = self.publisher.clone();
+            self.work.spawn(async move {
+                publisher
+                    .publish(out.topic, out.payload, out.retain, None)
+                    .await;
+            });
             return;
         }
         let devices = self.shared.devices.clone();
         let metrics = self.shared.metrics.clone();
         let publisher = self.publisher.clone();
-        let topic = Topics::up(&self.gateway, Up::RpcResponse);
+        let adapter = self.adapter.clone();
         let max_publish = self.max_publish;
         let span =
             tracing::info_span!("rpc", id = %req.id, device = %req.device, method = %req.method);
         self.work.spawn(
             async move {
                 let mut resp = rpc::handle(&devices, req, received_ms).await;
-                let mut body = serde_json::to_vec(&resp).expect("response serializes");
-                if body.len() > max_publish {
+                let mut out = adapter.rpc_reply(&reply, &resp);
+                if out.payload.len() > max_publish {
                     // Never a publish the broker would refuse (and drop the session over).
                     resp.outcome = RpcOutcome::Error(RpcError::new(
                         ErrorCode::PayloadTooLarge,
                         format!(
                             "the answer is {} bytes, more than a publish may carry ({max_publish} bytes, cloud.max_packet_bytes)",
-                            body.len()
+                            out.payload.len()
                         ),
                     ));
-                    body = serde_json::to_vec(&resp).expect("response serializes");
+                    out = adapter.rpc_reply(&reply, &resp);
                 }
                 let elapsed = received.elapsed();
                 match &resp.outcome {
@@ -695,58 +611,40 @@ impl Dispatcher {
                         info!(code = %e.code, message = %e.message, "rpc failed")
                     }
                 }
-                publisher.publish(topic, body, false, None).await;
+                publisher.publish(out.topic, out.payload, out.retain, None).await;
             }
             .instrument(span),
         );
     }
+}
 
-    async fn respond(&self, resp: RpcResponse) {
-        let body = serde_json::to_vec(&resp).expect("response serializes");
-        self.publisher
-            .publish(
-                Topics::up(&self.gateway, Up::RpcResponse),
-                body,
-                false,
-                None,
-            )
-            .await;
+/// The request id an answer carries (a ThingsBoard request's is derived from its number).
+fn reply_id(reply: &ReplyTo) -> RequestId {
+    match reply {
+        ReplyTo::Native(id) => id.clone(),
+        ReplyTo::ThingsBoard { id, .. } => {
+            RequestId::new(format!("tb-{id}")).expect("a number makes a valid id")
+        }
     }
 }
 
-/// Publishes `up/twin/sync`: the desired version held for each of `devices`, so the cloud
-/// answers with a snapshot for every one that is behind.
-async fn publish_sync(
-    publisher: &Publisher,
-    gateway: &GatewayId,
-    devices: BTreeMap<DeviceId, u64>,
-) {
-    let body = serde_json::to_vec(&TwinSync {
-        v: PROTOCOL_VERSION,
-        devices,
-    })
-    .expect("sync serializes");
-    publisher
-        .publish(Topics::up(gateway, Up::TwinSync), body, false, None)
-        .await;
-}
-
 /// The store's failure, as the gateway state carries it.
-fn store_error(store: &Store) -> Option<String> {
+pub(super) fn store_error(store: &Store) -> Option<String> {
     match &*store.health().borrow() {
         Health::Ok => None,
         Health::Failing(why) => Some(why.clone()),
     }
 }
 
-/// Tells the cloud when the store starts or stops failing: a retained state with
-/// `store_error` while it fails (the cloud holds messages back), and when it works again the
-/// state without it and a twin sync, so what could not be stored meanwhile flows again.
+/// Tells the cloud when the store starts or stops failing (through the adapter: a state with
+/// the error while it fails, so the cloud holds messages back; when it works again, the state
+/// without it and a request for what could not be stored meanwhile).
 async fn publish_store_health(
+    adapter: Arc<Adapter>,
     publisher: Publisher,
-    gateway: GatewayId,
     boot_id: String,
     shared: Arc<Shared>,
+    max_publish: usize,
     connected: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
@@ -759,34 +657,31 @@ async fn publish_store_health(
         if !*connected.borrow() {
             continue; // the next announce carries the current state
         }
-        let error = store_error(&shared.store);
-        let recovered = error.is_none();
-        publisher
-            .publish(
-                Topics::up(&gateway, Up::State),
-                state_payload(true, &boot_id, shared.store.id(), error),
-                true,
-                None,
-            )
+        let ctx = Ctx {
+            publisher: &publisher,
+            devices: &shared.devices,
+            store: &shared.store,
+            twins: &shared.twins,
+            boot_id: &boot_id,
+            max_publish,
+        };
+        adapter
+            .store_changed(&ctx, store_error(&shared.store))
             .await;
-        if recovered {
-            match shared.twins.held_versions().await {
-                Ok(devices) => publish_sync(&publisher, &gateway, devices).await,
-                Err(e) => warn!(error = %e, "cannot read twin versions for the sync"),
-            }
-        }
     }
 }
 
-/// Republishes the retained presence parts that changed, while connected.
+/// Publishes presence changes (through the adapter) while connected.
 async fn publish_presence(
+    adapter: Arc<Adapter>,
     publisher: Publisher,
-    gateway: GatewayId,
-    devices: Arc<Devices>,
+    boot_id: String,
+    shared: Arc<Shared>,
+    max_publish: usize,
     connected: watch::Receiver<bool>,
     stop: CancellationToken,
 ) {
-    let mut changes = devices.presence.subscribe();
+    let mut changes = shared.devices.presence.subscribe();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -798,18 +693,15 @@ async fn publish_presence(
         if !*connected.borrow() {
             continue; // the next announce carries every part
         }
-        for part in devices.presence.take_dirty() {
-            let body =
-                serde_json::to_vec(&devices.presence.part(part)).expect("presence serializes");
-            publisher
-                .publish(
-                    Topics::up_part(&gateway, Up::Devices, part),
-                    body,
-                    true,
-                    None,
-                )
-                .await;
-        }
+        let ctx = Ctx {
+            publisher: &publisher,
+            devices: &shared.devices,
+            store: &shared.store,
+            twins: &shared.twins,
+            boot_id: &boot_id,
+            max_publish,
+        };
+        adapter.presence_changed(&ctx).await;
     }
 }
 

@@ -68,6 +68,64 @@ pub struct CloudConfig {
     /// `password`. Read at start. Needs `username`.
     #[serde(default)]
     pub password_file: Option<PathBuf>,
+    /// The cloud's wire protocol: `native` (gatewayd's own, what `cloud-stub` speaks) or
+    /// `thingsboard` (ThingsBoard's gateway MQTT API; see `docs/thingsboard.md`).
+    #[serde(default)]
+    pub profile: CloudProfile,
+    /// Settings of the `thingsboard` profile.
+    #[serde(default)]
+    pub thingsboard: ThingsBoardConfig,
+}
+
+/// Which cloud adapter maps twins, messages, RPC and presence onto the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloudProfile {
+    #[default]
+    Native,
+    Thingsboard,
+}
+
+/// `[cloud.thingsboard]`: the ThingsBoard gateway API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThingsBoardConfig {
+    /// A file holding the gateway device's access token (one trailing newline is ignored);
+    /// sent as the MQTT user name. Instead of `cloud.username`, so the token need not sit in
+    /// this file.
+    #[serde(default)]
+    pub access_token_file: Option<PathBuf>,
+    /// Device type announced with `v1/gateway/connect` (ThingsBoard's device profile) for a
+    /// device that names no `profile`; a device naming one announces the profile's name.
+    #[serde(default = "default_tb_type")]
+    pub device_type: String,
+    /// Time to live, seconds, of a command (persistent RPC) that carries no `expirationTime`:
+    /// after it the command is never executed. At most 3 days (how long the gateway remembers
+    /// finished commands to recognise a redelivery).
+    #[serde(default = "default_tb_ttl")]
+    pub command_ttl_s: u64,
+    /// Also send values read by `reported_poll` (and every reported twin value) as telemetry
+    /// on `v1/gateway/telemetry`, so ThingsBoard keeps their history.
+    #[serde(default)]
+    pub telemetry: bool,
+}
+
+impl Default for ThingsBoardConfig {
+    fn default() -> Self {
+        ThingsBoardConfig {
+            access_token_file: None,
+            device_type: default_tb_type(),
+            command_ttl_s: default_tb_ttl(),
+            telemetry: false,
+        }
+    }
+}
+
+fn default_tb_type() -> String {
+    "default".into()
+}
+fn default_tb_ttl() -> u64 {
+    24 * 3600
 }
 
 fn default_keep_alive() -> u64 {
@@ -225,6 +283,14 @@ impl CloudConfig {
                 None
             }
         };
+        if !(60..=3 * 24 * 3600).contains(&self.thingsboard.command_ttl_s) {
+            p.push(
+                "cloud.thingsboard.command_ttl_s: must be between 60 and 259200 (3 days)".into(),
+            );
+        }
+        if self.thingsboard.device_type.is_empty() {
+            p.push("cloud.thingsboard.device_type: must not be empty".into());
+        }
         if !(5..=600).contains(&self.keep_alive_s) {
             p.push("cloud.keep_alive_s: must be between 5 and 600".into());
         }
@@ -292,6 +358,35 @@ impl CloudConfig {
             },
             None => self.password.clone(),
         };
+        let token = self
+            .thingsboard
+            .access_token_file
+            .as_ref()
+            .and_then(|path| match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let text = text.trim_end_matches(['\n', '\r']).to_string();
+                    if text.is_empty() {
+                        p.push(format!(
+                            "cloud.thingsboard.access_token_file: {} is empty",
+                            path.display()
+                        ));
+                    }
+                    Some(text)
+                }
+                Err(e) => {
+                    p.push(format!(
+                        "cloud.thingsboard.access_token_file: cannot read {}: {e}",
+                        path.display()
+                    ));
+                    None
+                }
+            });
+        if let Some(token) = token {
+            if self.username.is_some() {
+                p.push("cloud.thingsboard.access_token_file: set together with cloud.username; use one".into());
+            }
+            return Some((token, password.unwrap_or(Secret::new(""))));
+        }
         match &self.username {
             Some(u) if u.is_empty() => {
                 p.push("cloud.username: must not be empty".into());
