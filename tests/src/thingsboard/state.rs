@@ -403,7 +403,17 @@ impl State {
         Value::Array(
             self.gateways
                 .iter()
-                .map(|(n, g)| json!({"name": n, "connected": g.session.is_some(), "connects": g.connects}))
+                .map(|(n, g)| {
+                    let filters = g
+                        .session
+                        .and_then(|s| self.sessions.get(&s))
+                        .map(|s| s.filters.clone())
+                        .unwrap_or_default();
+                    json!({
+                        "name": n, "connected": g.session.is_some(), "connects": g.connects,
+                        "subscriptions": filters,
+                    })
+                })
                 .collect(),
         )
     }

@@ -130,6 +130,12 @@ pub fn read(buf: &mut BytesMut, version: Version) -> Result<Option<Inbound>, Wir
             Err(m4::Error::InsufficientBytes(_)) => Ok(None),
             Err(e) => Err(e.into()),
         },
+        // rumqttc's v5 reader wants a reason code in every DISCONNECT; MQTT 5 allows none
+        // (remaining length 0 means "normal disconnection"), and paho sends none.
+        Version::V5 if buf.starts_with(&[0xE0, 0]) => {
+            let _ = buf.split_to(2);
+            Ok(Some(Inbound::Disconnect))
+        }
         Version::V5 => match v5::Packet::read(buf, Some(MAX_PACKET as u32)) {
             Ok(p) => Ok(Some(from_v5(p))),
             Err(m5::Error::InsufficientBytes(_)) => Ok(None),
@@ -306,6 +312,15 @@ mod tests {
                 keep_alive: 10,
             }
         );
+    }
+
+    #[test]
+    fn a_bare_disconnect_reads_in_both_versions() {
+        for version in [Version::V4, Version::V5] {
+            let mut buf = BytesMut::from(&[0xE0u8, 0][..]);
+            assert_eq!(read(&mut buf, version).unwrap(), Some(Inbound::Disconnect));
+            assert!(buf.is_empty());
+        }
     }
 
     #[test]
