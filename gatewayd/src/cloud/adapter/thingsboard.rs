@@ -253,9 +253,12 @@ impl ThingsBoard {
             None | Some(Value::Null) => Value::Object(Map::new()),
             Some(p) => p.clone(),
         };
+        // The answer must reach ThingsBoard before it stops waiting: a tenth of its timeout
+        // (at most 500 ms) is kept for the way back.
         let timeout_ms = data
             .get("timeout")
             .and_then(Value::as_u64)
+            .map(|t| t - (t / 10).min(500))
             .unwrap_or(NO_CALLER_TIMEOUT_MS);
         let expiration = data.get("expirationTime").and_then(Value::as_u64);
         let is_command = self
