@@ -376,7 +376,8 @@ impl ThingsBoard {
         (!keys.is_empty()).then_some((id, keys))
     }
 
-    /// `{"device", "id", "data"}`: the result itself, or `{"error", "code"}`.
+    /// `{"device", "id", "data"}`: the result itself, or `{"error", "code", ...}` (the error's
+    /// `message`, `device_status`, `detail`, `may_have_run` included).
     pub fn rpc_reply(&self, reply: &ReplyTo, resp: &RpcResponse) -> Out {
         let (device, id) = match reply {
             ReplyTo::ThingsBoard { device, id } => (device.clone(), *id),
@@ -385,7 +386,12 @@ impl ThingsBoard {
         };
         let data = match &resp.outcome {
             RpcOutcome::Ok(ok) => ok.result.clone(),
-            RpcOutcome::Error(e) => json!({"error": e.message, "code": e.code}),
+            RpcOutcome::Error(e) => {
+                // gatewayd's error object with ThingsBoard's usual `error` text beside it.
+                let mut data = serde_json::to_value(e).expect("error serializes");
+                data["error"] = json!(e.message);
+                data
+            }
         };
         Out::new(
             RPC.into(),
