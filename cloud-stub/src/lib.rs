@@ -11,6 +11,7 @@ pub mod broker;
 pub mod calls;
 pub mod clock;
 mod error;
+pub mod events;
 pub mod messages;
 pub mod registry;
 pub mod security;
@@ -128,7 +129,8 @@ pub async fn run(
     let registry = Arc::new(Mutex::new(registry));
     let (store, store_thread) = store.spawn()?;
     let calls = Arc::new(PendingCalls::default());
-    let (twins, desired_out) = Twins::new(store.clone());
+    let events = events::Events::default();
+    let (twins, desired_out) = Twins::new(store.clone(), events.clone());
     let limits = messages::Limits {
         max_queue: config.max_queue,
         window: config.send_window,
@@ -138,7 +140,13 @@ pub async fn run(
             .try_into()
             .unwrap_or(u64::MAX),
     };
-    let outbox = Outbox::new(store.clone(), Arc::clone(&registry), limits, open);
+    let outbox = Outbox::new(
+        store.clone(),
+        Arc::clone(&registry),
+        limits,
+        open,
+        events.clone(),
+    );
 
     let tasks_stop = CancellationToken::new();
     let uplink = Uplink::new(
@@ -147,6 +155,7 @@ pub async fn run(
         store.clone(),
         twins.clone(),
         Arc::clone(&outbox),
+        events.clone(),
     );
     let (publisher, session) = session::spawn(
         &config.mqtt,
@@ -179,6 +188,7 @@ pub async fn run(
         twins,
         outbox,
         api_token: config.api_token.clone().map(Arc::new),
+        events,
     });
     tracing::info!(addr = %api.local_addr()?, "operator api listening");
     let api = api.tap_io(|tcp| {

@@ -10,6 +10,7 @@
 //! Versions and `seq` numbers are bounded by [`MAX_TWIN_VERSION`] (2^53 - 1): a wire value
 //! above it is refused where it enters, and no arithmetic on one can overflow.
 
+use crate::events::Events;
 use crate::registry::{self, SharedRegistry};
 use crate::session::Publisher;
 use crate::store::{Commit, StoreError, StoreHandle, TwinRow};
@@ -124,13 +125,15 @@ pub struct Outgoing {
 pub struct Twins {
     store: StoreHandle,
     out: mpsc::UnboundedSender<Outgoing>,
+    events: Events,
 }
 
 impl Twins {
-    /// Twins stored through `store`; the receiver feeds [`run_publisher`].
-    pub fn new(store: StoreHandle) -> (Twins, mpsc::UnboundedReceiver<Outgoing>) {
+    /// Twins stored through `store`, announcing changes to `events`; the receiver feeds
+    /// [`run_publisher`].
+    pub fn new(store: StoreHandle, events: Events) -> (Twins, mpsc::UnboundedReceiver<Outgoing>) {
         let (out, rx) = mpsc::unbounded_channel();
-        (Twins { store, out }, rx)
+        (Twins { store, out, events }, rx)
     }
 
     /// The device's twin (empty at version 0 when nothing was ever written).
@@ -154,6 +157,7 @@ impl Twins {
     ) -> Result<Patched, PatchError> {
         let (tx, rx) = oneshot::channel();
         let out = self.out.clone();
+        let events = self.events.clone();
         let job_device = device.clone();
         self.store.submit(
             move |conn| {
@@ -171,18 +175,26 @@ impl Twins {
                     version: row.desired_version,
                     body: DesiredBody::Patch(patch),
                 });
+                let reported_version = row.reported_version;
                 Ok(Ok((
                     Patched {
                         desired_version: row.desired_version,
                         desired: row.desired,
                     },
                     update,
+                    reported_version,
                 )))
             },
             move |result| {
                 let answer = match result {
-                    Ok(Ok((patched, update))) => {
+                    Ok(Ok((patched, update, reported_version))) => {
                         if let Some(update) = update {
+                            events.twin(
+                                &update.device,
+                                "desired",
+                                patched.desired_version,
+                                reported_version,
+                            );
                             let _ = out.send(Outgoing {
                                 gateway: None,
                                 update,
@@ -274,6 +286,11 @@ impl Twins {
                     row.save(conn, device)?;
                     tracing::debug!(gateway = %gateway, device = %device, seq = update.seq,
                         version = row.reported_version, "reported twin updated");
+                    return Ok(Some((
+                        device.clone(),
+                        row.desired_version,
+                        row.reported_version,
+                    )));
                 }
                 Reported::Stale { last } => {
                     tracing::debug!(gateway = %gateway, device = %device, seq = update.seq, last,
@@ -288,9 +305,15 @@ impl Twins {
                         "reported patch with a seq above the limit refused");
                 }
             }
-            Ok(())
+            Ok(None)
         };
-        Some(self.store.write_for_ack("reported twin", job, |()| {}))
+        let events = self.events.clone();
+        let announce = move |applied: Option<(DeviceId, u64, u64)>| {
+            if let Some((device, desired, reported)) = applied {
+                events.twin(&device, "reported", desired, reported);
+            }
+        };
+        Some(self.store.write_for_ack("reported twin", job, announce))
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`Commit`] the session's acker waits for.
 
 use crate::calls::PendingCalls;
+use crate::events::Events;
 use crate::messages::Outbox;
 use crate::registry::{self, SharedRegistry};
 use crate::store::{Commit, StoreHandle};
@@ -26,6 +27,8 @@ pub struct Uplink {
     store: StoreHandle,
     twins: Twins,
     outbox: Arc<Outbox>,
+    /// Where presence changes are announced.
+    events: Events,
     /// Catalog parts per gateway until an announcement is complete.
     catalogs: std::sync::Mutex<HashMap<GatewayId, CatalogAssembly>>,
 }
@@ -35,13 +38,14 @@ const MAX_PARTS: u32 = 10_000;
 
 impl Uplink {
     /// An uplink writing into `registry`, answering `calls`, persisting through `store`, and
-    /// passing twin and message traffic on.
+    /// passing twin and message traffic on, announcing presence changes to `events`.
     pub fn new(
         registry: SharedRegistry,
         calls: Arc<PendingCalls>,
         store: StoreHandle,
         twins: Twins,
         outbox: Arc<Outbox>,
+        events: Events,
     ) -> Self {
         Uplink {
             registry,
@@ -49,6 +53,7 @@ impl Uplink {
             store,
             twins,
             outbox,
+            events,
             catalogs: Default::default(),
         }
     }
@@ -109,6 +114,7 @@ impl Uplink {
         let was_online = registry::lock(&self.registry).mark_all_offline();
         for gw in &was_online {
             self.persist(gw);
+            self.events.gateway(gw, false, None);
         }
         let err = RpcError::new(
             ErrorCode::GatewayOffline,
@@ -130,6 +136,7 @@ impl Uplink {
             return;
         }
         self.persist(gw);
+        self.events.gateway(gw, state.online, None);
         tracing::info!(gateway = %gw, online = state.online, boot_id = %state.boot_id,
             store_error = ?state.store_error, "gateway state");
         if let Some((old, new)) = &change.store_replaced {
@@ -203,7 +210,20 @@ impl Uplink {
                 if let Some(presence) = parse::<DevicePresence>(gw, kind, payload) {
                     let ids: Vec<DeviceId> = presence.devices.keys().cloned().collect();
                     let mut reg = registry::lock(&self.registry);
+                    let seen = |reg: &crate::registry::Registry, id: &DeviceId| {
+                        reg.device(id)
+                            .filter(|d| &d.gateway == gw)
+                            .map(|d| (d.online, d.reason.clone()))
+                    };
+                    let before: Vec<_> = ids.iter().map(|id| seen(&reg, id)).collect();
                     reg.apply_presence(gw, presence, now_ms);
+                    for (id, before) in ids.iter().zip(before) {
+                        let after = seen(&reg, id);
+                        if let Some((online, reason)) = after.filter(|a| Some(a) != before.as_ref())
+                        {
+                            self.events.device(id, gw, online, reason.as_deref());
+                        }
+                    }
                     // Only this part's devices: a big gateway sends dozens of parts.
                     let records = reg.presence_records(gw, ids.iter());
                     drop(reg);
@@ -227,6 +247,8 @@ impl Uplink {
                 "device id claimed by two gateways; the newest catalog wins");
         }
         self.persist(gw);
+        let online = registry::lock(&self.registry).gateway_online(gw);
+        self.events.gateway(gw, online, Some(count));
         tracing::info!(gateway = %gw, devices = count, "gateway catalog");
     }
 
@@ -297,19 +319,26 @@ mod tests {
         let registry: SharedRegistry = Arc::new(Mutex::new(Registry::default()));
         let calls = Arc::new(PendingCalls::default());
         let (store, _thread) = Store::open(&DbLocation::Memory).unwrap().spawn().unwrap();
-        let (twins, _rx) = Twins::new(store.clone());
+        let (twins, _rx) = Twins::new(store.clone(), Events::default());
         let limits = crate::messages::Limits {
             max_queue: 50,
             window: 200,
             verdict_grace_ms: 90_000,
         };
-        let outbox = Outbox::new(store.clone(), Arc::clone(&registry), limits, Vec::new());
+        let outbox = Outbox::new(
+            store.clone(),
+            Arc::clone(&registry),
+            limits,
+            Vec::new(),
+            Events::default(),
+        );
         let up = Uplink::new(
             Arc::clone(&registry),
             Arc::clone(&calls),
             store,
             twins,
             outbox,
+            Events::default(),
         );
         (up, registry, calls)
     }

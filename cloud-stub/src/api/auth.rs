@@ -1,5 +1,7 @@
 //! The operator API's bearer token: with one configured, every request but `GET /healthz`
 //! must carry `Authorization: Bearer <token>`, or gets 401 `unauthorized` before any routing.
+//! The console's static shell (`GET /` for a browser, `/console/...`) holds no data and loads
+//! without it; the page then asks for the token and sends it with every data request.
 
 use super::ApiError;
 use crate::security::Secret;
@@ -20,7 +22,7 @@ pub async fn require_token(
     let Some(token) = token else {
         return next.run(req).await;
     };
-    if req.uri().path() == "/healthz" || presented(&req).is_some_and(|t| token.matches(t)) {
+    if open(&req) || presented(&req).is_some_and(|t| token.matches(t)) {
         return next.run(req).await;
     }
     let mut resp = ApiError::new(
@@ -31,6 +33,14 @@ pub async fn require_token(
     resp.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     resp
+}
+
+/// Routes that need no token: liveness and the console's static files.
+fn open(req: &Request) -> bool {
+    let path = req.uri().path();
+    path == "/healthz"
+        || path.starts_with("/console/")
+        || (path == "/" && super::console::wants_html(req.headers()))
 }
 
 /// The token of an `Authorization: Bearer <token>` header.

@@ -1,6 +1,11 @@
 //! `GET /`: a JSON index of the operator API, so a person or a script can find its way
-//! without the docs. Keep [`ROUTES`] in step with [`super::router`] (a test walks every entry).
+//! without the docs; a browser gets the console instead ([`super::console::wants_html`]).
+//! Keep [`ROUTES`] in step with [`super::router`] (a test walks every entry) and with
+//! [`super::openapi`] (a test compares them).
 
+use axum::http::header::VARY;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
@@ -22,8 +27,27 @@ const fn route(method: &'static str, path: &'static str, description: &'static s
 
 /// Every route, in the order a newcomer would use them.
 pub const ROUTES: &[RouteDoc] = &[
-    route("GET", "/", "this index"),
+    route(
+        "GET",
+        "/",
+        "this index; a browser (Accept prefers text/html) gets the operator console",
+    ),
     route("GET", "/healthz", "liveness; never needs the bearer token"),
+    route(
+        "GET",
+        "/console/{file}",
+        "the console's static files (HTML, CSS, JavaScript); never need the bearer token",
+    ),
+    route(
+        "GET",
+        "/api/v1/openapi.json",
+        "this API as an OpenAPI 3.1 document",
+    ),
+    route(
+        "GET",
+        "/api/v1/events",
+        "server-sent events: gateway, device, twin, message, rpc (and ready, lagged)",
+    ),
     route(
         "GET",
         "/api/v1/gateways",
@@ -72,8 +96,19 @@ pub const ROUTES: &[RouteDoc] = &[
     ),
 ];
 
-/// `GET /`.
-pub async fn index() -> Json<Value> {
+/// `GET /`: the console for a browser, the JSON index for anything else.
+pub async fn index(headers: HeaderMap) -> Response {
+    let mut resp = if super::console::wants_html(&headers) {
+        super::console::shell()
+    } else {
+        json_index().into_response()
+    };
+    resp.headers_mut()
+        .insert(VARY, axum::http::HeaderValue::from_static("Accept"));
+    resp
+}
+
+fn json_index() -> Json<Value> {
     let routes: Vec<Value> = ROUTES
         .iter()
         .map(|r| json!({"method": r.method, "path": r.path, "description": r.description}))
@@ -81,7 +116,10 @@ pub async fn index() -> Json<Value> {
     Json(json!({
         "name": "cloud-stub operator API",
         "version": env!("CARGO_PKG_VERSION"),
-        "auth": "Authorization: Bearer <token> on every route but /healthz, when a token is set",
+        "auth": "Authorization: Bearer <token> on every route but /healthz and the console's \
+                 static files, when a token is set",
+        "console": "open / in a browser",
+        "openapi": "/api/v1/openapi.json",
         "errors": "{\"code\", \"message\"} with the code's HTTP status",
         "message_statuses": super::messages::STATUSES,
         "routes": routes,

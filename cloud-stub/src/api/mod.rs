@@ -2,10 +2,13 @@
 //! included (`{"code", "message", ...}` with the code's HTTP status).
 
 mod auth;
+pub mod console;
 mod devices;
 mod error;
+mod events;
 mod index;
 mod messages;
+pub mod openapi;
 mod rpc;
 mod twin;
 
@@ -13,6 +16,7 @@ pub use error::ApiError;
 pub use index::{RouteDoc, ROUTES};
 
 use crate::calls::PendingCalls;
+use crate::events::Events;
 use crate::messages::Outbox;
 use crate::registry::{self, SharedRegistry};
 use crate::session::Publisher;
@@ -45,6 +49,8 @@ pub struct AppState {
     pub outbox: Arc<Outbox>,
     /// The bearer token every request but `/healthz` must carry; none: open API.
     pub api_token: Option<Arc<crate::security::Secret>>,
+    /// Changes for the event stream.
+    pub events: Events,
 }
 
 /// The API's routes ([`ROUTES`] lists them for `GET /`), behind the bearer token check when a
@@ -54,6 +60,9 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index::index))
         .route("/healthz", get(healthz))
+        .route("/console/{file}", get(console::asset))
+        .route("/api/v1/openapi.json", get(openapi::document))
+        .route("/api/v1/events", get(events::stream))
         .route("/api/v1/gateways", get(devices::list_gateways))
         .route("/api/v1/devices", get(devices::list_devices))
         .route("/api/v1/devices/{id}", get(devices::get_device))

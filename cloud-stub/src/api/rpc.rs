@@ -44,14 +44,34 @@ impl Default for InvokeBody {
     }
 }
 
-/// Invokes a method and answers `{"status", "result"}` or the coded error.
+/// Invokes a method and answers `{"status", "result"}` or the coded error; either way the
+/// event stream gets an `rpc` event with the outcome and how long the caller waited.
 pub async fn invoke(
     State(app): State<AppState>,
     PathParams((device, method)): PathParams<(String, String)>,
     JsonBody(body): JsonBody<InvokeBody>,
 ) -> Result<Json<Value>, ApiError> {
+    let started = Instant::now();
+    let events = app.events.clone();
+    let answer = call(app, &device, &method, body).await;
+    let outcome = match &answer {
+        Ok(_) => "ok",
+        Err(e) => e.error().code.as_str(),
+    };
+    let ms = started.elapsed().as_millis().try_into().unwrap_or(u64::MAX);
+    events.rpc(&device, &method, outcome, ms);
+    answer
+}
+
+async fn call(
+    app: AppState,
+    device: &str,
+    method: &str,
+    body: InvokeBody,
+) -> Result<Json<Value>, ApiError> {
+    let method = method.to_string();
     let timeout = check_body(&body)?;
-    let device = DeviceId::new(&device).map_err(|e| {
+    let device = DeviceId::new(device).map_err(|e| {
         ApiError::new(
             ErrorCode::DeviceNotFound,
             format!("no device '{device}': {e}"),

@@ -16,6 +16,7 @@ pub mod expiry;
 pub mod queue;
 pub mod sender;
 
+use crate::events::Events;
 use crate::registry::{self, SharedRegistry};
 use crate::store::{self, Commit, MessageRecord, MessageWrite, StoreError, StoreHandle};
 use gatewayd_protocol::message::MessageStatus;
@@ -67,17 +68,21 @@ pub struct Outbox {
     /// The deadline the expiry task sleeps until (`u64::MAX`: none), so an enqueue only wakes
     /// it for an earlier one.
     armed_expiry: AtomicU64,
+    /// Where status changes are announced.
+    events: Events,
 }
 
 impl Outbox {
     /// An outbox allowing `max_queue` open messages per device and `window` unacknowledged
     /// ones per gateway, holding the `open` messages loaded from the store. A delivered message
-    /// waits `verdict_grace_ms` after its TTL for its final feedback.
+    /// waits `verdict_grace_ms` after its TTL for its final feedback. Status changes go to
+    /// `events`.
     pub fn new(
         store: StoreHandle,
         registry: SharedRegistry,
         limits: Limits,
         open: Vec<MessageRecord>,
+        events: Events,
     ) -> Arc<Outbox> {
         let mut queue =
             Queue::new(limits.max_queue, limits.window).with_verdict_grace(limits.verdict_grace_ms);
@@ -101,6 +106,7 @@ impl Outbox {
             wake_sender: Notify::new(),
             wake_expiry: Notify::new(),
             armed_expiry: AtomicU64::new(0),
+            events,
         })
     }
 
@@ -142,6 +148,7 @@ impl Outbox {
             // about it later.
             let outbox = Arc::clone(self);
             let committed_id = id.clone();
+            let device = device.clone();
             self.store.submit(
                 move |conn| record.insert(conn),
                 move |result| {
@@ -155,6 +162,11 @@ impl Outbox {
                             }
                         }
                     };
+                    if result.is_ok() {
+                        outbox
+                            .events
+                            .message(&device, &committed_id, MessageStatus::Queued);
+                    }
                     if sendable {
                         outbox.wake_sender.notify_one();
                     }
@@ -184,10 +196,12 @@ impl Outbox {
             Ok(applied) => {
                 // Submitted under the lock, like every message write: in decision order.
                 let writes = [applied.write];
+                let events = self.events.clone();
+                let announce = writes.clone();
                 let commit = self.store.write_for_ack(
                     "message feedback",
                     move |conn| store::apply_message_writes(conn, &writes),
-                    |()| {},
+                    move |()| events.message_writes(&announce),
                 );
                 drop(q);
                 tracing::debug!(gateway = %from, message = %fb.id, status = applied.status.as_str(),
@@ -250,6 +264,7 @@ impl Outbox {
             let mut q = self.lock();
             let writes = q.purge(device, now_ms);
             let n = writes.len();
+            self.events.message_writes(&writes);
             self.store.submit(
                 move |conn| store::apply_message_writes(conn, &writes),
                 move |r| {
@@ -315,6 +330,7 @@ impl Outbox {
             sends.extend(more);
             writes.extend(more_writes);
         }
+        self.events.message_writes(&writes);
         self.store.write_messages(writes);
         sends
     }
@@ -326,6 +342,7 @@ impl Outbox {
         let done = q.expire_due(now_ms);
         let next = q.next_deadline();
         let ended = count_statuses(&done.writes);
+        self.events.message_writes(&done.writes);
         self.store.write_messages(done.writes);
         drop(q);
         if !ended.is_empty() {

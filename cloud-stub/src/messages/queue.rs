@@ -327,6 +327,7 @@ impl Queue {
                     }
                     continue;
                 }
+                let device = e.device.clone();
                 self.reschedule(&id, |e| {
                     e.sent_to = Some(gw.clone());
                     e.inflight = true;
@@ -335,6 +336,7 @@ impl Queue {
                 let body = Arc::clone(&self.entries[&id].body);
                 writes.push(MessageWrite::Sent {
                     id: id.clone(),
+                    device,
                     gateway: gw.clone(),
                     at_ms: now_ms,
                 });
@@ -428,6 +430,7 @@ impl Queue {
                 e.probe = false;
                 writes.push(MessageWrite::Sent {
                     id: id.clone(),
+                    device: e.device.clone(),
                     gateway: gw.clone(),
                     at_ms: now_ms,
                 });
@@ -490,6 +493,7 @@ impl Queue {
             status: next,
             write: MessageWrite::Status {
                 id,
+                device: Some(fb.device.clone()),
                 status: next,
                 reason: fb.reason.clone(),
                 device_status: fb.device_status,
@@ -670,9 +674,10 @@ impl Queue {
         reason: &str,
         now_ms: u64,
     ) -> MessageWrite {
-        self.remove(id);
+        let device = self.remove(id).map(|e| e.device);
         MessageWrite::Status {
             id: id.clone(),
+            device,
             status,
             reason: (!reason.is_empty()).then(|| reason.to_string()),
             device_status: None,

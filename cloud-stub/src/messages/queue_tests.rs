@@ -335,6 +335,7 @@ fn feedback_is_checked_and_moves_forward_only() {
         applied.write,
         MessageWrite::Status {
             id: mid("m1"),
+            device: Some(DeviceId::new("d1").unwrap()),
             status: MessageStatus::Rejected,
             reason: Some("no mapping".into()),
             device_status: Some(422),

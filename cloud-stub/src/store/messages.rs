@@ -37,12 +37,15 @@ pub enum MessageWrite {
     /// Published to `gateway` at `at_ms`.
     Sent {
         id: MessageId,
+        device: DeviceId,
         gateway: GatewayId,
         at_ms: u64,
     },
     /// A new status. `None` fields keep their stored value; the times are set only once.
     Status {
         id: MessageId,
+        /// Its device, when the queue still held the message (for the event stream only).
+        device: Option<DeviceId>,
         status: MessageStatus,
         reason: Option<String>,
         device_status: Option<i64>,
@@ -120,7 +123,9 @@ impl MessageRecord {
 pub fn apply(conn: &Connection, writes: &[MessageWrite]) -> Result<(), StoreError> {
     for w in writes {
         match w {
-            MessageWrite::Sent { id, gateway, at_ms } => {
+            MessageWrite::Sent {
+                id, gateway, at_ms, ..
+            } => {
                 conn.prepare_cached(
                     "UPDATE messages SET sent_at_ms = ?2, gateway = ?3 WHERE id = ?1",
                 )?
@@ -137,6 +142,7 @@ pub fn apply(conn: &Connection, writes: &[MessageWrite]) -> Result<(), StoreErro
                 device_status,
                 delivered_at_ms,
                 finished_at_ms,
+                ..
             } => {
                 conn.prepare_cached(
                     "UPDATE messages SET status = ?2,

@@ -178,6 +178,7 @@ fn a_status_write_never_changes_a_final_message() {
     m.insert(&store.conn).unwrap();
     let write = |status, delivered| MessageWrite::Status {
         id: m.id.clone(),
+        device: None,
         status,
         reason: None,
         device_status: None,
@@ -210,6 +211,7 @@ fn message_writes_apply_in_order_and_times_are_set_once() {
     let id = m.id.clone();
     let status = |status, delivered, finished, reason: Option<&str>| MessageWrite::Status {
         id: id.clone(),
+        device: None,
         status,
         reason: reason.map(str::to_string),
         device_status: None,
@@ -221,6 +223,7 @@ fn message_writes_apply_in_order_and_times_are_set_once() {
         &[
             MessageWrite::Sent {
                 id: id.clone(),
+                device: m.device.clone(),
                 gateway: GatewayId::new("g1").unwrap(),
                 at_ms: 20,
             },
