@@ -631,7 +631,7 @@ export class DevicePage {
 
   buildMessages() {
     this.payloadText = h("textarea", {
-      rows: 3,
+      rows: 2,
       spellcheck: "false",
       testid: "message-payload",
       "aria-label": "message payload",
@@ -642,25 +642,29 @@ export class DevicePage {
     this.commandPick = h("span", { class: "commands" });
     this.openList = h("div", { class: "messages", testid: "message-queue" });
     this.historyList = h("div", { class: "messages", testid: "message-history" });
-    this.body.replaceChildren(
+    const form = h(
+      "form",
+      { class: "card", onsubmit: (e) => { e.preventDefault(); this.sendMessage(); } },
+      h("h2", {}, "Send a command"),
+      h("p", { class: "muted small" },
+        "Queued until the device is reachable, dropped unexecuted when its TTL passes, executed at most once."),
+      h("div", { class: "row" }, h("label", { class: "grow" }, "payload", this.payloadText)),
       h(
-        "form",
-        { class: "card", onsubmit: (e) => { e.preventDefault(); this.sendMessage(); } },
-        h("h2", {}, "Send a command"),
-        h("p", { class: "muted" },
-          "Queued until the device is reachable, dropped unexecuted when its TTL passes, executed at most once."),
-        h("div", { class: "row" }, h("label", { class: "grow" }, "payload", this.payloadText)),
-        h(
-          "div",
-          { class: "actions" },
-          h("label", {}, "TTL (s) ", this.ttlInput),
-          h("button", { type: "submit", testid: "message-send" }, "Send"),
-          this.commandPick,
-          h("button", { type: "button", class: "danger", testid: "message-purge", onclick: () => this.purge() }, "Purge open messages"),
-        ),
-        this.sendResult,
+        "div",
+        { class: "actions" },
+        h("label", {}, "TTL (s) ", this.ttlInput),
+        h("button", { type: "submit", testid: "message-send" }, "Send"),
       ),
-      h("section", { class: "card" }, h("h2", {}, "Queue"), this.openList),
+      h(
+        "div",
+        { class: "actions" },
+        this.commandPick,
+        h("button", { type: "button", class: "danger", testid: "message-purge", onclick: () => this.purge() }, "Purge open messages"),
+      ),
+      this.sendResult,
+    );
+    this.body.replaceChildren(
+      h("div", { class: "side-by-side" }, form, h("section", { class: "card" }, h("h2", {}, "Queue"), this.openList)),
       h("section", { class: "card" }, h("h2", {}, "History"), this.historyList),
     );
   }
