@@ -120,7 +120,8 @@ async fn main() -> Result<()> {
     println!(
         r#"
 gatewayd demo is running
-  cloud stub operator API  {api}   (MQTT broker {mqtt})
+  operator console         {api}/   (open it in a browser: fleet, twins, messages, methods, live)
+  cloud stub operator API  {api}   (MQTT broker {mqtt}; GET {api}/api/v1/openapi.json describes it)
   simulated AGVs (HTTP)    agv-1 {a1}, agv-2 {a2}   (fault control {ctl})
   temperature controller   chiller-1 on serial port {tty}   (fault control {sctl})
   gatewayd                 gateway site-1, config {dir}/gatewayd.toml
