@@ -108,6 +108,42 @@ async fn the_console_shows_the_fleet_and_drives_twins_messages_and_methods() -> 
     assert_no_horizontal_scroll(&browser).await?;
     browser.screenshot(&shots.join("twin.png")).await?;
 
+    // Two operators: another one changes desired while this page, loaded without its event
+    // stream, still shows version 1. Its change is refused (If-Match), it says so and
+    // reloads; nothing was overwritten.
+    browser.cdp("Network.enable", json!({})).await?;
+    browser
+        .cdp(
+            "Network.setBlockedURLs",
+            json!({"urls": ["*/api/v1/events*"]}),
+        )
+        .await?;
+    browser.reload().await?;
+    browser.wait_text("desired-version", "1").await?;
+    browser.text_is("live", "connecting…").await?;
+    let (s, b) = site
+        .patch_desired("agv-1", json!({"maxSpeed": 10}), None)
+        .await?;
+    assert_eq!((s, b["desired_version"].as_u64()), (200, Some(2)), "{b}");
+    browser.text_is("desired-version", "1").await?;
+    browser
+        .type_into("desired-patch", r#"{"maxSpeed": 25}"#)
+        .await?;
+    browser.click("desired-submit").await?;
+    browser.wait_present("desired-conflict").await?;
+    browser.wait_text("desired-version", "2").await?;
+    browser.text_is("twin-desired-maxSpeed", "10").await?;
+    assert_eq!(
+        site.twin("agv-1").await?["desired"]["maxSpeed"],
+        json!(10),
+        "the other operator's change stands"
+    );
+    browser
+        .cdp("Network.setBlockedURLs", json!({"urls": []}))
+        .await?;
+    browser.reload().await?;
+    browser.wait_attr("live", "data-state", "live").await?;
+
     // Messages: RESTART with a TTL, its timeline to completed.
     browser.click("tab-messages").await?;
     browser.wait_present("message-payload").await?;
@@ -528,6 +564,40 @@ mod webdriver {
                 bail!("{testid} shows {got:?}, expected '{want}'");
             }
             Ok(())
+        }
+
+        /// Reloads the page and waits until the new one is loaded.
+        pub async fn reload(&self) -> Result<()> {
+            self.run("window.__beforeReload = true; location.reload(); return true;")
+                .await?;
+            self.wait_for("the page reloaded", |b| async move {
+                // A script sent while the old page unloads may fail: not loaded yet.
+                let v = b
+                    .run("return !window.__beforeReload && document.readyState === 'complete';")
+                    .await
+                    .ok();
+                Ok((v == Some(Value::Bool(true))).then_some(()))
+            })
+            .await
+        }
+
+        /// A Chrome DevTools command through chromedriver.
+        pub async fn cdp(&self, cmd: &str, params: Value) -> Result<Value> {
+            self.cmd(
+                reqwest::Method::POST,
+                "/goog/cdp/execute",
+                json!({"cmd": cmd, "params": params}),
+            )
+            .await
+        }
+
+        /// Cuts the page off the network (open connections included), or restores it.
+        pub async fn network_offline(&self, offline: bool) -> Result<()> {
+            let conditions = json!({"offline": offline, "latency": 0,
+                "downloadThroughput": -1, "uploadThroughput": -1});
+            self.cdp("Network.emulateNetworkConditions", conditions)
+                .await
+                .map(drop)
         }
 
         /// Sizes the window so that the page's viewport is `width` x `height`.
