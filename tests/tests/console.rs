@@ -591,15 +591,6 @@ mod webdriver {
             .await
         }
 
-        /// Cuts the page off the network (open connections included), or restores it.
-        pub async fn network_offline(&self, offline: bool) -> Result<()> {
-            let conditions = json!({"offline": offline, "latency": 0,
-                "downloadThroughput": -1, "uploadThroughput": -1});
-            self.cdp("Network.emulateNetworkConditions", conditions)
-                .await
-                .map(drop)
-        }
-
         /// Sizes the window so that the page's viewport is `width` x `height`.
         pub async fn resize(&self, width: u64, height: u64) -> Result<()> {
             let frame = self
