@@ -105,6 +105,36 @@ export class Reloader {
 
 const OPEN_STATUSES = ["queued", "delivered"];
 
+/** Device rows the fleet page shows at most; a filter narrows a larger fleet. */
+const MAX_ROWS = 500;
+
+/** Runs async jobs with at most `limit` in flight, so a big fleet never floods the stub. */
+class Limiter {
+  constructor(limit) {
+    this.limit = limit;
+    this.running = 0;
+    this.queue = [];
+  }
+  run(job) {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ job, resolve, reject });
+      this.next();
+    });
+  }
+  next() {
+    while (this.running < this.limit && this.queue.length) {
+      const { job, resolve, reject } = this.queue.shift();
+      this.running += 1;
+      job()
+        .then(resolve, reject)
+        .finally(() => {
+          this.running -= 1;
+          this.next();
+        });
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Fleet page: gateways and devices, filterable
 
@@ -116,6 +146,7 @@ export class FleetPage {
     this.devices = [];
     this.pending = new Map(); // device -> open message count
     this.delta = new Map(); // device -> properties out of sync
+    this.limiter = new Limiter(6);
     this.filterText = sessionStorage.getItem("cloud-stub.filter") || "";
     this.filterState = sessionStorage.getItem("cloud-stub.state") || "all";
     this.build();
@@ -213,10 +244,21 @@ export class FleetPage {
       this.status.replaceChildren();
       this.gateways = g.body;
       this.devices = d.body;
+      this.pending.clear();
+      this.delta.clear();
       this.renderGateways();
-      this.renderDevices();
-      await Promise.all(this.devices.map((dev) => Promise.all([this.loadPending(dev.id), this.loadDelta(dev.id)])));
+      await this.renderDevices();
     });
+  }
+
+  /** Loads the counts of the rows shown that lack them. */
+  async loadCounts(ids) {
+    await Promise.all(
+      ids.flatMap((id) => [
+        this.pending.has(id) ? null : this.limiter.run(() => this.loadPending(id)),
+        this.delta.has(id) ? null : this.limiter.run(() => this.loadDelta(id)),
+      ]),
+    );
   }
 
   async loadPending(id) {
@@ -304,8 +346,12 @@ export class FleetPage {
   }
 
   renderDevices() {
-    const shown = this.devices.filter((d) => this.matches(d));
-    this.count.textContent = `${shown.length} of ${this.devices.length}`;
+    const matching = this.devices.filter((d) => this.matches(d));
+    const shown = matching.slice(0, MAX_ROWS);
+    this.count.textContent =
+      matching.length > shown.length
+        ? `first ${shown.length} of ${matching.length} matching (${this.devices.length} in all): filter to narrow`
+        : `${shown.length} of ${this.devices.length}`;
     if (!shown.length) {
       this.deviceBody.replaceChildren(
         h("tr", {}, h("td", { colspan: 6, class: "empty" },
@@ -333,6 +379,7 @@ export class FleetPage {
       ),
     );
     for (const d of shown) this.renderCounts(d.id);
+    return this.loadCounts(shown.map((d) => d.id)).catch((e) => this.reloader.onError(e));
   }
 
   renderCounts(id) {

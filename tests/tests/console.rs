@@ -185,7 +185,17 @@ async fn the_console_shows_the_fleet_and_drives_twins_messages_and_methods() -> 
 
     // Methods: a form built from the declared params; the coded error, then a result.
     browser.click("tab-methods").await?;
-    browser.wait_present("method-select").await?;
+    browser
+        .wait_for("set_max_speed among the methods", |b| async move {
+            let v = b
+                .run(
+                    "return [...document.querySelectorAll('[data-testid=\"method-select\"] option')]
+                        .some(o => o.value === 'set_max_speed');",
+                )
+                .await?;
+            Ok((v == true).then_some(()))
+        })
+        .await?;
     browser
         .run(
             "const s = document.querySelector('[data-testid=\"method-select\"]');
@@ -239,6 +249,8 @@ async fn the_console_shows_the_fleet_and_drives_twins_messages_and_methods() -> 
     assert_no_horizontal_scroll(&browser).await?;
     browser.screenshot(&shots.join("fleet-tablet.png")).await?;
 
+    let errors = browser.page_errors().await?;
+    assert!(errors.is_empty(), "the page logged errors: {errors:#?}");
     browser.stop().await;
     eprintln!("console end to end took {:?}", started.elapsed());
     Ok(())
@@ -286,6 +298,8 @@ async fn the_console_asks_for_the_api_token() -> Result<()> {
     browser.wait_attr("live", "data-state", "live").await?;
     browser.click("logout").await?;
     browser.wait_present("login-token").await?;
+    let errors = browser.page_errors().await?;
+    assert!(errors.is_empty(), "the page logged errors: {errors:#?}");
     browser.stop().await;
     Ok(())
 }
@@ -370,6 +384,7 @@ mod webdriver {
             let http = reqwest::Client::new();
             let caps = json!({"capabilities": {"alwaysMatch": {
                 "browserName": "chrome",
+                "goog:loggingPrefs": {"browser": "ALL"},
                 "goog:chromeOptions": {
                     "binary": binary,
                     "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
@@ -618,6 +633,23 @@ mod webdriver {
             std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))?;
             eprintln!("screenshot {}", path.display());
             Ok(())
+        }
+
+        /// Errors the page logged (script errors, console.error), not counting the failed
+        /// requests the tests cause on purpose (401, 412, blocked URLs).
+        pub async fn page_errors(&self) -> Result<Vec<String>> {
+            let logs = self
+                .cmd(reqwest::Method::POST, "/se/log", json!({"type": "browser"}))
+                .await?;
+            Ok(logs
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|e| e["level"] == "SEVERE")
+                .filter_map(|e| e["message"].as_str())
+                .filter(|m| !m.contains("Failed to load resource"))
+                .map(str::to_string)
+                .collect())
         }
 
         pub async fn stop(mut self) {
