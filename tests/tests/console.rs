@@ -241,9 +241,21 @@ async fn the_console_shows_the_fleet_and_drives_twins_messages_and_methods() -> 
     // The same pages at tablet width.
     browser.resize(768, 1024).await?;
     assert_no_horizontal_scroll(&browser).await?;
+    browser
+        .screenshot(&shots.join("methods-tablet.png"))
+        .await?;
+    browser.click("tab-messages").await?;
+    browser
+        .wait_present(&format!("message-timeline-{id}"))
+        .await?;
+    assert_no_horizontal_scroll(&browser).await?;
+    browser
+        .screenshot(&shots.join("messages-tablet.png"))
+        .await?;
     browser.click("tab-twin").await?;
     browser.wait_present("twin-row-maxSpeed").await?;
     assert_no_horizontal_scroll(&browser).await?;
+    browser.screenshot(&shots.join("twin-tablet.png")).await?;
     browser.click("back-to-fleet").await?;
     browser.wait_present("device-row-agv-2").await?;
     assert_no_horizontal_scroll(&browser).await?;
