@@ -79,6 +79,9 @@ pub struct StubConfig {
     /// a third of it the message is sent again (the gateway repeats its latest feedback), at
     /// the end it is final `may_have_run`.
     pub verdict_grace: Duration,
+    /// Events a subscriber of `GET /api/v1/events` may fall behind before it misses some (and
+    /// is told so).
+    pub event_capacity: usize,
 }
 
 impl StubConfig {
@@ -93,6 +96,7 @@ impl StubConfig {
             max_queue: DEFAULT_MAX_QUEUE,
             send_window: DEFAULT_SEND_WINDOW,
             verdict_grace: DEFAULT_VERDICT_GRACE,
+            event_capacity: events::CAPACITY,
         }
     }
 }
@@ -129,7 +133,7 @@ pub async fn run(
     let registry = Arc::new(Mutex::new(registry));
     let (store, store_thread) = store.spawn()?;
     let calls = Arc::new(PendingCalls::default());
-    let events = events::Events::default();
+    let events = events::Events::new(config.event_capacity);
     let (twins, desired_out) = Twins::new(store.clone(), events.clone());
     let limits = messages::Limits {
         max_queue: config.max_queue,

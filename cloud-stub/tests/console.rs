@@ -297,3 +297,26 @@ async fn with_a_token_only_the_page_shell_is_open() {
     events.until("gateway", |d| d["online"] == true).await;
     stub.stop().await;
 }
+
+/// A subscriber that falls behind is told how many events it missed, and the stub goes on.
+#[tokio::test]
+async fn a_lagging_subscriber_is_told_and_does_not_hold_up_the_stub() {
+    let broker = common::broker().await;
+    let mut config = StubConfig::new(broker, cloud_stub::DbLocation::Memory);
+    config.event_capacity = 4;
+    let stub = Stub::start_with(config).await;
+    let mut events = Events::open(&stub, None).await;
+    let gateway = FakeGateway::connect(&stub.broker).await;
+    let devices: Vec<String> = (0..100).map(|i| format!("d{i}")).collect();
+    let names: Vec<&str> = devices.iter().map(String::as_str).collect();
+    // One presence snapshot brings 100 devices online: 100 events in one go, more than the
+    // subscriber's 4.
+    gateway.announce_devices(&names).await;
+    let lagged = events.until("lagged", |_| true).await;
+    assert!(lagged["missed"].as_u64().unwrap() > 0, "{lagged}");
+    stub.wait_device("d99", |d| d["online"] == true).await;
+    // The stream goes on after the gap.
+    stub.patch_desired("d0", json!({"x": 1}), None).await;
+    events.until("twin", |d| d["device"] == "d0").await;
+    stub.stop().await;
+}
