@@ -261,6 +261,38 @@ async fn the_console_shows_the_fleet_and_drives_twins_messages_and_methods() -> 
     assert_no_horizontal_scroll(&browser).await?;
     browser.screenshot(&shots.join("fleet-tablet.png")).await?;
 
+    // A message to the offline agv-2 waits, delivered to gatewayd's inbox, for the device to
+    // return (the fleet counts it as pending), until purged.
+    browser
+        .goto(&format!("{}/#/devices/agv-2/messages", site.stub.api))
+        .await?;
+    browser.wait_present("message-payload").await?;
+    browser.click("message-send").await?;
+    browser.wait_present("message-queued").await?;
+    let waiting = browser
+        .attr("message-result", "data-id")
+        .await?
+        .context("the page names the queued message")?;
+    browser
+        .wait_attr(&format!("message-{waiting}"), "data-status", "delivered")
+        .await?;
+    let steps = browser
+        .run(&format!(
+            "return [...document.querySelectorAll('[data-testid=\"message-timeline-{waiting}\"] li')]
+                .map(li => li.dataset.done);"
+        ))
+        .await?;
+    assert_eq!(steps, json!(["true", "true", "true", "false"]));
+    browser.click("back-to-fleet").await?;
+    browser.wait_text("device-pending-agv-2", "1").await?;
+    browser.click("device-link-agv-2").await?;
+    browser.click("tab-messages").await?;
+    browser.click("message-purge").await?;
+    browser.wait_present("message-purged").await?;
+    browser
+        .wait_text(&format!("message-status-{waiting}"), "purged")
+        .await?;
+
     let errors = browser.page_errors().await?;
     assert!(errors.is_empty(), "the page logged errors: {errors:#?}");
     browser.stop().await;
