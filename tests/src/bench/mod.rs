@@ -3,11 +3,13 @@
 //! latency against baselines taken in the same run, RPC throughput next to floors taken at the
 //! same concurrency (MQTT echo through the same broker, direct HTTP to the devices), twin
 //! fan-out and message throughput through the operator API, gatewayd's CPU time per RPC, per
-//! twin property and per message, and its idle footprint.
+//! twin property and per message, its idle footprint, and RPC latency through the
+//! `thingsboard` cloud profile next to the native one.
 //!
 //! - `cloud`: the bench's own MQTT sessions (cloud side and echo);
 //! - `rig`: the bench's cloud stub, and a gatewayd and its devices on it;
-//! - `latency`, `throughput`, `twin_fanout`, `messages`, `footprint`, `modbus`: one phase each;
+//! - `latency`, `throughput`, `twin_fanout`, `messages`, `footprint`, `modbus`, `thingsboard`:
+//!   one phase each;
 //! - `swarm`: the cloud side under many simulated gateways (`crate::swarm`), on its own stub;
 //! - `load`: operator-API bursts and polling; `procfs`, `stats`: measuring helpers;
 //! - `report`: targets, verdicts, table and JSON.
@@ -23,6 +25,7 @@ pub mod report;
 pub mod rig;
 pub mod stats;
 pub mod swarm;
+pub mod thingsboard;
 pub mod throughput;
 pub mod twin_fanout;
 
@@ -69,6 +72,8 @@ pub struct Options {
     pub swarm: Option<(usize, usize)>,
     /// Rounds, calls in flight and duration of the Modbus phase; `None` skips it.
     pub modbus: Option<modbus::ModbusOptions>,
+    /// Rounds of the ThingsBoard profile phase; `None` skips it.
+    pub thingsboard: Option<thingsboard::TbOptions>,
     /// Where logs and stores go (emptied first).
     pub dir: PathBuf,
 }
@@ -211,6 +216,17 @@ pub async fn run(opts: &Options) -> Result<Report> {
         None => None,
     };
 
+    let thingsboard = match &opts.thingsboard {
+        Some(t) => {
+            eprintln!(
+                "bench: 8. thingsboard profile next to native, {} rounds through each operator API",
+                t.rounds
+            );
+            Some(thingsboard::measure(&stub, &opts.dir.join("thingsboard"), t).await?)
+        }
+        None => None,
+    };
+
     let settings = Settings {
         profile: if cfg!(debug_assertions) {
             "debug"
@@ -248,6 +264,9 @@ pub async fn run(opts: &Options) -> Result<Report> {
     }
     if let Some(modbus) = modbus {
         report.add_modbus(modbus);
+    }
+    if let Some(tb) = thingsboard {
+        report.add_thingsboard(tb);
     }
     Ok(report)
 }

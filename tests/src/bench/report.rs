@@ -131,6 +131,8 @@ pub struct Report {
     pub swarm: Option<super::swarm::SwarmReport>,
     /// `None` with `--skip-modbus`; set by [`Report::add_modbus`].
     pub modbus: Option<super::modbus::ModbusReport>,
+    /// `None` with `--skip-thingsboard`; set by [`Report::add_thingsboard`].
+    pub thingsboard: Option<super::thingsboard::TbReport>,
     pub checks: Vec<Check>,
 }
 
@@ -243,6 +245,7 @@ impl Report {
             footprint,
             swarm: None,
             modbus: None,
+            thingsboard: None,
             checks,
         }
     }
@@ -546,6 +549,19 @@ impl Report {
                 }
             }
             None => row("7", "modbus".into(), "skipped (--skip-modbus)".into(), None),
+        }
+        match &self.thingsboard {
+            Some(tb) => {
+                for (what, result) in tb.rows() {
+                    row("8", what, result, None);
+                }
+            }
+            None => row(
+                "8",
+                "thingsboard profile".into(),
+                "skipped (--skip-thingsboard)".into(),
+                None,
+            ),
         }
 
         let mut out = String::new();

@@ -67,6 +67,13 @@ struct Cli {
     /// Sequential rounds of the Modbus phase, per transport.
     #[arg(long, default_value_t = 1000)]
     modbus_rounds: usize,
+    /// Skip the ThingsBoard profile phase.
+    #[arg(long)]
+    skip_thingsboard: bool,
+    /// Sequential rounds of the ThingsBoard profile phase (each: one RPC through the native
+    /// profile and one through the thingsboard profile).
+    #[arg(long, default_value_t = 1000)]
+    tb_rounds: usize,
     /// Use this external MQTT broker (e.g. a Mosquitto at mqtt://127.0.0.1:1883) instead of the
     /// stub's embedded one.
     #[arg(long, value_name = "URL")]
@@ -126,6 +133,10 @@ fn main() -> Result<()> {
             rounds: cli.modbus_rounds.max(1),
             in_flight: cli.in_flight,
             duration: Duration::from_secs(cli.duration),
+        }),
+        thingsboard: (!cli.skip_thingsboard).then(|| bench::thingsboard::TbOptions {
+            rounds: cli.tb_rounds.max(1),
+            warmup: (cli.tb_rounds / 10).max(50),
         }),
         dir: target.join("bench"),
     };
