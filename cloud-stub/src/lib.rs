@@ -1,6 +1,7 @@
 //! The cloud side of gatewayd for development and tests: an embedded MQTT broker (or an
-//! external one), an operator HTTP API, and a SQLite store. It covers the gateway and device
-//! registry, presence, synchronous RPC, device twins and cloud-to-device messages.
+//! external one), an operator HTTP API with its event stream and a web console on top of it,
+//! and a SQLite store. It covers the gateway and device registry, presence, synchronous RPC,
+//! device twins and cloud-to-device messages.
 //!
 //! [`run`] takes an already bound API listener and a shutdown token, so tests run the real
 //! thing in-process on `127.0.0.1:0`. The broker is separate ([`start_embedded_broker`]) because

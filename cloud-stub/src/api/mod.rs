@@ -1,5 +1,6 @@
 //! The operator HTTP API: routes, shared state, and the JSON shape of every answer, errors
-//! included (`{"code", "message", ...}` with the code's HTTP status).
+//! included (`{"code", "message", ...}` with the code's HTTP status); the event stream
+//! (`events.rs`), the OpenAPI document (`openapi.rs`) and the console's files (`console.rs`).
 
 mod auth;
 pub mod console;
