@@ -48,6 +48,8 @@ pub struct AdminState {
     pub shutdown: CancellationToken,
     /// The critical tasks; readiness names any that stopped.
     pub tasks: crate::supervise::Supervisor,
+    /// The running configuration's fingerprint and the last reload.
+    pub reload: Arc<crate::reload::Status>,
 }
 
 /// The routes.
@@ -59,6 +61,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/api/devices", get(devices))
         .route("/api/inbox", get(inbox))
         .route("/api/twins", get(twins))
+        .route("/api/config", get(config_status))
         .with_state(state)
 }
 
@@ -158,6 +161,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
     };
     let snapshot = state.devices.presence.snapshot();
     let stats = state.store.stats();
+    let reload = state.reload.get();
     let gauges = Gauges {
         inbox_depth,
         outbox_depth,
@@ -173,6 +177,8 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> Response {
             .iter()
             .map(|(id, s)| (id.to_string(), s.online))
             .collect(),
+        config_fingerprint: reload.fingerprint.clone(),
+        last_reload: reload.last.as_ref().map(|(at, o)| (*at, o.kind())),
     };
     (
         [(
@@ -242,6 +248,19 @@ async fn inbox(
         })
         .await;
     list(rows)
+}
+
+/// The running configuration's fingerprint and the last reload's time and outcome.
+async fn config_status(State(state): State<Arc<AdminState>>) -> Json<Value> {
+    let s = state.reload.get();
+    Json(json!({
+        "fingerprint": s.fingerprint,
+        "last_reload": s.last.map(|(at_ms, outcome)| {
+            let mut v = outcome.to_json();
+            v["at_ms"] = json!(at_ms);
+            v
+        }),
+    }))
 }
 
 async fn twins(
@@ -343,6 +362,7 @@ mod tests {
             connected,
             shutdown: CancellationToken::new(),
             tasks: crate::supervise::Supervisor::new(CancellationToken::new()),
+            reload: Arc::new(crate::reload::Status::default()),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let file = dir.path().join("admin.addr");

@@ -30,11 +30,11 @@ use gatewayd_protocol::message::FeedbackOutcome;
 use gatewayd_protocol::{validate_params, C2dMessage, DeviceId, Feedback, PROTOCOL_VERSION};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{Map, Value};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -57,7 +57,7 @@ pub struct Inbox {
     store: Store,
     config: MessagesConfig,
     devices: Arc<Devices>,
-    wakers: HashMap<DeviceId, Arc<Notify>>,
+    pub(crate) wakers: crate::wakeups::Wakers,
     outbox: Wake,
     metrics: Arc<Metrics>,
     /// Messages `pending` or `running`, for the inbox bound (counted once at start, then kept
@@ -74,11 +74,7 @@ impl Inbox {
         outbox: Wake,
         metrics: Arc<Metrics>,
     ) -> Inbox {
-        let wakers = devices
-            .all()
-            .into_iter()
-            .map(|d| (d.id.clone(), Arc::new(Notify::new())))
-            .collect();
+        let wakers = crate::wakeups::Wakers::new(devices.all().into_iter().map(|d| d.id.clone()));
         Inbox {
             store,
             config,
@@ -258,10 +254,41 @@ impl Inbox {
 
     /// Wakes the worker of `device`.
     pub fn wake(&self, device: &DeviceId) {
-        if let Some(w) = self.wakers.get(device) {
-            w.notify_one();
-        }
+        self.wakers.notify(device);
         self.outbox.wake();
+    }
+
+    /// A device left the configuration: its pending messages end `failed` with `reason`
+    /// (never run). Returns how many.
+    pub async fn fail_device(&self, device: &DeviceId, reason: &str) -> Result<usize, StoreError> {
+        let now = now_ms();
+        let device = device.to_string();
+        let reason = reason.to_string();
+        let n = self
+            .store
+            .call(move |c| {
+                let pending: Vec<String> = c
+                    .prepare("SELECT id FROM inbox WHERE device = ?1 AND state = 'pending'")?
+                    .query_map([&device], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for id in &pending {
+                    finish(
+                        c,
+                        id,
+                        &device,
+                        FeedbackOutcome::Failed,
+                        Some(reason.clone()),
+                        None,
+                        now,
+                    )?;
+                }
+                Ok(pending.len())
+            })
+            .await?;
+        self.open
+            .fetch_sub(n.min(self.open.load(Ordering::SeqCst)), Ordering::SeqCst);
+        self.metrics.messages(FeedbackOutcome::Failed, n);
+        Ok(n)
     }
 
     /// At start-up: messages caught `running` by a crash end `failed` (they may have reached
@@ -383,7 +410,7 @@ struct Next {
 /// ([`Inbox::pending_devices`]) found no pending message for this device, so the worker waits
 /// for a wake-up before it reads the inbox.
 pub async fn worker(device: Arc<Device>, inbox: Arc<Inbox>, idle: bool, stop: CancellationToken) {
-    let Some(wake) = inbox.wakers.get(&device.id).cloned() else {
+    let Some(wake) = inbox.wakers.get(&device.id) else {
         return;
     };
     let mut wakeups = Wakeups::new(stop, wake, inbox.devices.presence.watch(&device.id));

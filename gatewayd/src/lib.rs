@@ -9,6 +9,7 @@ pub mod cloud;
 pub mod config;
 pub mod device;
 pub mod inbox;
+pub mod live;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;
@@ -56,6 +57,12 @@ pub struct Operations {
     pub admin: Option<std::net::TcpListener>,
     /// systemd notifications (`notify.rs`); the default sends nothing.
     pub notifier: notify::Notifier,
+    /// Live reload: the running configuration's fingerprint (taken before `run` consumes the
+    /// configuration) and the re-read files to apply (SIGHUP). None: no live reload.
+    pub reloads: Option<(
+        reload::Fingerprint,
+        tokio::sync::mpsc::Receiver<reload::Request>,
+    )>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then drains: no new RPCs, in-flight ones get
@@ -77,33 +84,9 @@ pub async fn run(
     let supervisor = supervise::Supervisor::new(shutdown.clone());
     background
         .spawn(supervisor.critical("store health", store::heal(store.clone(), shutdown.clone())));
-    for d in devices.all() {
-        background.spawn(device::health::probe_loop(
-            d.clone(),
-            devices.presence.clone(),
-            shutdown.clone(),
-        ));
-    }
     let twins = Arc::new(twins::Twins::new(store.clone(), &devices, metrics.clone()));
     let outbox = outbox::Wake::default();
     let owing = twins.owing().await?;
-    for d in devices.all() {
-        background.spawn(twins::worker(
-            d.clone(),
-            devices.clone(),
-            twins.clone(),
-            outbox.clone(),
-            !owing.contains(d.id.as_str()),
-            shutdown.clone(),
-        ));
-        background.spawn(twins::poll_reported(
-            d.clone(),
-            devices.clone(),
-            twins.clone(),
-            outbox.clone(),
-            shutdown.clone(),
-        ));
-    }
     let inbox = Arc::new(inbox::Inbox::new(
         store.clone(),
         config.messages.clone(),
@@ -119,15 +102,22 @@ pub async fn run(
         );
     }
     let pending = inbox.pending_devices().await?;
+    let plant = live::Plant {
+        devices: devices.clone(),
+        twins: twins.clone(),
+        inbox: inbox.clone(),
+        outbox: outbox.clone(),
+        background: background.clone(),
+        shutdown: shutdown.clone(),
+    };
     for d in devices.all() {
-        let idle = !pending.contains(d.id.as_str());
-        background.spawn(inbox::worker(
-            d.clone(),
-            inbox.clone(),
-            idle,
-            shutdown.clone(),
-        ));
+        plant.start(
+            &d,
+            !owing.contains(d.id.as_str()),
+            !pending.contains(d.id.as_str()),
+        );
     }
+    drop((owing, pending));
     let shared = Arc::new(cloud::Shared {
         devices: devices.clone(),
         store: store.clone(),
@@ -138,6 +128,36 @@ pub async fn run(
     });
     let work = TaskTracker::new();
     let session = cloud::Session::start(&config, shared, work.clone(), supervisor.clone())?;
+    let (running, reloads) = match ops.reloads {
+        Some((fingerprint, rx)) => (fingerprint, Some(rx)),
+        None => (reload::Fingerprint::of(&config), None),
+    };
+    let reload_status = Arc::new(reload::Status::new(&running));
+    if let Some(mut requests) = reloads {
+        let mut reloader = live::Reloader {
+            plant,
+            session: session.reconfigure(),
+            running,
+            grace: Duration::from_millis(config.rpc.shutdown_grace_ms),
+            max_publish: config.cloud.max_packet_bytes,
+        };
+        let status = reload_status.clone();
+        let stop = shutdown.clone();
+        background.spawn(async move {
+            loop {
+                let request = tokio::select! {
+                    r = requests.recv() => match r { Some(r) => r, None => return },
+                    _ = stop.cancelled() => return,
+                };
+                let outcome = match request.loaded {
+                    Err(e) => reload::Outcome::Invalid(e.problems),
+                    Ok(config) => reloader.apply(config).await,
+                };
+                status.record(&reloader.running, outcome.clone(), clock::now_ms());
+                let _ = request.reply.send(outcome);
+            }
+        });
+    }
     // Admin API, status and watchdog run until the very end, through the drain.
     let ops_stop = CancellationToken::new();
     let ops_tasks = TaskTracker::new();
@@ -149,6 +169,7 @@ pub async fn run(
             connected: session.connected(),
             shutdown: shutdown.clone(),
             tasks: supervisor.clone(),
+            reload: reload_status.clone(),
         });
         match admin::serve(
             listener,

@@ -103,10 +103,11 @@ fn main() -> ExitCode {
             };
             runtime.block_on(async {
                 let shutdown = CancellationToken::new();
+                let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
                 tokio::spawn(signals(
                     shutdown.clone(),
                     path.clone(),
-                    fingerprint,
+                    reload_tx,
                     notifier.clone(),
                 ));
                 // Start-up (the first probe of every device, the catalog, the twin sync)
@@ -115,7 +116,11 @@ fn main() -> ExitCode {
                     tokio::time::sleep(std::time::Duration::from_secs(5)).await;
                     gatewayd::release_freed_memory();
                 });
-                let ops = Operations { admin, notifier };
+                let ops = Operations {
+                    admin,
+                    notifier,
+                    reloads: Some((fingerprint, reload_rx)),
+                };
                 match gatewayd::run(config, ops, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
@@ -181,12 +186,13 @@ fn bind_admin(config: &Config) -> Result<Option<std::net::TcpListener>, String> 
     })
 }
 
-/// SIGTERM and SIGINT cancel `shutdown`; SIGHUP re-reads and checks the configuration file
-/// (see `gatewayd::reload`) and never stops the daemon.
+/// SIGTERM and SIGINT cancel `shutdown`; SIGHUP re-reads the configuration file and hands it
+/// to the daemon, which applies what can change live (see `gatewayd::live`); it never stops
+/// the daemon.
 async fn signals(
     shutdown: CancellationToken,
     path: PathBuf,
-    running: Fingerprint,
+    reloads: tokio::sync::mpsc::Sender<reload::Request>,
     notifier: Notifier,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -205,7 +211,7 @@ async fn signals(
             _ = hup.recv() => {
                 tracing::info!(config = %path.display(), "SIGHUP received: re-reading the configuration");
                 notifier.reloading();
-                recheck(&path, &running).await;
+                reread(&path, &reloads).await;
                 notifier.reloaded();
             }
         }
@@ -213,19 +219,34 @@ async fn signals(
     shutdown.cancel();
 }
 
-/// Loads and validates the file off the runtime, compares it with the running configuration
-/// and logs the verdict; the running daemon is left untouched.
-async fn recheck(path: &Path, running: &Fingerprint) {
+/// Loads and validates the file off the runtime, hands it to the daemon and logs what the
+/// daemon made of it.
+async fn reread(path: &Path, reloads: &tokio::sync::mpsc::Sender<reload::Request>) {
     let file = path.to_path_buf();
-    let running = running.clone();
-    let verdict = tokio::task::spawn_blocking(move || {
-        let verdict = reload::judge(&running, Config::load(&file, Config::env()));
+    let loaded = tokio::task::spawn_blocking(move || {
+        let loaded = Config::load(&file, Config::env());
         gatewayd::release_freed_memory();
-        verdict
+        loaded
     })
     .await;
-    match verdict {
-        Ok(v) => reload::log(&v, path),
-        Err(e) => tracing::error!(error = %e, "configuration check failed"),
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "configuration check failed");
+            return;
+        }
+    };
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    if reloads
+        .send(reload::Request { loaded, reply })
+        .await
+        .is_err()
+    {
+        tracing::warn!("the daemon is stopping; configuration not applied");
+        return;
+    }
+    match outcome.await {
+        Ok(o) => o.log(path),
+        Err(_) => tracing::warn!("the daemon stopped before applying the configuration"),
     }
 }

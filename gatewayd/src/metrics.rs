@@ -73,6 +73,9 @@ pub struct Gauges {
     pub store_failing: bool,
     /// Every device and whether it is online, in id order.
     pub devices: Vec<(String, bool)>,
+    /// The running configuration's digest, and the last reload (unix ms, outcome kind).
+    pub config_fingerprint: String,
+    pub last_reload: Option<(u64, &'static str)>,
 }
 
 impl Metrics {
@@ -142,6 +145,43 @@ impl Metrics {
             "gatewayd_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         );
+
+        header(
+            o,
+            "gatewayd_config_info",
+            "gauge",
+            "The running configuration's fingerprint; always 1.",
+        );
+        let _ = writeln!(
+            o,
+            "gatewayd_config_info{{fingerprint=\"{}\"}} 1",
+            gauges.config_fingerprint
+        );
+        if let Some((at_ms, outcome)) = gauges.last_reload {
+            header(
+                o,
+                "gatewayd_config_last_reload_timestamp_seconds",
+                "gauge",
+                "When the configuration was last re-read (SIGHUP), unix seconds.",
+            );
+            let _ = writeln!(
+                o,
+                "gatewayd_config_last_reload_timestamp_seconds {}",
+                at_ms as f64 / 1000.0
+            );
+            header(
+                o,
+                "gatewayd_config_last_reload_success",
+                "gauge",
+                "1 if the last re-read configuration was applied (or unchanged), 0 if it was refused; the outcome label says which.",
+            );
+            let ok = matches!(outcome, "applied" | "applied_partly" | "unchanged");
+            let _ = writeln!(
+                o,
+                "gatewayd_config_last_reload_success{{outcome=\"{outcome}\"}} {}",
+                u8::from(ok)
+            );
+        }
 
         header(
             o,
@@ -393,7 +433,12 @@ mod tests {
             store_failures: 0,
             store_failing: false,
             devices: vec![("agv-1".into(), true), ("a\"b".into(), false)],
+            config_fingerprint: "00ff".into(),
+            last_reload: Some((1_500, "applied_partly")),
         });
+        assert!(text.contains("gatewayd_config_info{fingerprint=\"00ff\"} 1"));
+        assert!(text.contains("gatewayd_config_last_reload_timestamp_seconds 1.5"));
+        assert!(text.contains("gatewayd_config_last_reload_success{outcome=\"applied_partly\"} 1"));
         for family in [
             "gatewayd_build_info",
             "gatewayd_rpc_total",

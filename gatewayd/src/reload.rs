@@ -1,7 +1,7 @@
-//! SIGHUP: re-read and check the configuration file while the daemon keeps running on the one it
-//! started with. gatewayd cannot swap devices, mappings or the cloud session live, so a changed
-//! file is reported (with the sections that differ) and applied at the next restart; an invalid
-//! one is reported problem by problem. Either way nothing running is touched.
+//! SIGHUP (`systemctl reload`): re-read the configuration file and apply what changed while the
+//! daemon runs (`live.rs`): devices, profiles and serial ports change live; the other sections
+//! (gateway identity, cloud, store, admin, log, rpc, messages) are named and wait for a restart.
+//! An invalid file changes nothing and is reported problem by problem.
 //!
 //! To tell what changed without keeping a second copy of a configuration that may describe
 //! thousands of devices, the daemon keeps a [`Fingerprint`]: one hash per section (per entry for
@@ -43,6 +43,33 @@ impl Fingerprint {
         Fingerprint { parts }
     }
 
+    /// The running fingerprint after a live reload: `newer`'s entries under the `live`
+    /// prefixes, this one's everywhere else (those sections were not applied).
+    pub fn with_live(&self, newer: &Fingerprint, live: &[&str]) -> Fingerprint {
+        let is_live = |k: &String| live.iter().any(|p| k.starts_with(p));
+        let mut parts: BTreeMap<String, u64> = self
+            .parts
+            .iter()
+            .filter(|(k, _)| !is_live(k))
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        parts.extend(
+            newer
+                .parts
+                .iter()
+                .filter(|(k, _)| is_live(k))
+                .map(|(k, v)| (k.clone(), *v)),
+        );
+        Fingerprint { parts }
+    }
+
+    /// One short hex digest of the whole configuration, to compare gateways and reloads.
+    pub fn digest(&self) -> String {
+        let mut h = DefaultHasher::new();
+        self.parts.hash(&mut h);
+        format!("{:016x}", h.finish())
+    }
+
     /// The sections or entries that differ from `newer` (added, removed or changed), in order.
     pub fn changes(&self, newer: &Fingerprint) -> Vec<String> {
         let mut out: Vec<String> = self
@@ -70,53 +97,147 @@ fn hash(v: &serde_json::Value) -> u64 {
     h.finish()
 }
 
-/// What a re-read of the configuration found.
-#[derive(Debug)]
-pub enum Verdict {
-    /// The file is invalid; the running configuration stays.
-    Invalid(ConfigError),
-    /// Valid and identical to the running configuration.
-    Unchanged,
-    /// Valid and different in these sections; applied at the next restart.
-    Changed(Vec<String>),
+/// A re-read configuration handed to the running daemon, and where its outcome goes.
+pub struct Request {
+    pub loaded: Result<Config, ConfigError>,
+    pub reply: tokio::sync::oneshot::Sender<Outcome>,
 }
 
-/// Compares a freshly loaded configuration (or its errors) with the running one.
-pub fn judge(running: &Fingerprint, loaded: Result<Config, ConfigError>) -> Verdict {
-    match loaded {
-        Err(e) => Verdict::Invalid(e),
-        Ok(c) => {
-            let changes = running.changes(&Fingerprint::of(&c));
-            if changes.is_empty() {
-                Verdict::Unchanged
-            } else {
-                Verdict::Changed(changes)
-            }
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The file is invalid; nothing changed.
+    Invalid(Vec<String>),
+    /// Valid and identical to the running configuration.
+    Unchanged,
+    /// Applied live; `restart_needed` names the sections that differ but wait for a restart.
+    Applied {
+        added: Vec<String>,
+        removed: Vec<String>,
+        replaced: Vec<String>,
+        restart_needed: Vec<String>,
+    },
+    /// Valid, but the new devices could not be built; nothing changed.
+    Failed(String),
+}
+
+impl Outcome {
+    /// `invalid`, `unchanged`, `applied`, `applied_partly` (some sections wait for a
+    /// restart) or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Invalid(_) => "invalid",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Applied { restart_needed, .. } if restart_needed.is_empty() => "applied",
+            Outcome::Applied { .. } => "applied_partly",
+            Outcome::Failed(_) => "failed",
         }
+    }
+
+    /// Whether the file was taken (in full or in part).
+    pub fn ok(&self) -> bool {
+        matches!(self, Outcome::Unchanged | Outcome::Applied { .. })
+    }
+
+    /// Logs the outcome the way an operator reads it after `systemctl reload gatewayd`.
+    pub fn log(&self, path: &std::path::Path) {
+        match self {
+            Outcome::Invalid(problems) => {
+                for problem in problems {
+                    tracing::error!(config = %path.display(), problem = %problem, "configuration problem");
+                }
+                tracing::error!(
+                    config = %path.display(),
+                    problems = problems.len(),
+                    "configuration invalid; nothing changed"
+                );
+            }
+            Outcome::Unchanged => {
+                tracing::info!(config = %path.display(), "configuration unchanged; nothing to do")
+            }
+            Outcome::Applied {
+                added,
+                removed,
+                replaced,
+                restart_needed,
+            } => {
+                tracing::info!(
+                    config = %path.display(),
+                    added = %added.join(", "),
+                    removed = %removed.join(", "),
+                    replaced = %replaced.join(", "),
+                    "configuration applied without a restart"
+                );
+                if !restart_needed.is_empty() {
+                    tracing::warn!(
+                        config = %path.display(),
+                        sections = %restart_needed.join(", "),
+                        "these sections changed but cannot change live; restart gatewayd to apply them"
+                    );
+                }
+            }
+            Outcome::Failed(why) => tracing::error!(
+                config = %path.display(),
+                error = %why,
+                "configuration not applied; nothing changed"
+            ),
+        }
+    }
+
+    /// The outcome as the admin API shows it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({"outcome": self.kind()});
+        match self {
+            Outcome::Invalid(problems) => v["problems"] = serde_json::json!(problems),
+            Outcome::Applied {
+                added,
+                removed,
+                replaced,
+                restart_needed,
+            } => {
+                v["added"] = serde_json::json!(added);
+                v["removed"] = serde_json::json!(removed);
+                v["replaced"] = serde_json::json!(replaced);
+                v["restart_needed"] = serde_json::json!(restart_needed);
+            }
+            Outcome::Failed(why) => v["error"] = serde_json::json!(why),
+            Outcome::Unchanged => {}
+        }
+        v
     }
 }
 
-/// Logs a verdict the way an operator reads it after `systemctl reload gatewayd`.
-pub fn log(verdict: &Verdict, path: &std::path::Path) {
-    match verdict {
-        Verdict::Invalid(e) => {
-            for problem in &e.problems {
-                tracing::error!(config = %path.display(), problem = %problem, "configuration problem");
-            }
-            tracing::error!(
-                config = %path.display(),
-                problems = e.problems.len(),
-                "configuration invalid; still running on the configuration gatewayd started with"
-            );
+/// The running configuration's digest and the last reload, for the admin API and metrics.
+#[derive(Debug, Default)]
+pub struct Status {
+    inner: std::sync::Mutex<StatusInner>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct StatusInner {
+    pub fingerprint: String,
+    /// Unix ms and outcome of the last reload, if any.
+    pub last: Option<(u64, Outcome)>,
+}
+
+impl Status {
+    pub fn new(fingerprint: &Fingerprint) -> Status {
+        Status {
+            inner: std::sync::Mutex::new(StatusInner {
+                fingerprint: fingerprint.digest(),
+                last: None,
+            }),
         }
-        Verdict::Unchanged => {
-            tracing::info!(config = %path.display(), "configuration unchanged; nothing to do")
-        }
-        Verdict::Changed(sections) => tracing::warn!(
-            config = %path.display(),
-            changed = %sections.join(", "),
-            "configuration changed; restart gatewayd to apply it (live reload of devices is not supported)"
-        ),
+    }
+
+    pub fn record(&self, fingerprint: &Fingerprint, outcome: Outcome, at_ms: u64) {
+        let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        s.fingerprint = fingerprint.digest();
+        s.last = Some((at_ms, outcome));
+    }
+
+    pub fn get(&self) -> StatusInner {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -146,7 +267,9 @@ mod tests {
     #[test]
     fn same_file_is_unchanged() {
         let running = Fingerprint::of(&load(BASE).unwrap());
-        assert!(matches!(judge(&running, load(BASE)), Verdict::Unchanged));
+        assert!(running
+            .changes(&Fingerprint::of(&load(BASE).unwrap()))
+            .is_empty());
     }
 
     #[test]
@@ -154,26 +277,28 @@ mod tests {
         let running = Fingerprint::of(&load(BASE).unwrap());
         let edited = BASE.replace("/m", "/n").replace("127.0.0.1:1883", "10.0.0.1:1883")
             + "\n[devices.c]\nkind = \"http\"\nbase_url = \"http://127.0.0.1:3\"\n[rpc]\nshutdown_grace_ms = 1\n";
-        match judge(&running, load(&edited)) {
-            Verdict::Changed(c) => assert_eq!(c, ["cloud", "devices.a", "devices.c", "rpc"]),
-            other => panic!("{other:?}"),
-        }
+        let newer = Fingerprint::of(&load(&edited).unwrap());
+        assert_eq!(
+            running.changes(&newer),
+            ["cloud", "devices.a", "devices.c", "rpc"]
+        );
         let removed = BASE.replace("[devices.b]", "[devices.z]");
-        match judge(&running, load(&removed)) {
-            Verdict::Changed(c) => assert_eq!(c, ["devices.b", "devices.z"]),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            running.changes(&Fingerprint::of(&load(&removed).unwrap())),
+            ["devices.b", "devices.z"]
+        );
+        // After a live reload only the live entries follow the new file.
+        let after = running.with_live(&newer, &["devices.", "profiles.", "serial_ports."]);
+        assert_eq!(after.changes(&newer), ["cloud", "rpc"]);
+        assert_ne!(after.digest(), running.digest());
     }
 
     #[test]
     fn an_invalid_file_keeps_every_problem() {
-        let running = Fingerprint::of(&load(BASE).unwrap());
         let bad = BASE
             .replace("site-1", "site 1")
             .replace("mqtt://", "tcp://");
-        match judge(&running, load(&bad)) {
-            Verdict::Invalid(e) => assert_eq!(e.problems.len(), 2, "{:?}", e.problems),
-            other => panic!("{other:?}"),
-        }
+        let e = load(&bad).unwrap_err();
+        assert_eq!(e.problems.len(), 2, "{:?}", e.problems);
     }
 }

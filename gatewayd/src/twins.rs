@@ -22,7 +22,7 @@ use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -39,7 +39,7 @@ pub struct TwinRow {
 /// Shared twin state: the store and a wake-up per device worker.
 pub struct Twins {
     store: Store,
-    wakers: HashMap<DeviceId, Arc<Notify>>,
+    pub(crate) wakers: crate::wakeups::Wakers,
     metrics: Arc<Metrics>,
     /// Devices whose whole desired state is to be applied again (drift seen by a poll).
     reapply: std::sync::Mutex<std::collections::HashSet<DeviceId>>,
@@ -48,11 +48,7 @@ pub struct Twins {
 impl Twins {
     /// One waker per configured device.
     pub fn new(store: Store, devices: &Devices, metrics: Arc<Metrics>) -> Twins {
-        let wakers = devices
-            .all()
-            .into_iter()
-            .map(|d| (d.id.clone(), Arc::new(Notify::new())))
-            .collect();
+        let wakers = crate::wakeups::Wakers::new(devices.all().into_iter().map(|d| d.id.clone()));
         Twins {
             store,
             wakers,
@@ -169,14 +165,12 @@ impl Twins {
 
     /// Wakes the worker of `device`.
     pub fn wake(&self, device: &DeviceId) {
-        if let Some(w) = self.wakers.get(device) {
-            w.notify_one();
-        }
+        self.wakers.notify(device);
     }
 
     /// The desired version held per configured device (0 when none), for the sync at connect.
     pub async fn held_versions(&self) -> Result<BTreeMap<DeviceId, u64>, StoreError> {
-        let ids: Vec<DeviceId> = self.wakers.keys().cloned().collect();
+        let ids: Vec<DeviceId> = self.wakers.ids();
         self.store
             .call(move |c| {
                 let mut st =
@@ -237,7 +231,7 @@ pub async fn worker(
     idle: bool,
     stop: CancellationToken,
 ) {
-    let Some(wake) = twins.wakers.get(&device.id).cloned() else {
+    let Some(wake) = twins.wakers.get(&device.id) else {
         return;
     };
     let mut wakeups = Wakeups::new(stop, wake, devices.presence.watch(&device.id));

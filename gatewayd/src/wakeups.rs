@@ -1,6 +1,7 @@
 //! What wakes a device's twin or message worker: its own notification (new work), a change of
 //! the device's presence, or a timer; shutdown, or the presence table going away, ends it.
 
+use gatewayd_protocol::DeviceId;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{watch, Notify};
@@ -57,5 +58,58 @@ impl Wakeups {
             r = self.presence.changed() => r.map(|_| Woke::Event).map_err(|_| Ended),
             _ = tokio::time::sleep(after) => Ok(Woke::Timer),
         }
+    }
+}
+
+/// One notification per configured device; devices join and leave with a live reload.
+#[derive(Debug, Default)]
+pub struct Wakers(std::sync::RwLock<std::collections::HashMap<DeviceId, Arc<Notify>>>);
+
+impl Wakers {
+    /// One per device of `ids`.
+    pub fn new(ids: impl Iterator<Item = DeviceId>) -> Wakers {
+        Wakers(std::sync::RwLock::new(
+            ids.map(|id| (id, Arc::new(Notify::new()))).collect(),
+        ))
+    }
+
+    /// The notification of `id`, if it is configured.
+    pub fn get(&self, id: &DeviceId) -> Option<Arc<Notify>> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Wakes the worker of `id`.
+    pub fn notify(&self, id: &DeviceId) {
+        if let Some(w) = self.0.read().unwrap_or_else(|e| e.into_inner()).get(id) {
+            w.notify_one();
+        }
+    }
+
+    /// Every configured device.
+    pub fn ids(&self) -> Vec<DeviceId> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// A device joined (a notification it already has is kept).
+    pub fn add(&self, id: DeviceId) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id)
+            .or_insert_with(|| Arc::new(Notify::new()));
+    }
+
+    /// A device left.
+    pub fn remove(&self, id: &DeviceId) {
+        self.0.write().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 }

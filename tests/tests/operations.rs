@@ -170,7 +170,7 @@ async fn admin_api_reports_health_readiness_metrics_and_views() -> Result<()> {
 }
 
 #[tokio::test]
-async fn sighup_rechecks_the_configuration_and_keeps_the_session() -> Result<()> {
+async fn sighup_names_sections_that_need_a_restart_and_refuses_an_invalid_file() -> Result<()> {
     let site = Site::start(1).await?;
     let admin = site.gateway.admin().await?;
     let path = site.gateway.config_path.clone();
@@ -185,11 +185,12 @@ async fn sighup_rechecks_the_configuration_and_keeps_the_session() -> Result<()>
         original.replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 4000"),
     )?;
     site.gateway.proc.signal("HUP")?;
-    site.await_log(
-        "configuration changed; restart gatewayd to apply it (live reload of devices is not supported)",
-    )
-    .await?;
-    site.await_log("changed=rpc").await?;
+    site.await_log("these sections changed but cannot change live; restart gatewayd to apply them")
+        .await?;
+    site.await_log("sections=rpc").await?;
+    let (_, c) = e2e::get(&format!("{admin}/api/config")).await?;
+    assert_eq!(c["last_reload"]["outcome"], "applied_partly", "{c}");
+    assert_eq!(c["last_reload"]["restart_needed"], json!(["rpc"]), "{c}");
 
     std::fs::write(
         &path,
@@ -198,10 +199,8 @@ async fn sighup_rechecks_the_configuration_and_keeps_the_session() -> Result<()>
             .replace("[gateway]\nid = \"site-1\"", "[gateway]\nid = \"site 1\""),
     )?;
     site.gateway.proc.signal("HUP")?;
-    site.await_log(
-        "configuration invalid; still running on the configuration gatewayd started with",
-    )
-    .await?;
+    site.await_log("configuration invalid; nothing changed")
+        .await?;
     site.await_log("must start with mqtt://").await?;
     site.await_log("gateway.id: id contains ' '").await?;
 
@@ -215,6 +214,17 @@ async fn sighup_rechecks_the_configuration_and_keeps_the_session() -> Result<()>
         "{m}"
     );
     assert_eq!(sample(&m, "gatewayd_cloud_connected"), Some(1.0), "{m}");
+    assert!(
+        m.contains("gatewayd_config_last_reload_success{outcome=\"invalid\"} 0"),
+        "{m}"
+    );
+    let (_, c) = e2e::get(&format!("{admin}/api/config")).await?;
+    assert_eq!(c["last_reload"]["outcome"], "invalid", "{c}");
+    assert_eq!(
+        c["last_reload"]["problems"].as_array().map(Vec::len),
+        Some(2),
+        "{c}"
+    );
     let log = std::fs::read_to_string(&site.gateway.proc.log)?;
     assert!(!log.contains("cloud connection lost"), "{log}");
     assert!(!log.contains("shutting down"), "{log}");

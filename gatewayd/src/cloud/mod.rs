@@ -6,4 +6,4 @@ mod link;
 mod session;
 
 pub use link::Publisher;
-pub use session::{Session, SessionError, Shared};
+pub use session::{Reconfigure, Session, SessionError, Shared};

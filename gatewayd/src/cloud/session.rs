@@ -58,8 +58,21 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
 }
 
+/// Asks the session to announce the gateway again (the device set changed); cheap to clone.
+#[derive(Clone, Default)]
+pub struct Reconfigure(Arc<tokio::sync::Notify>);
+
+impl Reconfigure {
+    /// The catalog and presence are announced once more (now if connected, else at the next
+    /// connect, which announces anyway).
+    pub fn announce(&self) {
+        self.0.notify_one();
+    }
+}
+
 /// A running session.
 pub struct Session {
+    reconfigure: Reconfigure,
     publisher: Publisher,
     adapter: Arc<Adapter>,
     boot_id: String,
@@ -197,7 +210,11 @@ impl Session {
             acks,
             generation,
         };
-        tasks.spawn(supervisor.critical("dispatcher", dispatcher.run(events, stop.clone())));
+        let reconfigure = Reconfigure::default();
+        tasks.spawn(supervisor.critical(
+            "dispatcher",
+            dispatcher.run(events, reconfigure.clone(), stop.clone()),
+        ));
         tasks.spawn(supervisor.critical(
             "presence publisher",
             publish_presence(
@@ -223,6 +240,7 @@ impl Session {
             ),
         ));
         Ok(Session {
+            reconfigure,
             publisher,
             adapter,
             boot_id,
@@ -232,6 +250,11 @@ impl Session {
             stop,
             tasks,
         })
+    }
+
+    /// The handle a live reload uses to have the gateway announced again.
+    pub fn reconfigure(&self) -> Reconfigure {
+        self.reconfigure.clone()
     }
 
     /// Whether the cloud connection is up.
@@ -342,18 +365,35 @@ impl Dispatcher {
         }
     }
 
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<LinkEvent>, stop: CancellationToken) {
+    async fn run(
+        self,
+        mut rx: mpsc::UnboundedReceiver<LinkEvent>,
+        reconfigure: Reconfigure,
+        stop: CancellationToken,
+    ) {
+        let mut connected = false;
         loop {
-            // Cancel safety: `recv` loses nothing when the other branch wins.
+            // Cancel safety: `recv` and `notified` lose nothing when another branch wins
+            // (a `Notify` keeps one permit).
             let event = tokio::select! {
                 e = rx.recv() => match e { Some(e) => e, None => return },
+                _ = reconfigure.0.notified() => {
+                    if connected {
+                        self.adapter.reconfigured(&self.ctx()).await;
+                        crate::release_freed_memory();
+                    }
+                    continue;
+                }
                 _ = stop.cancelled() => return,
             };
             match event {
                 // The link counted the new connection: acks still queued belong to the
                 // previous one's packet ids and are dropped.
-                LinkEvent::Connected => self.announce().await,
-                LinkEvent::Disconnected => {}
+                LinkEvent::Connected => {
+                    connected = true;
+                    self.announce().await
+                }
+                LinkEvent::Disconnected => connected = false,
                 LinkEvent::Publish(p) => self.on_publish(p).await,
             }
         }

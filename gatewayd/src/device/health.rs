@@ -18,17 +18,52 @@ pub struct Presence {
     table: Mutex<BTreeMap<DeviceId, DeviceStatus>>,
     /// Bumped at every change; each interested task holds its own receiver.
     changes: watch::Sender<u64>,
+    /// Which devices there are and how they are announced; replaced when the configuration
+    /// adds or removes devices (a live reload).
+    layout: Mutex<Layout>,
+    /// Parts changed since they were last taken for publishing.
+    dirty: Mutex<BTreeSet<u32>>,
+    max_publish: usize,
+}
+
+#[derive(Debug)]
+struct Layout {
     /// Online state per device, for the tasks that care about one device only (its twin and
     /// message workers), so a flapping device wakes its own workers and nobody else's.
     per_device: HashMap<DeviceId, watch::Sender<bool>>,
-    /// The fixed partition of devices into presence parts (in id order), each fitting one
-    /// publish; a change republishes only its part.
+    /// The partition of devices into presence parts (in id order), each fitting one publish;
+    /// a change republishes only its part.
     parts: Vec<Vec<DeviceId>>,
     part_of: HashMap<DeviceId, u32>,
-    /// Parts changed since they were last taken for publishing.
-    dirty: Mutex<BTreeSet<u32>>,
-    /// Identifies this partition (new at every start).
+    /// Identifies this partition (new at every start and every change of the device set).
     generation: u64,
+}
+
+impl Layout {
+    fn new(
+        ids: &[DeviceId],
+        mut per_device: HashMap<DeviceId, watch::Sender<bool>>,
+        max_publish: usize,
+    ) -> Layout {
+        per_device.retain(|id, _| ids.binary_search(id).is_ok());
+        for id in ids {
+            per_device
+                .entry(id.clone())
+                .or_insert_with(|| watch::Sender::new(true));
+        }
+        let parts = presence_parts(ids, presence_part_size(max_publish));
+        let part_of = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.iter().map(move |id| (id.clone(), i as u32)))
+            .collect();
+        Layout {
+            per_device,
+            parts,
+            part_of,
+            generation: rand::random(),
+        }
+    }
 }
 
 impl Presence {
@@ -43,38 +78,53 @@ impl Presence {
         now_ms: u64,
         max_publish: usize,
     ) -> Self {
-        let table: BTreeMap<DeviceId, DeviceStatus> = ids
-            .map(|id| {
-                (
-                    id,
-                    DeviceStatus {
-                        online: true,
-                        since_ms: now_ms,
-                        reason: None,
-                    },
-                )
-            })
-            .collect();
-        let per_device = table
-            .keys()
-            .map(|id| (id.clone(), watch::Sender::new(true)))
-            .collect();
+        let table: BTreeMap<DeviceId, DeviceStatus> =
+            ids.map(|id| (id, online_since(now_ms))).collect();
         let ids: Vec<DeviceId> = table.keys().cloned().collect();
-        let parts = presence_parts(&ids, presence_part_size(max_publish));
-        let part_of = parts
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| p.iter().map(move |id| (id.clone(), i as u32)))
-            .collect();
+        let layout = Layout::new(&ids, HashMap::new(), max_publish);
         Self {
             table: Mutex::new(table),
             changes: watch::Sender::new(0),
-            per_device,
-            parts,
-            part_of,
+            layout: Mutex::new(layout),
             dirty: Mutex::new(BTreeSet::new()),
-            generation: rand::random(),
+            max_publish,
         }
+    }
+
+    /// The device set changed (a live reload): `ids` is the new one. Devices that stay keep
+    /// their state and their watchers, except those in `renew` (replaced by a new
+    /// configuration): their watchers see the channel close, as for a removed device, which
+    /// ends the tasks of the old device. New ones start online; removed ones are forgotten.
+    /// The parts are laid out again under a new generation, so the next announcement replaces
+    /// every part.
+    pub fn set_devices(
+        &self,
+        ids: impl Iterator<Item = DeviceId>,
+        renew: &[DeviceId],
+        now_ms: u64,
+    ) {
+        let ids: BTreeSet<DeviceId> = ids.collect();
+        {
+            let mut t = self.lock();
+            t.retain(|id, _| ids.contains(id));
+            for id in &ids {
+                t.entry(id.clone()).or_insert_with(|| online_since(now_ms));
+            }
+        }
+        let ids: Vec<DeviceId> = ids.into_iter().collect();
+        let mut layout = self.layout();
+        let mut per_device = std::mem::take(&mut layout.per_device);
+        for id in renew {
+            per_device.remove(id);
+        }
+        *layout = Layout::new(&ids, per_device, self.max_publish);
+        drop(layout);
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.changes.send_modify(|g| *g += 1);
+    }
+
+    fn layout(&self) -> std::sync::MutexGuard<'_, Layout> {
+        self.layout.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether `id` is online (unknown ids are not).
@@ -102,9 +152,13 @@ impl Presence {
         s.since_ms = now_ms;
         s.reason = if online { None } else { reason };
         drop(t);
-        if let Some(tx) = self.per_device.get(id) {
-            tx.send_replace(online);
-        }
+        let part = {
+            let layout = self.layout();
+            if let Some(tx) = layout.per_device.get(id) {
+                tx.send_replace(online);
+            }
+            layout.part_of.get(id).copied()
+        };
         if online {
             tracing::info!(device = %id, "device online");
         } else {
@@ -114,11 +168,11 @@ impl Presence {
                 "device offline"
             );
         }
-        if let Some(part) = self.part_of.get(id) {
+        if let Some(part) = part {
             self.dirty
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(*part);
+                .insert(part);
         }
         self.changes.send_modify(|g| *g += 1);
         true
@@ -126,17 +180,23 @@ impl Presence {
 
     /// How many presence parts there are.
     pub fn parts(&self) -> u32 {
-        self.parts.len() as u32
+        self.layout().parts.len() as u32
     }
 
-    /// One presence part, as published.
+    /// One presence part, as published (empty if the layout changed under the caller).
     pub fn part(&self, part: u32) -> DevicePresence {
+        let layout = self.layout();
         let t = self.lock();
-        let devices = self.parts[part as usize]
-            .iter()
-            .filter_map(|id| t.get(id).map(|s| (id.clone(), s.clone())))
-            .collect();
-        presence_part(self.generation, part, self.parts(), devices)
+        let devices = layout
+            .parts
+            .get(part as usize)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| t.get(id).map(|s| (id.clone(), s.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        presence_part(layout.generation, part, layout.parts.len() as u32, devices)
     }
 
     /// The parts changed since the last call (all of them are published at connect anyway).
@@ -168,7 +228,8 @@ impl Presence {
 
     /// Every device's presence (one part holding them all; for local views).
     pub fn snapshot(&self) -> DevicePresence {
-        presence_part(self.generation, 0, 1, self.lock().clone())
+        let generation = self.layout().generation;
+        presence_part(generation, 0, 1, self.lock().clone())
     }
 
     /// A receiver that sees every later change.
@@ -178,7 +239,7 @@ impl Presence {
 
     /// A receiver of one device's online state (a closed channel for unknown ids).
     pub fn watch(&self, id: &DeviceId) -> watch::Receiver<bool> {
-        match self.per_device.get(id) {
+        match self.layout().per_device.get(id) {
             Some(tx) => tx.subscribe(),
             None => watch::channel(false).1,
         }
@@ -186,6 +247,14 @@ impl Presence {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<DeviceId, DeviceStatus>> {
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn online_since(now_ms: u64) -> DeviceStatus {
+    DeviceStatus {
+        online: true,
+        since_ms: now_ms,
+        reason: None,
     }
 }
 

@@ -11,7 +11,7 @@ use gatewayd_protocol::{DeviceId, DeviceInfo, MethodInfo};
 use health::Presence;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -125,6 +125,9 @@ pub struct Device {
     pub driver: Driver,
     /// Calls in flight at most.
     pub slots: Semaphore,
+    /// The device's own tasks (probes, twin and message workers, polling), so a live reload
+    /// can wait for them to end before the device's replacement starts its own.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 impl Device {
@@ -162,128 +165,120 @@ impl Device {
     }
 }
 
-/// All devices, by id, with their shared presence table.
+/// All devices, by id, with their shared presence table. The set can change while the daemon
+/// runs (a live reload); callers hold an `Arc<Device>` for as long as they work with one, so a
+/// replaced or removed device finishes what it started on its old settings.
 #[derive(Debug)]
 pub struct Devices {
-    by_id: HashMap<DeviceId, Arc<Device>>,
+    by_id: RwLock<HashMap<DeviceId, Arc<Device>>>,
     pub presence: Arc<Presence>,
+    clients: Clients,
+}
+
+/// The HTTP clients every HTTP device shares.
+#[derive(Debug, Clone)]
+struct Clients {
+    call: reqwest::Client,
+    probe: reqwest::Client,
+}
+
+/// Devices built from configuration, with the serial port and Modbus TCP tasks they need,
+/// started by [`Built::start`].
+pub struct Built {
+    pub devices: Vec<Arc<Device>>,
+    ports: serial::Ports,
+    endpoints: modbus::tcp::Endpoints,
+}
+
+impl Built {
+    /// Starts the port and endpoint tasks of these devices (each ends when its devices are
+    /// gone).
+    pub fn start(self, presence: &Arc<Presence>) -> Result<Vec<Arc<Device>>, String> {
+        self.ports.start(presence)?;
+        self.endpoints.start(presence)?;
+        Ok(self.devices)
+    }
 }
 
 impl Devices {
     /// Builds the registry from validated configuration, taking the device entries out of it
     /// (one copy of each device's configuration lives on, in its `Device`). Serial ports in use
-    /// get their task here (a tokio runtime is needed then); each ends when the registry is
+    /// get their task here (a tokio runtime is needed then); each ends when its devices are
     /// dropped.
     pub fn from_config(config: &mut Config, now_ms: u64) -> Result<Devices, String> {
-        let client = http::client()?;
-        let probe_client = http::probe_client()?;
-        let mut ports = serial::Ports::new(config);
-        let mut endpoints = modbus::tcp::Endpoints::default();
-        let profiles: BTreeMap<String, Arc<Actions>> = std::mem::take(&mut config.profiles)
-            .into_iter()
-            .map(|(name, p)| {
-                let actions = Actions {
-                    methods: p.methods,
-                    twin: p.twin,
-                    commands: p.commands,
-                };
-                (name, Arc::new(actions))
-            })
-            .collect();
-        let mut by_id = HashMap::new();
-        for (id, mut dc) in std::mem::take(&mut config.devices) {
-            let own = Actions {
-                methods: std::mem::take(&mut dc.methods),
-                twin: std::mem::take(&mut dc.twin),
-                commands: std::mem::take(&mut dc.commands),
-            };
-            let profile = dc.profile.as_ref().and_then(|name| profiles.get(name));
-            let actions = match profile {
-                Some(shared)
-                    if own.methods.is_empty() && own.twin.is_empty() && own.commands.is_empty() =>
-                {
-                    shared.clone()
-                }
-                Some(shared) => {
-                    let mut merged = Actions {
-                        methods: shared.methods.clone(),
-                        twin: shared.twin.clone(),
-                        commands: shared.commands.clone(),
-                    };
-                    merged.methods.extend(own.methods);
-                    merged.twin.extend(own.twin);
-                    merged.commands.extend(own.commands);
-                    Arc::new(merged)
-                }
-                None => Arc::new(own),
-            };
-            let id = DeviceId::new(id.clone()).map_err(|e| format!("devices.{id}: {e}"))?;
-            let driver = match dc.kind {
-                DeviceKind::Http => Driver::Http(http::HttpDriver::new(
-                    client.clone(),
-                    probe_client.clone(),
-                    id.clone(),
-                    &dc,
-                )?),
-                DeviceKind::Serial => Driver::Serial(ports.driver(id.clone(), &dc)?),
-                DeviceKind::ModbusRtu => Driver::Modbus(
-                    modbus::ModbusDriver::rtu(
-                        id.clone(),
-                        dc.unit_id.unwrap_or(1),
-                        ports.modbus(id.clone(), &dc)?,
-                    )
-                    .with_probe(dc.health.register.as_ref()),
-                ),
-                DeviceKind::ModbusTcp => {
-                    let host = dc.host.clone().unwrap_or_default();
-                    let port = crate::config::modbus::tcp_port(&dc)
-                        .map_err(|e| format!("devices.{id}.port: {e}"))?;
-                    let framing = dc.framing.unwrap_or_default();
-                    let link = endpoints.link(id.clone(), &host, port, framing);
-                    Driver::Modbus(
-                        modbus::ModbusDriver::tcp(id.clone(), dc.unit_id.unwrap_or(1), link)
-                            .with_probe(dc.health.register.as_ref()),
-                    )
-                }
-            };
-            let limit = dc
-                .max_in_flight
-                .unwrap_or(config.rpc.max_in_flight_per_device);
-            by_id.insert(
-                id.clone(),
-                Arc::new(Device {
-                    id,
-                    config: dc,
-                    actions,
-                    driver,
-                    slots: Semaphore::new(limit),
-                }),
-            );
-        }
+        let clients = Clients {
+            call: http::client()?,
+            probe: http::probe_client()?,
+        };
+        let ids: Vec<String> = config.devices.keys().cloned().collect();
+        let built = build(config, &ids, &clients)?;
         let presence = Arc::new(Presence::with_limit(
-            by_id.keys().cloned(),
+            built.devices.iter().map(|d| d.id.clone()),
             now_ms,
             config.cloud.max_packet_bytes,
         ));
-        ports.start(&presence)?;
-        endpoints.start(&presence)?;
-        let devices = Devices { by_id, presence };
+        let devices = built.start(&presence)?;
+        let by_id = devices.into_iter().map(|d| (d.id.clone(), d)).collect();
+        let devices = Devices {
+            by_id: RwLock::new(by_id),
+            presence,
+            clients,
+        };
         devices
             .catalog_plan(config.cloud.max_packet_bytes)
             .map_err(|e| format!("{e}; raise cloud.max_packet_bytes or shorten its methods"))?;
         Ok(devices)
     }
 
+    /// Builds the devices `ids` of `config` (validated), not yet part of the registry; their
+    /// port tasks start with [`Built::start`].
+    pub fn build(&self, config: &mut Config, ids: &[String]) -> Result<Built, String> {
+        build(config, ids, &self.clients)
+    }
+
+    /// Changes the device set in one step: `remove` leave, `add` join or replace the device
+    /// of the same id, and the presence table follows (the tasks of every device taken out see
+    /// their presence channel close and end). Returns the devices taken out.
+    pub fn swap(
+        &self,
+        remove: &[DeviceId],
+        add: Vec<Arc<Device>>,
+        now_ms: u64,
+    ) -> Vec<Arc<Device>> {
+        let mut by_id = self.by_id.write().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<Arc<Device>> = remove.iter().filter_map(|id| by_id.remove(id)).collect();
+        let mut renew = Vec::new();
+        for d in add {
+            if let Some(old) = by_id.insert(d.id.clone(), d) {
+                renew.push(old.id.clone());
+                out.push(old);
+            }
+        }
+        let ids: Vec<DeviceId> = by_id.keys().cloned().collect();
+        drop(by_id);
+        self.presence.set_devices(ids.into_iter(), &renew, now_ms);
+        out
+    }
+
     /// Looks a device up.
-    pub fn get(&self, id: &DeviceId) -> Option<&Arc<Device>> {
-        self.by_id.get(id)
+    pub fn get(&self, id: &DeviceId) -> Option<Arc<Device>> {
+        self.read().get(id).cloned()
+    }
+
+    /// Whether `id` is configured.
+    pub fn contains(&self, id: &DeviceId) -> bool {
+        self.read().contains_key(id)
     }
 
     /// Every device, in id order.
-    pub fn all(&self) -> Vec<&Arc<Device>> {
-        let mut v: Vec<_> = self.by_id.values().collect();
+    pub fn all(&self) -> Vec<Arc<Device>> {
+        let mut v: Vec<_> = self.read().values().cloned().collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
         v
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<DeviceId, Arc<Device>>> {
+        self.by_id.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// How many devices (in id order) each part of the catalog announced at connect carries,
@@ -321,13 +316,106 @@ impl Devices {
 
     /// Number of devices.
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.read().len()
     }
 
     /// Whether no device is configured.
     pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.read().is_empty()
     }
+}
+
+/// Builds the devices `ids` of `config`, taking their entries (and the profiles) out of it.
+fn build(config: &mut Config, ids: &[String], clients: &Clients) -> Result<Built, String> {
+    let mut ports = serial::Ports::new(config);
+    let mut endpoints = modbus::tcp::Endpoints::default();
+    let profiles: BTreeMap<String, Arc<Actions>> = std::mem::take(&mut config.profiles)
+        .into_iter()
+        .map(|(name, p)| {
+            let actions = Actions {
+                methods: p.methods,
+                twin: p.twin,
+                commands: p.commands,
+            };
+            (name, Arc::new(actions))
+        })
+        .collect();
+    let mut devices = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some(mut dc) = config.devices.remove(id) else {
+            return Err(format!("devices.{id}: not in the configuration"));
+        };
+        let own = Actions {
+            methods: std::mem::take(&mut dc.methods),
+            twin: std::mem::take(&mut dc.twin),
+            commands: std::mem::take(&mut dc.commands),
+        };
+        let profile = dc.profile.as_ref().and_then(|name| profiles.get(name));
+        let actions = match profile {
+            Some(shared)
+                if own.methods.is_empty() && own.twin.is_empty() && own.commands.is_empty() =>
+            {
+                shared.clone()
+            }
+            Some(shared) => {
+                let mut merged = Actions {
+                    methods: shared.methods.clone(),
+                    twin: shared.twin.clone(),
+                    commands: shared.commands.clone(),
+                };
+                merged.methods.extend(own.methods);
+                merged.twin.extend(own.twin);
+                merged.commands.extend(own.commands);
+                Arc::new(merged)
+            }
+            None => Arc::new(own),
+        };
+        let id = DeviceId::new(id.clone()).map_err(|e| format!("devices.{id}: {e}"))?;
+        let driver = match dc.kind {
+            DeviceKind::Http => Driver::Http(http::HttpDriver::new(
+                clients.call.clone(),
+                clients.probe.clone(),
+                id.clone(),
+                &dc,
+            )?),
+            DeviceKind::Serial => Driver::Serial(ports.driver(id.clone(), &dc)?),
+            DeviceKind::ModbusRtu => Driver::Modbus(
+                modbus::ModbusDriver::rtu(
+                    id.clone(),
+                    dc.unit_id.unwrap_or(1),
+                    ports.modbus(id.clone(), &dc)?,
+                )
+                .with_probe(dc.health.register.as_ref()),
+            ),
+            DeviceKind::ModbusTcp => {
+                let host = dc.host.clone().unwrap_or_default();
+                let port = crate::config::modbus::tcp_port(&dc)
+                    .map_err(|e| format!("devices.{id}.port: {e}"))?;
+                let framing = dc.framing.unwrap_or_default();
+                let link = endpoints.link(id.clone(), &host, port, framing);
+                Driver::Modbus(
+                    modbus::ModbusDriver::tcp(id.clone(), dc.unit_id.unwrap_or(1), link)
+                        .with_probe(dc.health.register.as_ref()),
+                )
+            }
+        };
+        let limit = dc
+            .max_in_flight
+            .unwrap_or(config.rpc.max_in_flight_per_device);
+        devices.push(Arc::new(Device {
+            id,
+            config: dc,
+            actions,
+            driver,
+            slots: Semaphore::new(limit),
+            tasks: tokio_util::task::TaskTracker::new(),
+        }));
+    }
+    Ok(Built {
+        devices,
+        ports,
+        endpoints,
+    })
 }
 
 /// Methods by name, for error messages that list what exists.

@@ -151,6 +151,14 @@ impl Adapter {
         }
     }
 
+    /// The device set changed (a live reload): announce what differs.
+    pub async fn reconfigured(&self, ctx: &Ctx<'_>) {
+        match self {
+            Adapter::Native(a) => a.announce(ctx).await,
+            Adapter::ThingsBoard(a) => a.presence_changed(ctx).await,
+        }
+    }
+
     /// What a received publish means.
     pub fn decode(&self, topic: &str, payload: &[u8], received_ms: u64) -> Inbound {
         match self {

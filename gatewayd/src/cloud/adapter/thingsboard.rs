@@ -163,13 +163,19 @@ impl ThingsBoard {
     }
 
     /// Connects devices that came online (asking their state: changes made while they were
-    /// offline were not pushed) and disconnects those that went offline.
+    /// offline were not pushed) and disconnects those that went offline or left the
+    /// configuration.
     pub async fn presence_changed(&self, ctx: &Ctx<'_>) {
         ctx.devices.presence.take_dirty();
         let (up, down): (Vec<DeviceId>, Vec<DeviceId>) = {
             let st = self.state();
             let mut up = Vec::new();
-            let mut down = Vec::new();
+            let mut down: Vec<DeviceId> = st
+                .connected
+                .iter()
+                .filter(|id| !ctx.devices.contains(id))
+                .cloned()
+                .collect();
             for d in ctx.devices.all() {
                 let online = ctx.devices.presence.is_online(&d.id);
                 let connected = st.connected.contains(&d.id);
