@@ -175,3 +175,67 @@ async fn sighup_adds_changes_and_removes_devices_while_rpcs_run_on_another() -> 
     )));
     Ok(())
 }
+
+/// A serial bus gains a unit by SIGHUP: the port is rebuilt with both devices on it (one task
+/// owns a bus), and both answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_a_unit_to_a_serial_bus() -> Result<()> {
+    use e2e::config::{GatewayConfig, SerialConfig};
+    let dir = tempfile::tempdir()?;
+    let stub = Stub::start(
+        dir.path(),
+        &Broker::Embedded("127.0.0.1:0".into()),
+        ":memory:",
+    )
+    .await?;
+    let sim = SerialSim::start(dir.path(), "ttySIM0", &["01", "02"]).await?;
+    let store = dir.path().join("gatewayd.db");
+    let render = |devices: &[(&str, Option<&str>)]| {
+        let mut config = GatewayConfig {
+            gateway_id: "site-1",
+            broker: &stub.mqtt,
+            store: &store,
+            devices: &[],
+            probe_interval_ms: 100,
+        }
+        .render();
+        config.push_str(
+            &SerialConfig {
+                port: "bus1",
+                path: &sim.path,
+                timeout_ms: 2000,
+                devices,
+            }
+            .render(),
+        );
+        config
+    };
+    let gateway = Gateway::start(dir.path(), &render(&[("tc-1", Some("01"))])).await?;
+    await_device_online(&stub.api, "tc-1", true).await?;
+    let (s, b, _) = invoke(&stub.api, "tc-1", "temperature", json!(null), 5).await?;
+    assert_eq!(s, 200, "{b}");
+
+    std::fs::write(
+        &gateway.config_path,
+        render(&[("tc-1", Some("01")), ("tc-2", Some("02"))]),
+    )?;
+    gateway.proc.signal("HUP")?;
+    let admin = gateway.admin().await?;
+    let c = eventually("the reload's outcome", Duration::from_secs(20), || {
+        let url = format!("{admin}/api/config");
+        async move {
+            let (_, c) = get(&url).await?;
+            Ok((c["last_reload"]["outcome"] == "applied").then_some(c))
+        }
+    })
+    .await?;
+    assert_eq!(c["last_reload"]["added"], json!(["tc-2"]), "{c}");
+    assert_eq!(c["last_reload"]["replaced"], json!(["tc-1"]), "{c}");
+    await_device_online(&stub.api, "tc-2", true).await?;
+    for device in ["tc-2", "tc-1"] {
+        let (s, b, _) = invoke(&stub.api, device, "temperature", json!(null), 10).await?;
+        assert_eq!(s, 200, "{device}: {b}");
+    }
+    drop(gateway);
+    Ok(())
+}

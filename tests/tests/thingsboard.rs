@@ -408,3 +408,34 @@ async fn presence_follows_the_devices() -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// A live reload on the ThingsBoard profile: a removed device is disconnected in ThingsBoard,
+/// an added one connected, on the same session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_reload_connects_and_disconnects_devices() -> Result<()> {
+    let site = TbSite::start(2).await?;
+    let original = std::fs::read_to_string(&site.config_path)?;
+    let at = original.find("\n[devices.agv-2]").expect("agv-2's section");
+    let end = original[at + 1..]
+        .match_indices("\n[devices.")
+        .map(|(i, _)| at + 1 + i)
+        .find(|&i| !original[i..].starts_with("\n[devices.agv-2"))
+        .unwrap_or(original.len());
+    let without = format!("{}{}", &original[..at], &original[end..]);
+    std::fs::write(&site.config_path, &without)?;
+    site.gateway.proc.signal("HUP")?;
+    site.tb.await_active("agv-2", false).await?;
+    assert_eq!(site.tb.device("agv-1").await?.unwrap()["active"], true);
+
+    std::fs::write(&site.config_path, &original)?;
+    site.gateway.proc.signal("HUP")?;
+    site.tb.await_active("agv-2", true).await?;
+    let (s, b) = site
+        .tb
+        .rpc_twoway("agv-2", json!({"method": "battery", "params": {}}))
+        .await?;
+    assert_eq!(s, 200, "{b}");
+    let gws = site.tb.gateways().await?;
+    assert_eq!(gws[0]["connects"], 1, "one session throughout: {gws}");
+    Ok(())
+}
