@@ -271,7 +271,9 @@ fn cut(text: String, max: usize) -> String {
 /// thousand connections' buffers at the same moment on a small box.
 static PROBES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
 
+/// It also ends when the device leaves the configuration (its presence channel closes).
 pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: CancellationToken) {
+    let mut here = presence.watch(&device.id);
     let health = &device.config.health;
     let modbus_probe = matches!(&device.driver, Driver::Modbus(d) if d.has_probe());
     let Some(path) = health.path.clone().or(modbus_probe.then(String::new)) else {
@@ -313,8 +315,14 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
+            _ = retired(&mut here) => return,
         }
     }
+}
+
+/// Resolves once `presence`'s channel closes: the device left the configuration.
+pub async fn retired(presence: &mut watch::Receiver<bool>) {
+    while presence.changed().await.is_ok() {}
 }
 
 /// Without a health path, call outcomes take an HTTP device offline, and this brings it back:

@@ -210,8 +210,7 @@ impl Devices {
             call: http::client()?,
             probe: http::probe_client()?,
         };
-        let ids: Vec<String> = config.devices.keys().cloned().collect();
-        let built = build(config, &ids, &clients)?;
+        let built = build(config, None, &clients)?;
         let presence = Arc::new(Presence::with_limit(
             built.devices.iter().map(|d| d.id.clone()),
             now_ms,
@@ -233,7 +232,7 @@ impl Devices {
     /// Builds the devices `ids` of `config` (validated), not yet part of the registry; their
     /// port tasks start with [`Built::start`].
     pub fn build(&self, config: &mut Config, ids: &[String]) -> Result<Built, String> {
-        build(config, ids, &self.clients)
+        build(config, Some(ids), &self.clients)
     }
 
     /// Changes the device set in one step: `remove` leave, `add` join or replace the device
@@ -325,8 +324,9 @@ impl Devices {
     }
 }
 
-/// Builds the devices `ids` of `config`, taking their entries (and the profiles) out of it.
-fn build(config: &mut Config, ids: &[String], clients: &Clients) -> Result<Built, String> {
+/// Builds the devices `ids` of `config` (all when `None`), taking their entries (and the
+/// profiles) out of it.
+fn build(config: &mut Config, ids: Option<&[String]>, clients: &Clients) -> Result<Built, String> {
     let mut ports = serial::Ports::new(config);
     let mut endpoints = modbus::tcp::Endpoints::default();
     let profiles: BTreeMap<String, Arc<Actions>> = std::mem::take(&mut config.profiles)
@@ -340,11 +340,28 @@ fn build(config: &mut Config, ids: &[String], clients: &Clients) -> Result<Built
             (name, Arc::new(actions))
         })
         .collect();
-    let mut devices = Vec::with_capacity(ids.len());
-    for id in ids {
-        let Some(mut dc) = config.devices.remove(id) else {
-            return Err(format!("devices.{id}: not in the configuration"));
-        };
+    // All at start: the entries are consumed in place, with no list of ids beside them (a
+    // short-lived allocation per device between long-lived ones fragments the heap).
+    let entries: Vec<(String, crate::config::DeviceConfig)> = match ids {
+        None => Vec::new(),
+        Some(ids) => {
+            let mut v = Vec::with_capacity(ids.len());
+            for id in ids {
+                let dc = config
+                    .devices
+                    .remove(id)
+                    .ok_or_else(|| format!("devices.{id}: not in the configuration"))?;
+                v.push((id.clone(), dc));
+            }
+            v
+        }
+    };
+    let all = match ids {
+        None => std::mem::take(&mut config.devices),
+        Some(_) => BTreeMap::new(),
+    };
+    let mut devices = Vec::with_capacity(all.len() + entries.len());
+    for (id, mut dc) in all.into_iter().chain(entries) {
         let own = Actions {
             methods: std::mem::take(&mut dc.methods),
             twin: std::mem::take(&mut dc.twin),
