@@ -110,6 +110,7 @@ pub async fn run(
         background: background.clone(),
         shutdown: shutdown.clone(),
     };
+    devices.presence.expect_first_probes(devices.len());
     for d in devices.all() {
         plant.start(
             &d,

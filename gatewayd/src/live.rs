@@ -1,7 +1,7 @@
 //! The devices at work, and changing them while the daemon runs.
 //!
 //! Each device has its own tasks (health probes, twin worker, reported polling, message
-//! worker), tracked by the device's `tasks`. A live reload (SIGHUP with a changed, valid file)
+//! worker), each holding the device. A live reload (SIGHUP with a changed, valid file)
 //! works out which devices the change touches, builds their replacements from the new file,
 //! swaps them into the registry in one step, waits for the old ones' tasks to finish what they
 //! started, and starts the new ones':
@@ -57,12 +57,11 @@ impl Plant {
 
     /// Starts the health probes of `d`; they end when it leaves the configuration.
     pub fn start_probes(&self, d: &Arc<Device>) {
-        self.background
-            .spawn(d.tasks.track_future(health::probe_loop(
-                d.clone(),
-                self.devices.presence.clone(),
-                self.shutdown.clone(),
-            )));
+        self.background.spawn(health::probe_loop(
+            d.clone(),
+            self.devices.presence.clone(),
+            self.shutdown.clone(),
+        ));
     }
 
     /// Starts the twin and message workers of `d` (and its polling, if it polls).
@@ -75,7 +74,7 @@ impl Plant {
         // leaves holes in the heap between long-lived allocations (measured: about 20 MB of
         // idle RSS at 10,000 devices).
         if d.config.reported_poll.is_some() {
-            self.background.spawn(d.tasks.track_future(until_retired(
+            self.background.spawn(until_retired(
                 presence.watch(&d.id),
                 Box::pin(twins::poll_reported(
                     d.clone(),
@@ -84,22 +83,22 @@ impl Plant {
                     self.outbox.clone(),
                     self.shutdown.clone(),
                 )),
-            )));
+            ));
         }
-        self.background.spawn(d.tasks.track_future(twins::worker(
+        self.background.spawn(twins::worker(
             d.clone(),
             self.devices.clone(),
             self.twins.clone(),
             self.outbox.clone(),
             twin_idle,
             self.shutdown.clone(),
-        )));
-        self.background.spawn(d.tasks.track_future(inbox::worker(
+        ));
+        self.background.spawn(inbox::worker(
             d.clone(),
             self.inbox.clone(),
             inbox_idle,
             self.shutdown.clone(),
-        )));
+        ));
     }
 }
 
@@ -164,6 +163,8 @@ impl Reloader {
             .iter()
             .map(|d| (d.id.to_string(), d.config.profile.clone(), bus(&d.config)))
             .collect();
+        // Held no longer: a retired device is waited for until its last holder lets go.
+        drop(old);
         let new_view: Vec<(String, Option<String>, Option<String>)> = new
             .devices
             .iter()
@@ -259,17 +260,19 @@ impl Reloader {
             self.plant.inbox.wakers.remove(id);
         }
         // The old devices finish what they started (their presence channel closed, so their
-        // workers stop between calls), then the new ones start.
-        for d in &retired {
-            d.tasks.close();
-            if tokio::time::timeout(self.grace, d.tasks.wait())
-                .await
-                .is_err()
-            {
-                warn!(device = %d.id, grace_ms = self.grace.as_millis() as u64, "a retired device's tasks outlived the grace period");
+        // workers stop between calls; in-flight RPCs finish on them), then the new ones start:
+        // each old device tells when its last holder let go of it.
+        let mut gone = Vec::with_capacity(retired.len());
+        for d in retired {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = d.gone.set(tx);
+            gone.push((d.id.clone(), rx));
+        }
+        for (id, rx) in gone {
+            if tokio::time::timeout(self.grace, rx).await.is_err() {
+                warn!(device = %id, grace_ms = self.grace.as_millis() as u64, "a retired device was still in use at the end of the grace period");
             }
         }
-        drop(retired);
         for id in &removed_ids {
             match self
                 .plant

@@ -162,6 +162,10 @@ async fn sighup_adds_changes_and_removes_devices_while_rpcs_run_on_another() -> 
     );
     let log = std::fs::read_to_string(&site.gateway.proc.log)?;
     assert!(!log.contains("cloud connection lost"), "{log}");
+    assert!(
+        !log.contains("still in use at the end of the grace period"),
+        "the retired devices were let go of: {log}"
+    );
 
     let (_, c) = get(&format!("{admin}/api/config")).await?;
     let last = &c["last_reload"];

@@ -24,6 +24,8 @@ pub struct Presence {
     /// Parts changed since they were last taken for publishing.
     dirty: Mutex<BTreeSet<u32>>,
     max_publish: usize,
+    /// Devices whose first probe is still to come in the start-up round.
+    first_round: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -88,6 +90,27 @@ impl Presence {
             layout: Mutex::new(layout),
             dirty: Mutex::new(BTreeSet::new()),
             max_publish,
+            first_round: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// At start: `n` probe loops are starting; once each has had its first probe (or found it
+    /// has none), the start-up round is over and the memory it used is handed back.
+    pub fn expect_first_probes(&self, n: usize) {
+        self.first_round
+            .store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// One probe loop's first probe is done (or it has none).
+    fn first_probe_done(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let before = self
+            .first_round
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1));
+        if before == Ok(1) {
+            // The first probe of every device, the announcement and the twin sync peak far
+            // above what stays in use.
+            crate::release_freed_memory();
         }
     }
 
@@ -277,6 +300,7 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
     let health = &device.config.health;
     let modbus_probe = matches!(&device.driver, Driver::Modbus(d) if d.has_probe());
     let Some(path) = health.path.clone().or(modbus_probe.then(String::new)) else {
+        presence.first_probe_done();
         if let Driver::Http(d) = &device.driver {
             Box::pin(connect_probe_loop(&device, d, &presence, shutdown)).await;
         }
@@ -285,6 +309,7 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
     let interval = Duration::from_millis(health.interval_ms);
     let timeout = Duration::from_millis(health.timeout_ms);
     let mut failures = 0u32;
+    let mut probed = false;
     loop {
         let outcome = match &device.driver {
             Driver::Http(d) => {
@@ -296,9 +321,14 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
             }
             Driver::Modbus(d) if d.has_probe() => Box::pin(d.probe(timeout)).await,
             // No probe: call outcomes and the port task decide (validation refuses a path).
-            Driver::Serial(_) | Driver::Modbus(_) => return,
+            Driver::Serial(_) | Driver::Modbus(_) => {
+                presence.first_probe_done();
+                return;
+            }
         };
         let now = crate::clock::now_ms();
+        let first = !probed;
+        probed = true;
         match outcome {
             Ok(()) => {
                 failures = 0;
@@ -311,6 +341,9 @@ pub async fn probe_loop(device: Arc<Device>, presence: Arc<Presence>, shutdown: 
                     presence.set(&device.id, false, Some(why), now);
                 }
             }
+        }
+        if first {
+            presence.first_probe_done();
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

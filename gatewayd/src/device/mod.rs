@@ -125,9 +125,17 @@ pub struct Device {
     pub driver: Driver,
     /// Calls in flight at most.
     pub slots: Semaphore,
-    /// The device's own tasks (probes, twin and message workers, polling), so a live reload
-    /// can wait for them to end before the device's replacement starts its own.
-    pub tasks: tokio_util::task::TaskTracker,
+    /// Told when this device is dropped: every task and call holding it has ended. A live
+    /// reload sets it on a device it retires, to start the replacement's tasks only then.
+    pub gone: std::sync::OnceLock<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Some(tx) = self.gone.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 impl Device {
@@ -425,7 +433,7 @@ fn build(config: &mut Config, ids: Option<&[String]>, clients: &Clients) -> Resu
             actions,
             driver,
             slots: Semaphore::new(limit),
-            tasks: tokio_util::task::TaskTracker::new(),
+            gone: std::sync::OnceLock::new(),
         }));
     }
     Ok(Built {
