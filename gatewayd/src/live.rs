@@ -296,7 +296,12 @@ impl Reloader {
         for d in &fresh {
             self.plant.start(d, false, false);
         }
-        self.session.announce();
+        self.session.announce(
+            replaced
+                .iter()
+                .filter_map(|id| DeviceId::new(id.clone()).ok())
+                .collect(),
+        );
         // The running configuration now has the new live sections; the others stay as started.
         self.running = self.running.with_live(&newer, &LIVE);
         crate::release_freed_memory();

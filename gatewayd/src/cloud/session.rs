@@ -60,13 +60,23 @@ pub struct Shared {
 
 /// Asks the session to announce the gateway again (the device set changed); cheap to clone.
 #[derive(Clone, Default)]
-pub struct Reconfigure(Arc<tokio::sync::Notify>);
+pub struct Reconfigure(Arc<(tokio::sync::Notify, std::sync::Mutex<Vec<DeviceId>>)>);
 
 impl Reconfigure {
     /// The catalog and presence are announced once more (now if connected, else at the next
-    /// connect, which announces anyway).
-    pub fn announce(&self) {
-        self.0.notify_one();
+    /// connect, which announces anyway); `replaced` devices' desired state is asked again
+    /// where the cloud keeps it (their twin properties may have changed).
+    pub fn announce(&self, replaced: Vec<DeviceId>) {
+        self.0
+             .1
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(replaced);
+        self.0 .0.notify_one();
+    }
+
+    fn take_replaced(&self) -> Vec<DeviceId> {
+        std::mem::take(&mut *self.0 .1.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -377,9 +387,10 @@ impl Dispatcher {
             // (a `Notify` keeps one permit).
             let event = tokio::select! {
                 e = rx.recv() => match e { Some(e) => e, None => return },
-                _ = reconfigure.0.notified() => {
+                _ = reconfigure.0 .0.notified() => {
+                    let replaced = reconfigure.take_replaced();
                     if connected {
-                        self.adapter.reconfigured(&self.ctx()).await;
+                        self.adapter.reconfigured(&self.ctx(), replaced).await;
                         crate::release_freed_memory();
                     }
                     continue;

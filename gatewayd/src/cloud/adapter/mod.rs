@@ -151,11 +151,16 @@ impl Adapter {
         }
     }
 
-    /// The device set changed (a live reload): announce what differs.
-    pub async fn reconfigured(&self, ctx: &Ctx<'_>) {
+    /// The device set changed (a live reload): announce what differs. `replaced` devices
+    /// may have other twin properties now: where the cloud keeps no versions, their desired
+    /// state is asked again (the native cloud's twin sync at announce covers them).
+    pub async fn reconfigured(&self, ctx: &Ctx<'_>, replaced: Vec<DeviceId>) {
         match self {
             Adapter::Native(a) => a.announce(ctx).await,
-            Adapter::ThingsBoard(a) => a.presence_changed(ctx).await,
+            Adapter::ThingsBoard(a) => {
+                a.presence_changed(ctx).await;
+                a.refresh(ctx, replaced).await;
+            }
         }
     }
 

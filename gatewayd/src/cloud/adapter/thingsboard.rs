@@ -162,6 +162,19 @@ impl ThingsBoard {
         }
     }
 
+    /// Asks again the full state of those of `devices` that are connected (a device that is
+    /// not gets it when it connects).
+    pub async fn refresh(&self, ctx: &Ctx<'_>, devices: Vec<DeviceId>) {
+        let connected: Vec<DeviceId> = {
+            let st = self.state();
+            devices
+                .into_iter()
+                .filter(|d| st.connected.contains(d))
+                .collect()
+        };
+        self.request_states(ctx, connected).await;
+    }
+
     /// Connects devices that came online (asking their state: changes made while they were
     /// offline were not pushed) and disconnects those that went offline or left the
     /// configuration.
