@@ -97,6 +97,8 @@ impl Uplink {
                 let feedback = parse::<Feedback>(&gw, kind, payload)?;
                 return self.outbox.on_feedback(&gw, &feedback, now_ms);
             }
+            // The gateway's own configuration: kept for the operator API (not yet served).
+            Up::Config => tracing::debug!(gateway = %gw, "gateway configuration report"),
         }
         None
     }

@@ -58,7 +58,65 @@ pub struct Config {
     /// Serial ports (buses) by name; serial devices name theirs with `port`.
     #[serde(default)]
     pub serial_ports: BTreeMap<String, SerialPortConfig>,
+    /// Configuration from the cloud (the gateway's own twin), within local limits.
+    #[serde(default)]
+    pub remote_config: RemoteConfig,
 }
+
+/// `[remote_config]`: whether the cloud may add to this file, and the limits it can never
+/// change. The file stays the root of trust: what the cloud sends is an overlay kept in the
+/// store, merged over the file's sections at every start and reload, and dropped locally with
+/// `gatewayd config drop-remote`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// Off unless set.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Sections the cloud may change: any of `devices`, `profiles`, `serial_ports`.
+    #[serde(default = "default_remote_sections")]
+    pub sections: Vec<String>,
+    /// Hosts an HTTP device's `base_url` may name when it comes from the cloud: host names
+    /// (exact) or IP networks (`10.0.0.0/24`). Empty: no remote HTTP device.
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// Serial device paths a remote serial port may open. Empty: none.
+    #[serde(default)]
+    pub allow_serial_ports: Vec<String>,
+    /// Largest desired configuration taken, bytes of JSON.
+    #[serde(default = "default_remote_max_bytes")]
+    pub max_bytes: usize,
+    /// A remote configuration is rolled back if the cloud session is lost within this many
+    /// seconds of applying it.
+    #[serde(default = "default_rollback_grace")]
+    pub rollback_grace_s: u64,
+}
+
+fn default_remote_sections() -> Vec<String> {
+    vec!["devices".into(), "profiles".into()]
+}
+fn default_remote_max_bytes() -> usize {
+    64 * 1024
+}
+fn default_rollback_grace() -> u64 {
+    60
+}
+
+impl Default for RemoteConfig {
+    fn default() -> Self {
+        RemoteConfig {
+            enabled: false,
+            sections: default_remote_sections(),
+            allow_hosts: Vec::new(),
+            allow_serial_ports: Vec::new(),
+            max_bytes: default_remote_max_bytes(),
+            rollback_grace_s: default_rollback_grace(),
+        }
+    }
+}
+
+/// Sections a remote configuration may name.
+pub const REMOTE_SECTIONS: [&str; 3] = ["devices", "profiles", "serial_ports"];
 
 /// This gateway's identity.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -559,6 +617,23 @@ impl Config {
             }
         }
         modbus::check_buses(&self.devices, &mut p);
+        for section in &self.remote_config.sections {
+            if !REMOTE_SECTIONS.contains(&section.as_str()) {
+                p.push(format!(
+                    "remote_config.sections: '{section}' cannot be changed remotely; choose from {}",
+                    REMOTE_SECTIONS.join(", ")
+                ));
+            }
+        }
+        for host in &self.remote_config.allow_hosts {
+            if host.is_empty() {
+                p.push("remote_config.allow_hosts: an empty entry".into());
+            } else if host.contains('/') && crate::remote::parse_net(host).is_none() {
+                p.push(format!(
+                    "remote_config.allow_hosts: '{host}' is not an IP network (address/prefix)"
+                ));
+            }
+        }
         if p.is_empty() {
             Ok(())
         } else {

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod notify;
 pub mod outbox;
 pub mod reload;
+pub mod remote;
 pub mod rpc;
 pub mod store;
 pub mod supervise;

@@ -521,3 +521,46 @@ mod tests {
         assert!(ok.online);
     }
 }
+
+/// `down/config/desired`: the configuration the operator wants the gateway to add to its own
+/// file: any of the `devices`, `profiles` and `serial_ports` sections, as a merge patch over
+/// the file's (an entry added or replaced; `null` removes one). The gateway's local limits
+/// decide what it takes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigDesired {
+    #[serde(default = "v")]
+    pub v: u32,
+    /// Increases with every change the operator makes.
+    pub version: u64,
+    pub config: Value,
+}
+
+/// `up/config` (retained): the gateway's configuration as it runs (secrets left out) and what
+/// became of the last remote configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigReport {
+    #[serde(default = "v")]
+    pub v: u32,
+    /// Digest of the running configuration.
+    pub fingerprint: String,
+    pub software: String,
+    pub boot_id: String,
+    /// The running `devices`, `profiles` and `serial_ports` sections, secrets left out.
+    pub running: Value,
+    pub remote: RemoteConfigState,
+}
+
+/// What became of the last remote configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoteConfigState {
+    /// Whether this gateway takes remote configuration at all (`[remote_config] enabled`).
+    pub enabled: bool,
+    /// Version of the desired configuration this state is about (0: none yet).
+    pub version: u64,
+    /// `none`, `applied`, `refused` (nothing changed; `problems` says why) or `rolled_back`
+    /// (applied, then the cloud session was lost within the grace period).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<String>,
+    pub at_ms: u64,
+}

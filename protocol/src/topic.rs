@@ -32,6 +32,9 @@ pub enum Up {
     TwinSync,
     /// Message feedback.
     MessageFeedback,
+    /// Retained: the gateway's own configuration as it runs, and what became of the last
+    /// remote configuration.
+    Config,
 }
 
 /// Topics a gateway subscribes to.
@@ -43,10 +46,12 @@ pub enum Down {
     TwinDesired,
     /// Cloud-to-device messages.
     Message,
+    /// The gateway's desired configuration (its own twin).
+    ConfigDesired,
 }
 
 impl Up {
-    const ALL: [Up; 7] = [
+    const ALL: [Up; 8] = [
         Up::State,
         Up::Catalog,
         Up::Devices,
@@ -54,6 +59,7 @@ impl Up {
         Up::TwinReported,
         Up::TwinSync,
         Up::MessageFeedback,
+        Up::Config,
     ];
 
     /// The topic suffix after `gw/{gateway}/up/`.
@@ -66,12 +72,18 @@ impl Up {
             Up::TwinReported => "twin/reported",
             Up::TwinSync => "twin/sync",
             Up::MessageFeedback => "msg/feedback",
+            Up::Config => "config",
         }
     }
 }
 
 impl Down {
-    const ALL: [Down; 3] = [Down::RpcRequest, Down::TwinDesired, Down::Message];
+    const ALL: [Down; 4] = [
+        Down::RpcRequest,
+        Down::TwinDesired,
+        Down::Message,
+        Down::ConfigDesired,
+    ];
 
     /// The topic suffix after `gw/{gateway}/down/`.
     pub fn suffix(self) -> &'static str {
@@ -79,6 +91,7 @@ impl Down {
             Down::RpcRequest => "rpc/req",
             Down::TwinDesired => "twin/desired",
             Down::Message => "msg",
+            Down::ConfigDesired => "config/desired",
         }
     }
 }

@@ -6,4 +6,4 @@ mod link;
 mod session;
 
 pub use link::Publisher;
-pub use session::{Reconfigure, Session, SessionError, Shared};
+pub use session::{ConfigReports, Reconfigure, RemoteDesired, Session, SessionError, Shared};

@@ -48,8 +48,36 @@ pub enum SessionError {
     Security(String),
 }
 
+/// A desired configuration for the daemon's remote-configuration task, and the
+/// acknowledgement it fires once the configuration is stored (or refused for good).
+pub struct RemoteDesired {
+    pub desired: gatewayd_protocol::ConfigDesired,
+    pub acked: oneshot::Sender<bool>,
+}
+
+/// The gateway's latest configuration report: published (retained) at every connect and
+/// whenever it changes.
+#[derive(Clone, Default)]
+pub struct ConfigReports(Arc<(std::sync::Mutex<Option<Vec<u8>>>, tokio::sync::Notify)>);
+
+impl ConfigReports {
+    /// A new report: published now if connected, and at every connect.
+    pub fn set(&self, report: Vec<u8>) {
+        *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
+        self.0 .1.notify_one();
+    }
+
+    fn latest(&self) -> Option<Vec<u8>> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// What the session's handlers share with the rest of the daemon.
 pub struct Shared {
+    /// Where desired configurations go; none: the daemon takes none.
+    pub remote: Option<mpsc::UnboundedSender<RemoteDesired>>,
+    /// The configuration report to publish.
+    pub config_reports: ConfigReports,
     pub devices: Arc<Devices>,
     pub store: Store,
     pub twins: Arc<Twins>,
@@ -395,6 +423,12 @@ impl Dispatcher {
                     }
                     continue;
                 }
+                _ = self.shared.config_reports.0 .1.notified() => {
+                    if connected {
+                        self.publish_config_report().await;
+                    }
+                    continue;
+                }
                 _ = stop.cancelled() => return,
             };
             match event {
@@ -439,7 +473,15 @@ impl Dispatcher {
             }
         }
         self.adapter.announce(&self.ctx()).await;
+        self.publish_config_report().await;
         crate::release_freed_memory();
+    }
+
+    async fn publish_config_report(&self) {
+        let report = self.shared.config_reports.latest();
+        if let (Some(topic), Some(report)) = (self.adapter.config_report_topic(), report) {
+            self.publisher.publish(topic, report, true, None).await;
+        }
     }
 
     async fn on_publish(&self, p: Publish) {
@@ -505,6 +547,16 @@ impl Dispatcher {
                         .refuse(id.clone(), device.clone(), reason, received_ms);
                 self.after_message(p, id, device, committed);
             }
+            Inbound::GatewayConfig(desired) => match &self.shared.remote {
+                Some(remote) => {
+                    let acked = self.ack_after(p);
+                    let _ = remote.send(RemoteDesired { desired, acked });
+                }
+                None => {
+                    warn!("desired configuration dropped: this daemon takes none");
+                    self.ack_now(p);
+                }
+            },
             Inbound::Drop(why) => {
                 warn!(topic = %p.topic, "publish dropped: {why}");
                 self.ack_now(p);

@@ -195,6 +195,7 @@ impl SimGateway {
                 Down::RpcRequest => self.on_rpc(payload, now_ms),
                 Down::TwinDesired => self.on_desired(payload, now_ms),
                 Down::Message => self.on_message(payload, now_ms),
+                Down::ConfigDesired => (Handled::Ignored, Vec::new()),
             },
             _ => (Handled::Ignored, Vec::new()),
         }

@@ -52,6 +52,8 @@ pub enum Inbound {
         device: DeviceId,
         reason: String,
     },
+    /// The gateway's own desired configuration (remote configuration).
+    GatewayConfig(gatewayd_protocol::ConfigDesired),
     /// Acknowledged and dropped; the reason is logged.
     Drop(String),
     /// Acknowledged, nothing to do (e.g. an answer the adapter consumed itself).
@@ -131,6 +133,15 @@ impl Adapter {
     pub fn last_will(&self, boot_id: &str, store_id: &str) -> Option<LastWill> {
         match self {
             Adapter::Native(a) => Some(a.last_will(boot_id, store_id)),
+            Adapter::ThingsBoard(_) => None,
+        }
+    }
+
+    /// Where the gateway's own configuration report goes (retained), where the cloud has a
+    /// gateway twin.
+    pub fn config_report_topic(&self) -> Option<String> {
+        match self {
+            Adapter::Native(a) => Some(a.config_report_topic()),
             Adapter::ThingsBoard(_) => None,
         }
     }

@@ -38,6 +38,10 @@ impl Native {
         )
     }
 
+    pub fn config_report_topic(&self) -> String {
+        Topics::up(&self.gateway, Up::Config)
+    }
+
     pub fn goodbye(&self, boot_id: &str, store_id: &str) -> Out {
         Out {
             topic: Topics::up(&self.gateway, Up::State),
@@ -191,6 +195,12 @@ impl Native {
                 Err(e) => Inbound::Drop(format!("malformed desired update: {e}")),
             },
             Some((_, Down::Message)) => decode_message(payload),
+            Some((_, Down::ConfigDesired)) => {
+                match decode::<gatewayd_protocol::ConfigDesired>(payload) {
+                    Ok(d) => Inbound::GatewayConfig(d),
+                    Err(e) => Inbound::Drop(format!("malformed desired configuration: {e}")),
+                }
+            }
             None => Inbound::Drop(format!("publish on an unexpected topic {topic}")),
         }
     }
