@@ -64,6 +64,9 @@ pub struct Operations {
         reload::Fingerprint,
         tokio::sync::mpsc::Receiver<reload::Request>,
     )>,
+    /// The configuration file, re-read when the cloud sends a desired configuration (the
+    /// file stays the root of trust). None: remote configuration is refused.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled, then drains: no new RPCs, in-flight ones get
@@ -77,6 +80,42 @@ pub async fn run(
     let notifier = ops.notifier;
     let metrics = Arc::new(metrics::Metrics::default());
     let store = store::Store::open(&config.store.path)?;
+    // The cloud's overlay (remote configuration) over the file, if this gateway takes one.
+    let limits = config.remote_config.clone();
+    let overlay = store.call(remote::load).await?;
+    let mut remote_state = remote::State::new(limits.enabled);
+    let mut merged_fingerprint = None;
+    if let Some(o) = overlay {
+        let problems = if limits.enabled {
+            let mut p = remote::check_limits(&limits, &o.config);
+            if p.is_empty() {
+                match remote::merge(&config, &o.config) {
+                    Ok(merged) => config = merged,
+                    Err(problems) => p = problems,
+                }
+            }
+            p
+        } else {
+            vec![
+                "remote configuration is off on this gateway ([remote_config] enabled = false)"
+                    .into(),
+            ]
+        };
+        if problems.is_empty() {
+            info!(
+                version = o.version,
+                "running with the cloud's configuration over the file"
+            );
+            merged_fingerprint = Some(reload::Fingerprint::of(&config));
+            remote_state.applied(o.version);
+        } else {
+            for p in &problems {
+                tracing::warn!(version = o.version, problem = %p, "the stored remote configuration is not applied");
+            }
+            remote_state.refused(o.version, problems);
+        }
+    }
+    let running_sections = limits.enabled.then(|| remote::running_sections(&config));
     let devices = Arc::new(
         device::Devices::from_config(&mut config, clock::now_ms())
             .map_err(GatewayError::Devices)?,
@@ -120,7 +159,11 @@ pub async fn run(
         );
     }
     drop((owing, pending));
+    let config_reports = cloud::ConfigReports::default();
+    let (remote_tx, remote_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = Arc::new(cloud::Shared {
+        remote: Some(remote_tx),
+        config_reports: config_reports.clone(),
         devices: devices.clone(),
         store: store.clone(),
         twins,
@@ -131,11 +174,11 @@ pub async fn run(
     let work = TaskTracker::new();
     let session = cloud::Session::start(&config, shared, work.clone(), supervisor.clone())?;
     let (running, reloads) = match ops.reloads {
-        Some((fingerprint, rx)) => (fingerprint, Some(rx)),
+        Some((fingerprint, rx)) => (merged_fingerprint.unwrap_or(fingerprint), Some(rx)),
         None => (reload::Fingerprint::of(&config), None),
     };
     let reload_status = Arc::new(reload::Status::new(&running));
-    if let Some(mut requests) = reloads {
+    {
         let mut reloader = live::Reloader {
             plant,
             session: session.reconfigure(),
@@ -143,20 +186,60 @@ pub async fn run(
             grace: Duration::from_millis(config.rpc.shutdown_grace_ms),
             max_publish: config.cloud.max_packet_bytes,
         };
+        let mut remote = remote::Remote {
+            limits,
+            state: remote_state,
+            config_path: ops.config_path.clone(),
+            store: store.clone(),
+            reports: config_reports,
+            boot_id: session.boot_id(),
+            connected: session.connected(),
+            running_sections,
+            previous: None,
+            max_publish: config.cloud.max_packet_bytes,
+        };
+        remote.report(&reloader.running);
         let status = reload_status.clone();
         let stop = shutdown.clone();
         background.spawn(async move {
+            let mut requests = reloads;
+            let mut desired = remote_rx;
+            let (rollback_tx, mut rollbacks) = tokio::sync::mpsc::unbounded_channel();
             loop {
-                let request = tokio::select! {
-                    r = requests.recv() => match r { Some(r) => r, None => return },
+                tokio::select! {
+                    r = async {
+                        match requests.as_mut() {
+                            Some(rx) => rx.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        let Some(request) = r else { requests = None; continue };
+                        let outcome = match request.loaded {
+                            Err(e) => reload::Outcome::Invalid(e.problems),
+                            Ok(file) => {
+                                let config = remote.over_file(file).await;
+                                reloader.apply(config).await
+                            }
+                        };
+                        status.record(&reloader.running, outcome.clone(), clock::now_ms());
+                        remote.report(&reloader.running);
+                        let _ = request.reply.send(outcome);
+                    }
+                    d = desired.recv() => {
+                        let Some(d) = d else { return };
+                        if let Some(outcome) = remote.desired(d, &mut reloader, &rollback_tx).await {
+                            status.record(&reloader.running, outcome, clock::now_ms());
+                        }
+                        remote.report(&reloader.running);
+                    }
+                    Some(version) = rollbacks.recv() => {
+                        if let Some(outcome) = remote.roll_back(version, &mut reloader).await {
+                            status.record(&reloader.running, outcome, clock::now_ms());
+                        }
+                        remote.report(&reloader.running);
+                    }
                     _ = stop.cancelled() => return,
-                };
-                let outcome = match request.loaded {
-                    Err(e) => reload::Outcome::Invalid(e.problems),
-                    Ok(config) => reloader.apply(config).await,
-                };
-                status.record(&reloader.running, outcome.clone(), clock::now_ms());
-                let _ = request.reply.send(outcome);
+                }
             }
         });
     }

@@ -45,6 +45,31 @@ enum Command {
         /// Configuration file (TOML).
         config: PathBuf,
     },
+    /// The configuration the cloud added to the file (`[remote_config]`), kept in the store.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the stored remote configuration (version, when it came, the sections).
+    Show {
+        /// Configuration file (TOML); names the store.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// What the remote configuration adds, changes or removes compared with the file.
+    Diff {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Remove the remote configuration; the next reload (or start) runs on the file alone.
+    DropRemote {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +90,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Config { action } => remote_command(action),
         Command::Run { config: path } => {
             let (config, fingerprint) = match load_compact(&path) {
                 Ok(c) => c,
@@ -120,6 +146,7 @@ fn main() -> ExitCode {
                     admin,
                     notifier,
                     reloads: Some((fingerprint, reload_rx)),
+                    config_path: Some(path.clone()),
                 };
                 match gatewayd::run(config, ops, shutdown).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -154,6 +181,96 @@ fn load_compact(path: &Path) -> Result<(Config, Fingerprint), gatewayd::config::
         Ok(Err(e)) => Err(e),
         Err(panic) => std::panic::resume_unwind(panic),
     }
+}
+
+/// `gatewayd config show|diff|drop-remote`: reads (or clears) the store's remote configuration
+/// directly; safe while the daemon runs (SQLite in WAL mode).
+fn remote_command(action: ConfigAction) -> ExitCode {
+    let path = match &action {
+        ConfigAction::Show { config }
+        | ConfigAction::Diff { config }
+        | ConfigAction::DropRemote { config } => config.clone(),
+    };
+    let file = match Config::load(&path, Config::env()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let store = &file.store.path;
+    let conn = match rusqlite::Connection::open(store) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cannot open the store {}: {e}", store.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
+    let overlay = match gatewayd::remote::load(&conn) {
+        Ok(o) => o,
+        // A store from before remote configuration existed holds none.
+        Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => None,
+        Err(e) => {
+            eprintln!("cannot read the store {}: {e}", store.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match action {
+        ConfigAction::Show { .. } => match overlay {
+            None => println!("no remote configuration"),
+            Some(o) => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "version": o.version,
+                    "at_ms": o.at_ms,
+                    "config": o.config,
+                    "applied_when_enabled": file.remote_config.enabled,
+                }))
+                .unwrap_or_default()
+            ),
+        },
+        ConfigAction::Diff { .. } => {
+            let Some(o) = overlay else {
+                println!("no remote configuration");
+                return ExitCode::SUCCESS;
+            };
+            let problems = gatewayd::remote::check_limits(&file.remote_config, &o.config);
+            for p in &problems {
+                println!("! {p}");
+            }
+            match gatewayd::remote::merge(&file, &o.config) {
+                Ok(merged) => {
+                    let before = Fingerprint::of(&file);
+                    let after = Fingerprint::of(&merged);
+                    for entry in before.changes(&after) {
+                        let mark = match (before.has(&entry), after.has(&entry)) {
+                            (false, true) => '+',
+                            (true, false) => '-',
+                            _ => '~',
+                        };
+                        println!("{mark} {entry}");
+                    }
+                }
+                Err(problems) => {
+                    for p in problems {
+                        println!("! {p}");
+                    }
+                }
+            }
+        }
+        ConfigAction::DropRemote { .. } => match gatewayd::remote::drop_overlay(&conn) {
+            Ok(true) => println!(
+                "remote configuration dropped; `systemctl reload gatewayd` (SIGHUP) runs on the file alone"
+            ),
+            Ok(false) => println!("no remote configuration"),
+            Err(e) => {
+                eprintln!("cannot change the store {}: {e}", store.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    }
+    ExitCode::SUCCESS
 }
 
 fn init_tracing(format: LogFormat, level: &str) {

@@ -63,6 +63,11 @@ impl Fingerprint {
         Fingerprint { parts }
     }
 
+    /// Whether `entry` (a section or `section.key`) is in the configuration.
+    pub fn has(&self, entry: &str) -> bool {
+        self.parts.contains_key(entry)
+    }
+
     /// One short hex digest of the whole configuration, to compare gateways and reloads.
     pub fn digest(&self) -> String {
         let mut h = DefaultHasher::new();

@@ -277,3 +277,259 @@ mod tests {
         assert!(!running.to_string().contains("secret-token"));
     }
 }
+
+/// What became of the last remote configuration, as the gateway reports it.
+#[derive(Debug, Clone)]
+pub struct State(pub gatewayd_protocol::RemoteConfigState);
+
+impl State {
+    pub fn new(enabled: bool) -> State {
+        State(gatewayd_protocol::RemoteConfigState {
+            enabled,
+            version: 0,
+            state: "none".into(),
+            problems: Vec::new(),
+            at_ms: 0,
+        })
+    }
+
+    pub fn applied(&mut self, version: u64) {
+        self.set(version, "applied", Vec::new());
+    }
+
+    pub fn refused(&mut self, version: u64, problems: Vec<String>) {
+        self.set(version, "refused", problems);
+    }
+
+    fn set(&mut self, version: u64, state: &str, problems: Vec<String>) {
+        self.0.version = version;
+        self.0.state = state.into();
+        self.0.problems = problems;
+        self.0.at_ms = crate::clock::now_ms();
+    }
+}
+
+/// The daemon's side of remote configuration: takes desired configurations from the session,
+/// checks, stores and applies them (through the live reload), rolls back a configuration
+/// after which the cloud session was lost, and keeps the report the session publishes.
+pub struct Remote {
+    /// The limits of the file the daemon runs on (a reload re-reads them).
+    pub limits: RemoteConfig,
+    pub state: State,
+    pub config_path: Option<std::path::PathBuf>,
+    pub store: crate::store::Store,
+    pub reports: crate::cloud::ConfigReports,
+    pub boot_id: String,
+    pub connected: tokio::sync::watch::Receiver<bool>,
+    /// The running sections as last reported (only kept when remote configuration is on).
+    pub running_sections: Option<Value>,
+    /// The overlay before the last one applied, for a roll-back.
+    pub previous: Option<Overlay>,
+    /// Largest publish (`cloud.max_packet_bytes`): a report with the running sections larger
+    /// than this goes without them.
+    pub max_publish: usize,
+}
+
+impl Remote {
+    /// `file` with the stored overlay merged over it when this gateway takes one (a reload):
+    /// the overlay is applied only while it still fits the file's limits and validates.
+    pub async fn over_file(&mut self, file: Config) -> Config {
+        self.limits = file.remote_config.clone();
+        self.state.0.enabled = self.limits.enabled;
+        let overlay = self.store.call(load).await.ok().flatten();
+        let merged = match overlay {
+            Some(o) if self.limits.enabled => {
+                let mut p = check_limits(&self.limits, &o.config);
+                let merged = if p.is_empty() {
+                    match merge(&file, &o.config) {
+                        Ok(m) => Some(m),
+                        Err(problems) => {
+                            p = problems;
+                            None
+                        }
+                    }
+                } else {
+                    None
+                };
+                match merged {
+                    Some(m) => {
+                        self.state.applied(o.version);
+                        m
+                    }
+                    None => {
+                        self.state.refused(o.version, p);
+                        file
+                    }
+                }
+            }
+            _ => file,
+        };
+        self.running_sections = self.limits.enabled.then(|| running_sections(&merged));
+        merged
+    }
+
+    /// A desired configuration arrived. Refused (nothing changes, every problem reported) or
+    /// stored, acknowledged and applied live; the outcome of the reload when there was one.
+    pub async fn desired(
+        &mut self,
+        d: crate::cloud::RemoteDesired,
+        reloader: &mut crate::live::Reloader,
+        rollbacks: &tokio::sync::mpsc::UnboundedSender<u64>,
+    ) -> Option<crate::reload::Outcome> {
+        let version = d.desired.version;
+        if version <= self.state.0.version && self.state.0.state != "none" {
+            tracing::debug!(version, "desired configuration already handled");
+            let _ = d.acked.send(true);
+            return None;
+        }
+        let file = match &self.config_path {
+            None => Err(vec![
+                "this daemon was started without a configuration file".into()
+            ]),
+            Some(path) => {
+                let path = path.clone();
+                match tokio::task::spawn_blocking(move || Config::load(&path, Config::env())).await
+                {
+                    Ok(Ok(c)) => Ok(c),
+                    Ok(Err(e)) => Err(e
+                        .problems
+                        .into_iter()
+                        .map(|p| format!("the gateway's own file is invalid: {p}"))
+                        .collect()),
+                    Err(e) => Err(vec![format!("cannot read the gateway's file: {e}")]),
+                }
+            }
+        };
+        let merged = file.and_then(|file| {
+            self.limits = file.remote_config.clone();
+            self.state.0.enabled = self.limits.enabled;
+            let p = check_limits(&self.limits, &d.desired.config);
+            if p.is_empty() {
+                merge(&file, &d.desired.config)
+            } else {
+                Err(p)
+            }
+        });
+        let merged = match merged {
+            Ok(m) => m,
+            Err(problems) => {
+                for p in &problems {
+                    tracing::warn!(version, problem = %p, "remote configuration refused");
+                }
+                self.state.refused(version, problems);
+                let _ = d.acked.send(true);
+                return None;
+            }
+        };
+        let overlay = Overlay {
+            version,
+            config: d.desired.config.clone(),
+            at_ms: crate::clock::now_ms(),
+        };
+        let previous = self.store.call(load).await.ok().flatten();
+        let stored = self.store.call(move |c| save(c, &overlay)).await;
+        let _ = d.acked.send(stored.is_ok());
+        if let Err(e) = stored {
+            tracing::warn!(version, error = %e, "remote configuration not stored; the cloud sends it again");
+            return None;
+        }
+        self.running_sections = Some(running_sections(&merged));
+        let outcome = reloader.apply(merged).await;
+        match &outcome {
+            crate::reload::Outcome::Failed(why) => {
+                self.state.refused(version, vec![why.clone()]);
+                let _ = self
+                    .store
+                    .call(move |c| match previous {
+                        Some(p) => save(c, &p),
+                        None => drop_overlay(c).map(|_| ()),
+                    })
+                    .await;
+            }
+            _ => {
+                tracing::info!(version, "remote configuration applied");
+                self.state.applied(version);
+                // Lost the cloud within the grace period: roll back (a push must never lock a
+                // gateway out).
+                let grace = std::time::Duration::from_secs(self.limits.rollback_grace_s);
+                let mut connected = self.connected.clone();
+                let rollbacks = rollbacks.clone();
+                tokio::spawn(async move {
+                    let lost = tokio::time::timeout(grace, connected.wait_for(|c| !*c)).await;
+                    if matches!(lost, Ok(Ok(_))) {
+                        let _ = rollbacks.send(version);
+                    }
+                });
+                // Keep what rolling back needs.
+                self.previous = previous;
+            }
+        }
+        Some(outcome)
+    }
+
+    /// The cloud session was lost within the grace period after `version` was applied: the
+    /// previous overlay is restored and applied.
+    pub async fn roll_back(
+        &mut self,
+        version: u64,
+        reloader: &mut crate::live::Reloader,
+    ) -> Option<crate::reload::Outcome> {
+        if self.state.0.version != version || self.state.0.state != "applied" {
+            return None;
+        }
+        tracing::warn!(
+            version,
+            grace_s = self.limits.rollback_grace_s,
+            "cloud session lost after a remote configuration: rolling it back"
+        );
+        let previous = self.previous.take();
+        let restored = self
+            .store
+            .call(move |c| match previous {
+                Some(p) => save(c, &p),
+                None => drop_overlay(c).map(|_| ()),
+            })
+            .await;
+        if let Err(e) = restored {
+            tracing::error!(error = %e, "cannot restore the previous remote configuration");
+            return None;
+        }
+        let path = self.config_path.clone()?;
+        let file = tokio::task::spawn_blocking(move || Config::load(&path, Config::env()))
+            .await
+            .ok()?
+            .ok()?;
+        let config = self.over_file(file).await;
+        let outcome = reloader.apply(config).await;
+        let problems = vec![format!(
+            "the cloud session was lost within {} s of applying it (remote_config.rollback_grace_s)",
+            self.limits.rollback_grace_s
+        )];
+        self.state.set(version, "rolled_back", problems);
+        Some(outcome)
+    }
+
+    /// Publishes (through the session) the report of the running configuration.
+    pub fn report(&self, running: &crate::reload::Fingerprint) {
+        let report = gatewayd_protocol::ConfigReport {
+            v: gatewayd_protocol::PROTOCOL_VERSION,
+            fingerprint: running.digest(),
+            software: concat!("gatewayd ", env!("CARGO_PKG_VERSION")).to_string(),
+            boot_id: self.boot_id.clone(),
+            running: self.running_sections.clone().unwrap_or(Value::Null),
+            remote: self.state.0.clone(),
+        };
+        let mut body = serde_json::to_vec(&report).expect("report serializes");
+        if body.len() > self.max_publish {
+            let mut report = report;
+            report.running = serde_json::json!({
+                "omitted": format!(
+                    "{} bytes, more than one publish carries (cloud.max_packet_bytes)",
+                    body.len()
+                )
+            });
+            body = serde_json::to_vec(&report).expect("report serializes");
+        }
+        self.reports.set(body);
+    }
+}

@@ -54,6 +54,13 @@ const MIGRATIONS: &[&str] = &[
     // number. Without them both scan every message kept for de-duplication.
     "CREATE INDEX inbox_next ON inbox (device, seq) WHERE state = 'pending';
      CREATE INDEX inbox_seq ON inbox (seq);",
+    // 5: the configuration the cloud added to the file (`remote.rs`), at most one.
+    "CREATE TABLE remote_config (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL,
+        config TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+     );",
 ];
 
 /// Why the store failed.

@@ -285,7 +285,9 @@ impl FakeGateway {
                             Some(Down::Message) => {
                                 let _ = msg_tx.send(decode(bytes));
                             }
-                            None => panic!("fake gateway got a foreign topic {}", p.topic),
+                            Some(Down::ConfigDesired) | None => {
+                                panic!("fake gateway got a foreign topic {}", p.topic)
+                            }
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(_))) => {

@@ -295,6 +295,11 @@ impl Session {
         self.reconfigure.clone()
     }
 
+    /// This run's boot id, as the cloud sees it.
+    pub fn boot_id(&self) -> String {
+        self.boot_id.clone()
+    }
+
     /// Whether the cloud connection is up.
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.connected.clone()
