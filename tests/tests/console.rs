@@ -399,11 +399,14 @@ mod webdriver {
                 "chromium is not installed (apt-get install chromium chromium-driver; .ci/run \
                  does it)",
             )?;
+            // Its own process group, so the browser it starts goes with it (`Drop`), even when
+            // a test fails before `stop`.
             let mut driver = Command::new("chromedriver")
                 .arg("--port=0")
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .kill_on_drop(true)
+                .process_group(0)
                 .spawn()
                 .context("cannot start chromedriver (apt-get install chromium-driver)")?;
             let stdout = driver.stdout.take().context("chromedriver stdout")?;
@@ -696,9 +699,21 @@ mod webdriver {
                 .collect())
         }
 
-        pub async fn stop(mut self) {
+        pub async fn stop(self) {
             let _ = self.cmd(reqwest::Method::DELETE, "", Value::Null).await;
-            let _ = self.driver.kill().await;
+            // `Drop` ends chromedriver and what is left of the browser.
+        }
+    }
+
+    impl Drop for Browser {
+        /// chromedriver and every browser process it started (one process group).
+        fn drop(&mut self) {
+            if let Some(pid) = self.driver.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{pid}")])
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
     }
 
