@@ -13,6 +13,7 @@ pub mod calls;
 pub mod clock;
 mod error;
 pub mod events;
+pub mod gwconfig;
 pub mod messages;
 pub mod registry;
 pub mod security;
@@ -154,6 +155,7 @@ pub async fn run(
     );
 
     let tasks_stop = CancellationToken::new();
+    let gateway_configs = gwconfig::GatewayConfigs::default();
     let uplink = Uplink::new(
         Arc::clone(&registry),
         Arc::clone(&calls),
@@ -161,7 +163,8 @@ pub async fn run(
         twins.clone(),
         Arc::clone(&outbox),
         events.clone(),
-    );
+    )
+    .with_configs(gateway_configs.clone());
     let (publisher, session) = session::spawn(
         &config.mqtt,
         &config.client_id,
@@ -194,6 +197,7 @@ pub async fn run(
         outbox,
         api_token: config.api_token.clone().map(Arc::new),
         events,
+        gateway_configs,
     });
     tracing::info!(addr = %api.local_addr()?, "operator api listening");
     let api = api.tap_io(|tcp| {

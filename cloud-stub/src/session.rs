@@ -110,6 +110,17 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Queues a QoS 1 retained publish (the broker keeps the latest for a later subscriber).
+    pub async fn publish_retained(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+    ) -> Result<(), rumqttc::ClientError> {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, true, payload)
+            .await
+    }
+
     /// Queues a QoS 1, not retained publish. Waits only while the request channel is full.
     pub async fn publish(
         &self,

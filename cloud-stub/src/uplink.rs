@@ -31,6 +31,8 @@ pub struct Uplink {
     events: Events,
     /// Catalog parts per gateway until an announcement is complete.
     catalogs: std::sync::Mutex<HashMap<GatewayId, CatalogAssembly>>,
+    /// The gateways' configuration twins.
+    configs: crate::gwconfig::GatewayConfigs,
 }
 
 /// Most parts one announcement may have (10,000 devices take about 50 at 128 KiB).
@@ -54,8 +56,15 @@ impl Uplink {
             twins,
             outbox,
             events,
+            configs: Default::default(),
             catalogs: Default::default(),
         }
+    }
+
+    /// Keeps the gateways' configuration reports in `configs` (shared with the operator API).
+    pub fn with_configs(mut self, configs: crate::gwconfig::GatewayConfigs) -> Self {
+        self.configs = configs;
+        self
     }
 
     /// Handles one incoming publish. Malformed topics and payloads are logged and dropped.
@@ -98,7 +107,11 @@ impl Uplink {
                 return self.outbox.on_feedback(&gw, &feedback, now_ms);
             }
             // The gateway's own configuration: kept for the operator API (not yet served).
-            Up::Config => tracing::debug!(gateway = %gw, "gateway configuration report"),
+            Up::Config => {
+                if let Some(report) = parse::<gatewayd_protocol::ConfigReport>(&gw, kind, payload) {
+                    self.configs.reported(&gw, report);
+                }
+            }
         }
         None
     }

@@ -6,7 +6,7 @@ mod common;
 
 use cloud_stub::security::Secret;
 use cloud_stub::StubConfig;
-use common::{setup, Stub, DEVICE};
+use common::{setup, Stub, DEVICE, GW};
 use gatewayd_protocol::{RpcOutcome, RpcSuccess};
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -137,6 +137,41 @@ async fn every_route_is_documented_and_answers_as_documented() {
             "/api/v1/devices",
             Value::Null,
             200,
+        ),
+        case(
+            Method::PATCH,
+            "/api/v1/gateways/{id}/config",
+            &format!("/api/v1/gateways/{GW}/config"),
+            json!({"devices": {"agv-9": {"kind": "http", "base_url": "http://127.0.0.1:1"}}}),
+            200,
+        ),
+        case(
+            Method::PATCH,
+            "/api/v1/gateways/{id}/config",
+            &format!("/api/v1/gateways/{GW}/config"),
+            json!({"cloud": {"broker": "mqtt://elsewhere"}}),
+            400,
+        ),
+        case(
+            Method::PATCH,
+            "/api/v1/gateways/{id}/config",
+            "/api/v1/gateways/nobody/config",
+            json!({}),
+            404,
+        ),
+        case(
+            Method::GET,
+            "/api/v1/gateways/{id}/config",
+            &format!("/api/v1/gateways/{GW}/config"),
+            Value::Null,
+            200,
+        ),
+        case(
+            Method::GET,
+            "/api/v1/gateways/{id}/config",
+            "/api/v1/gateways/nobody/config",
+            Value::Null,
+            404,
         ),
         case(Method::GET, "/api/v1/devices/{id}", &dev, Value::Null, 200),
         case(

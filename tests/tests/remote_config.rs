@@ -1,58 +1,43 @@
 //! The gateway's own twin: a desired configuration from the cloud, within the gateway's local
 //! limits, applied live, kept across `kill -9`, shown and dropped with `gatewayd config`.
 
-use anyhow::{bail, Result};
-use e2e::raw::{Raw, RawEvent, RawOptions};
+use anyhow::Result;
 use e2e::*;
 use serde_json::{json, Value};
 use std::time::Duration;
 
 const LIMITS: &str = "\n[remote_config]\nenabled = true\nallow_hosts = [\"127.0.0.1\"]\n";
 
-/// Publishes a desired configuration on the gateway's topic, as the cloud does.
-async fn push(site: &Site, version: u64, config: Value) -> Result<()> {
-    let mut raw = Raw::connect("operator", &site.stub.mqtt, RawOptions::default())
-        .await?
-        .map_err(anyhow::Error::msg)?;
-    let ok = raw
-        .publish_acked(
-            &format!("gw/{SITE_GATEWAY}/down/config/desired"),
-            &json!({"v": 1, "version": version, "config": config}),
-            false,
-        )
-        .await?;
-    anyhow::ensure!(ok, "the broker refused the desired configuration");
-    Ok(())
+/// Merge-patches the gateway's desired configuration through the stub's operator API; returns
+/// the desired version.
+async fn push(site: &Site, patch: Value) -> Result<u64> {
+    let (s, b) = e2e::patch(
+        &format!("{}/api/v1/gateways/{SITE_GATEWAY}/config", site.stub.api),
+        &patch,
+        None,
+    )
+    .await?;
+    anyhow::ensure!(s == 200, "PATCH gateway config: {s} {b}");
+    b["desired"]["version"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no desired version in {b}"))
 }
 
-/// Waits for the gateway's retained configuration report with `remote.version == version`.
+/// Waits until the stub shows the gateway's report about desired `version`.
 async fn report(site: &Site, version: u64) -> Result<Value> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let mut raw = Raw::connect("watcher", &site.stub.mqtt, RawOptions::default())
-            .await?
-            .map_err(anyhow::Error::msg)?;
-        raw.subscribe(&format!("gw/{SITE_GATEWAY}/up/config"))
-            .await?;
-        let mut got: Option<Value> = None;
-        for (_, p) in raw.received.drain(..) {
-            got = serde_json::from_slice(&p).ok();
-        }
-        while got.is_none() {
-            match raw.next().await {
-                Ok(RawEvent::Publish(_, p)) => got = serde_json::from_slice(&p).ok(),
-                Ok(_) => {}
-                Err(_) => break,
+    let url = format!("{}/api/v1/gateways/{SITE_GATEWAY}/config", site.stub.api);
+    eventually(
+        &format!("the gateway's report on version {version}"),
+        Duration::from_secs(20),
+        || {
+            let url = url.clone();
+            async move {
+                let (s, b) = get(&url).await?;
+                Ok((s == 200 && b["reported"]["remote"]["version"] == version).then_some(b))
             }
-        }
-        if let Some(r) = got.filter(|r| r["remote"]["version"] == version) {
-            return Ok(r);
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("no configuration report for version {version}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        },
+    )
+    .await
 }
 
 fn gatewayd_config(site: &Site, args: &[&str]) -> Result<String> {
@@ -76,14 +61,23 @@ async fn a_remote_device_is_added_refused_outside_the_limits_and_kept_across_kil
     let mut site = Site::start_with(2, LIMITS).await?;
     let agv2 = site.fleet.devices[1].1.clone();
 
-    // Outside the allow-list: refused with its reason, nothing changes.
-    push(
+    // The stub checks the structure before it sends anything.
+    let (s, b) = e2e::patch(
+        &format!("{}/api/v1/gateways/{SITE_GATEWAY}/config", site.stub.api),
+        &json!({"cloud": {"broker": "mqtt://elsewhere:1883"}}),
+        None,
+    )
+    .await?;
+    assert_eq!((s, &b["code"]), (400, &json!("bad_request")), "{b}");
+
+    // Outside the allow-list: refused by the gateway with its reason, nothing changes.
+    let v = push(
         &site,
-        1,
         json!({"devices": {"rogue": {"kind": "http", "profile": "agv", "base_url": "http://10.9.9.9:80"}}}),
     )
     .await?;
-    let r = report(&site, 1).await?;
+    let r = report(&site, v).await?;
+    let r = &r["reported"];
     assert_eq!(r["remote"]["state"], "refused", "{r}");
     assert!(
         r["remote"]["problems"][0]
@@ -95,13 +89,14 @@ async fn a_remote_device_is_added_refused_outside_the_limits_and_kept_across_kil
     assert_ne!(s, 200);
 
     // Within the limits: applied live, and callable.
-    push(
+    let v = push(
         &site,
-        2,
-        json!({"devices": {"agv-9": {"kind": "http", "profile": "agv", "base_url": agv2}}}),
+        json!({"devices": {"rogue": null, "agv-9": {"kind": "http", "profile": "agv", "base_url": agv2}}}),
     )
     .await?;
-    let r = report(&site, 2).await?;
+    let twin = report(&site, v).await?;
+    assert_eq!(twin["in_sync"], true, "{twin}");
+    let r = &twin["reported"];
     assert_eq!(r["remote"]["state"], "applied", "{r}");
     assert!(r["running"]["devices"]["agv-9"].is_object(), "{r}");
     assert_eq!(

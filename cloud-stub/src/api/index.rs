@@ -55,6 +55,16 @@ pub const ROUTES: &[RouteDoc] = &[
     ),
     route(
         "GET",
+        "/api/v1/gateways/{id}/config",
+        "the gateway's own twin: desired configuration, its report, in sync or not",
+    ),
+    route(
+        "PATCH",
+        "/api/v1/gateways/{id}/config",
+        "merge-patch the gateway's desired configuration (devices, profiles, serial_ports); sent retained",
+    ),
+    route(
+        "GET",
         "/api/v1/devices",
         "devices with their methods, twin properties, commands and presence",
     ),

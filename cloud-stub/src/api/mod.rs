@@ -7,6 +7,7 @@ pub mod console;
 mod devices;
 mod error;
 mod events;
+mod gwconfig;
 mod index;
 mod messages;
 pub mod openapi;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub api_token: Option<Arc<crate::security::Secret>>,
     /// Changes for the event stream.
     pub events: Events,
+    /// The gateways' own configuration twins.
+    pub gateway_configs: crate::gwconfig::GatewayConfigs,
 }
 
 /// The API's routes ([`ROUTES`] lists them for `GET /`), behind the bearer token check when a
@@ -65,6 +68,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/openapi.json", get(openapi::document))
         .route("/api/v1/events", get(events::stream))
         .route("/api/v1/gateways", get(devices::list_gateways))
+        .route(
+            "/api/v1/gateways/{id}/config",
+            get(gwconfig::get_config).patch(gwconfig::patch_config),
+        )
         .route("/api/v1/devices", get(devices::list_devices))
         .route("/api/v1/devices/{id}", get(devices::get_device))
         .route("/api/v1/devices/{id}/methods/{method}", post(rpc::invoke))

@@ -29,6 +29,11 @@ fn array_of(name: &str) -> Value {
     json!({"type": "array", "items": schema(name)})
 }
 
+fn gateway_id() -> Value {
+    json!({"name": "id", "in": "path", "required": true, "description": "gateway id",
+        "schema": {"type": "string"}})
+}
+
 fn device_id() -> Value {
     json!({"name": "id", "in": "path", "required": true, "description": "device id",
         "schema": {"type": "string"}})
@@ -111,6 +116,31 @@ pub fn spec() -> Value {
                 "summary": "gateways",
                 "responses": with_common(json!({"200": ok("sorted by id", array_of("Gateway"))}))
             }},
+            "/api/v1/gateways/{id}/config": {
+                "get": {
+                    "summary": "the gateway's own twin (remote configuration)",
+                    "parameters": [gateway_id()],
+                    "responses": with_common(json!({
+                        "200": ok("desired and reported halves", schema("GatewayConfig")),
+                        "404": error("`device_not_found`: no gateway of that id announced itself")
+                    }))
+                },
+                "patch": {
+                    "summary": "merge-patch the desired configuration; sent retained",
+                    "description": "A JSON merge patch of the sections devices, profiles and \
+                        serial_ports (entries are objects, null removes one). The stub checks \
+                        the structure; the gateway checks its own limits ([remote_config]) and \
+                        reports what it made of it (reported.remote).",
+                    "parameters": [gateway_id()],
+                    "requestBody": {"required": true, "content": {"application/json": {
+                        "schema": {"type": "object"}}}},
+                    "responses": with_common(json!({
+                        "200": ok("the twin after the change", schema("GatewayConfig")),
+                        "400": error("`bad_request`: not sections of objects, or too large"),
+                        "404": error("`device_not_found`: no gateway of that id announced itself")
+                    }))
+                }
+            },
             "/api/v1/devices": {"get": {
                 "summary": "devices with their catalog and presence",
                 "responses": with_common(json!({"200": ok("sorted by id", array_of("Device"))}))
@@ -239,6 +269,21 @@ fn schemas() -> Value {
                     "description": {"type": "string"}}}},
             "message_statuses": {"type": "array", "items": schema("MessageStatus")}
         }},
+        "GatewayConfig": {"type": "object",
+            "required": ["gateway", "desired", "reported", "in_sync"],
+            "properties": {
+                "gateway": {"type": "string"},
+                "desired": {"type": "object", "required": ["version", "config"],
+                    "properties": {
+                        "version": {"type": "integer"},
+                        "config": {"type": "object",
+                            "description": "devices, profiles, serial_ports: what the gateway adds to its file"}
+                    }},
+                "reported": {"type": ["object", "null"],
+                    "description": "the gateway's retained report: fingerprint, software, boot_id, running sections (credentials left out), remote {enabled, version, state: none|applied|refused|rolled_back, problems, at_ms}"},
+                "in_sync": {"type": "boolean",
+                    "description": "the gateway reports the desired version applied"}
+            }},
         "Gateway": {"type": "object",
             "required": ["id", "online", "boot_id", "software", "last_seen_ms", "store_id",
                 "store_error", "devices"],
