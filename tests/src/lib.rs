@@ -705,7 +705,17 @@ impl Site {
         std::fs::write(&config_path, text)?;
         let gateway = Self::gatewayd(dir.path(), &config_path)?;
         for (name, _) in &fleet.devices {
-            await_device_online(&stub.api, name, true).await?;
+            // On failure, what gatewayd and the stub said: a start-up that never came online is
+            // otherwise hard to read after the fact.
+            await_device_online(&stub.api, name, true)
+                .await
+                .map_err(|e| {
+                    e.context(format!(
+                        "gatewayd log:\n{}\ncloud-stub log:\n{}",
+                        gateway.proc.tail(),
+                        stub.proc.tail()
+                    ))
+                })?;
         }
         Ok(Site {
             gateway,
