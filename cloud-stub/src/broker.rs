@@ -67,6 +67,14 @@ pub fn start_embedded_broker(listen: SocketAddr) -> Result<(), StubError> {
 pub fn start_broker(broker: &EmbeddedBroker) -> Result<(), StubError> {
     let config = broker_config(broker);
     let listen = broker.listen;
+    // Someone else listening there would pass for the broker once it accepts connections:
+    // refuse at once instead (the broker binds right after this check).
+    if let Err(e) = TcpListener::bind(listen) {
+        return Err(StubError::Broker {
+            addr: listen,
+            reason: format!("cannot listen: {e}"),
+        });
+    }
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {

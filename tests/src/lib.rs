@@ -655,8 +655,18 @@ impl Site {
 
     /// Like [`Site::start`], with `extra` TOML appended to gatewayd's configuration.
     pub async fn start_with(n: usize, extra: &str) -> Result<Site> {
-        let broker = Broker::Embedded(format!("127.0.0.1:{}", free_port()?));
-        Self::start_on(broker, n, extra).await
+        // The port is free when chosen; another test's process may take it before the stub
+        // binds it, and the stub then refuses to start: choose again.
+        let mut attempt = 0;
+        loop {
+            let broker = Broker::Embedded(format!("127.0.0.1:{}", free_port()?));
+            match Self::start_on(broker, n, extra).await {
+                Err(e) if attempt < 2 && format!("{e:#}").contains("cannot listen") => {
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A site whose stub uses `broker` (e.g. an external Mosquitto).
