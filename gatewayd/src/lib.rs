@@ -84,37 +84,11 @@ pub async fn run(
     let limits = config.remote_config.clone();
     let overlay = store.call(remote::load).await?;
     let mut remote_state = remote::State::new(limits.enabled);
-    let mut merged_fingerprint = None;
-    if let Some(o) = overlay {
-        let problems = if limits.enabled {
-            let mut p = remote::check_limits(&limits, &o.config);
-            if p.is_empty() {
-                match remote::merge(&config, &o.config) {
-                    Ok(merged) => config = merged,
-                    Err(problems) => p = problems,
-                }
-            }
-            p
-        } else {
-            vec![
-                "remote configuration is off on this gateway ([remote_config] enabled = false)"
-                    .into(),
-            ]
-        };
-        if problems.is_empty() {
-            info!(
-                version = o.version,
-                "running with the cloud's configuration over the file"
-            );
-            merged_fingerprint = Some(reload::Fingerprint::of(&config));
-            remote_state.applied(o.version);
-        } else {
-            for p in &problems {
-                tracing::warn!(version = o.version, problem = %p, "the stored remote configuration is not applied");
-            }
-            remote_state.refused(o.version, problems);
-        }
-    }
+    config = remote::overlay_file(config, overlay.as_ref(), &mut remote_state);
+    // Applied only when a stored overlay was merged: the running configuration is then not
+    // the file the binary fingerprinted.
+    let merged_fingerprint =
+        (remote_state.0.state == "applied").then(|| reload::Fingerprint::of(&config));
     let running_sections = limits.enabled.then(|| remote::running_sections(&config));
     let devices = Arc::new(
         device::Devices::from_config(&mut config, clock::now_ms())

@@ -121,24 +121,21 @@ impl Sender {
                         }
                         let mut done = Vec::new();
                         for g in coalesce(&self.adapter, rows) {
-                            let Some((last, before)) = g.publishes.split_last() else {
+                            let mut publishes = g.publishes;
+                            let Some(last) = publishes.pop() else {
                                 done.extend(g.seqs);
                                 continue;
                             };
                             // Acknowledgements come in order: the rows are done once the
                             // last of their publishes is.
-                            for out in before {
-                                self.publisher
-                                    .publish(out.topic.clone(), out.payload.clone(), out.retain, None)
-                                    .await;
+                            for out in publishes {
+                                self.publisher.publish(out.topic, out.payload, out.retain, None).await;
                             }
                             let tag = next_tag;
                             next_tag += 1;
                             rows_in_flight += g.seqs.len();
                             in_flight.insert(tag, g.seqs);
-                            self.publisher
-                                .publish(last.topic.clone(), last.payload.clone(), last.retain, Some(tag))
-                                .await;
+                            self.publisher.publish(last.topic, last.payload, last.retain, Some(tag)).await;
                         }
                         if !done.is_empty() {
                             if let Err(e) = delete(&self.store, done).await {
@@ -249,7 +246,7 @@ fn coalesce(adapter: &Adapter, rows: Vec<Row>) -> Vec<Group> {
 
 /// Composes merge patch `next` onto `acc` so that applying the result equals applying both in
 /// order: unlike a merge, a `null` (delete) is kept, not applied.
-fn compose(acc: &mut Value, next: &Value) {
+pub(crate) fn compose(acc: &mut Value, next: &Value) {
     match (acc.as_object_mut(), next.as_object()) {
         (Some(a), Some(n)) => {
             for (k, v) in n {

@@ -278,6 +278,38 @@ mod tests {
     }
 }
 
+/// `file` with `overlay` merged over it, when the file's limits allow it and the result
+/// validates; otherwise `file` alone. `state` says which (a stored overlay the limits no longer
+/// allow is `refused`, with every problem).
+pub fn overlay_file(file: Config, overlay: Option<&Overlay>, state: &mut State) -> Config {
+    let Some(o) = overlay else {
+        return file;
+    };
+    let problems = check_limits(&file.remote_config, &o.config);
+    let merged = if problems.is_empty() {
+        merge(&file, &o.config)
+    } else {
+        Err(problems)
+    };
+    match merged {
+        Ok(m) => {
+            tracing::info!(
+                version = o.version,
+                "running with the cloud's configuration over the file"
+            );
+            state.applied(o.version);
+            m
+        }
+        Err(problems) => {
+            for p in &problems {
+                tracing::warn!(version = o.version, problem = %p, "the stored remote configuration is not applied");
+            }
+            state.refused(o.version, problems);
+            file
+        }
+    }
+}
+
 /// What became of the last remote configuration, as the gateway reports it.
 #[derive(Debug, Clone)]
 pub struct State(pub gatewayd_protocol::RemoteConfigState);
@@ -337,35 +369,27 @@ impl Remote {
         self.limits = file.remote_config.clone();
         self.state.0.enabled = self.limits.enabled;
         let overlay = self.store.call(load).await.ok().flatten();
-        let merged = match overlay {
-            Some(o) if self.limits.enabled => {
-                let mut p = check_limits(&self.limits, &o.config);
-                let merged = if p.is_empty() {
-                    match merge(&file, &o.config) {
-                        Ok(m) => Some(m),
-                        Err(problems) => {
-                            p = problems;
-                            None
-                        }
-                    }
-                } else {
-                    None
-                };
-                match merged {
-                    Some(m) => {
-                        self.state.applied(o.version);
-                        m
-                    }
-                    None => {
-                        self.state.refused(o.version, p);
-                        file
-                    }
-                }
-            }
-            _ => file,
-        };
+        let merged = overlay_file(file, overlay.as_ref(), &mut self.state);
         self.running_sections = self.limits.enabled.then(|| running_sections(&merged));
         merged
+    }
+
+    /// The configuration file, loaded off the runtime; its problems when it is invalid now.
+    async fn load_file(&self) -> Result<Config, Vec<String>> {
+        let Some(path) = self.config_path.clone() else {
+            return Err(vec![
+                "this daemon was started without a configuration file".into()
+            ]);
+        };
+        match tokio::task::spawn_blocking(move || Config::load(&path, Config::env())).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(e
+                .problems
+                .into_iter()
+                .map(|p| format!("the gateway's own file is invalid: {p}"))
+                .collect()),
+            Err(e) => Err(vec![format!("cannot read the gateway's file: {e}")]),
+        }
     }
 
     /// A desired configuration arrived. Refused (nothing changes, every problem reported) or
@@ -382,24 +406,7 @@ impl Remote {
             let _ = d.acked.send(true);
             return None;
         }
-        let file = match &self.config_path {
-            None => Err(vec![
-                "this daemon was started without a configuration file".into()
-            ]),
-            Some(path) => {
-                let path = path.clone();
-                match tokio::task::spawn_blocking(move || Config::load(&path, Config::env())).await
-                {
-                    Ok(Ok(c)) => Ok(c),
-                    Ok(Err(e)) => Err(e
-                        .problems
-                        .into_iter()
-                        .map(|p| format!("the gateway's own file is invalid: {p}"))
-                        .collect()),
-                    Err(e) => Err(vec![format!("cannot read the gateway's file: {e}")]),
-                }
-            }
-        };
+        let file = self.load_file().await;
         let merged = file.and_then(|file| {
             self.limits = file.remote_config.clone();
             self.state.0.enabled = self.limits.enabled;
@@ -494,11 +501,7 @@ impl Remote {
             tracing::error!(error = %e, "cannot restore the previous remote configuration");
             return None;
         }
-        let path = self.config_path.clone()?;
-        let file = tokio::task::spawn_blocking(move || Config::load(&path, Config::env()))
-            .await
-            .ok()?
-            .ok()?;
+        let file = self.load_file().await.ok()?;
         let config = self.over_file(file).await;
         let outcome = reloader.apply(config).await;
         let problems = vec![format!(

@@ -23,8 +23,8 @@ use crate::twins::Twins;
 use gatewayd_protocol::limits::MAX_MQTT_PACKET;
 use gatewayd_protocol::twin::DesiredDecision;
 use gatewayd_protocol::{
-    DesiredBody, DeviceId, ErrorCode, GatewayId, MessageId, RequestId, RpcError, RpcOutcome,
-    RpcRequest, RpcResponse, PROTOCOL_VERSION,
+    DeviceId, ErrorCode, GatewayId, MessageId, RequestId, RpcError, RpcOutcome, RpcRequest,
+    RpcResponse, PROTOCOL_VERSION,
 };
 use rand::Rng;
 use rumqttc::{
@@ -398,14 +398,12 @@ async fn acker(
 
 impl Dispatcher {
     fn ctx(&self) -> Ctx<'_> {
-        Ctx {
-            publisher: &self.publisher,
-            devices: &self.shared.devices,
-            store: &self.shared.store,
-            twins: &self.shared.twins,
-            boot_id: &self.boot_id,
-            max_publish: self.max_publish,
-        }
+        Ctx::new(
+            &self.publisher,
+            &self.shared,
+            &self.boot_id,
+            self.max_publish,
+        )
     }
 
     async fn run(
@@ -519,24 +517,11 @@ impl Dispatcher {
                 let committed = self.shared.twins.receive(update);
                 self.after_desired(p, device, Some(version), committed);
             }
-            Inbound::DesiredChange { device, patch } => {
+            Inbound::DesiredUnversioned { device, body } => {
                 if self.unknown_device(&device) {
                     return self.ack_now(p);
                 }
-                let committed = self
-                    .shared
-                    .twins
-                    .receive_unversioned(device.clone(), DesiredBody::Patch(patch));
-                self.after_desired(p, device, None, committed);
-            }
-            Inbound::DesiredState { device, state } => {
-                if self.unknown_device(&device) {
-                    return self.ack_now(p);
-                }
-                let committed = self
-                    .shared
-                    .twins
-                    .receive_unversioned(device.clone(), DesiredBody::Snapshot(state));
+                let committed = self.shared.twins.receive_unversioned(device.clone(), body);
                 self.after_desired(p, device, None, committed);
             }
             Inbound::Message(msg) => {
@@ -608,14 +593,7 @@ impl Dispatcher {
                     },
                     DesiredDecision::Resync => {
                         info!(%device, ?version, "gap in desired versions: asking for a snapshot");
-                        let ctx = Ctx {
-                            publisher: &publisher,
-                            devices: &shared.devices,
-                            store: &shared.store,
-                            twins: &shared.twins,
-                            boot_id: &boot_id,
-                            max_publish,
-                        };
+                        let ctx = Ctx::new(&publisher, &shared, &boot_id, max_publish);
                         adapter.resync(&ctx, &device).await;
                     }
                 },
@@ -765,14 +743,7 @@ async fn publish_store_health(
         if !*connected.borrow() {
             continue; // the next announce carries the current state
         }
-        let ctx = Ctx {
-            publisher: &publisher,
-            devices: &shared.devices,
-            store: &shared.store,
-            twins: &shared.twins,
-            boot_id: &boot_id,
-            max_publish,
-        };
+        let ctx = Ctx::new(&publisher, &shared, &boot_id, max_publish);
         adapter
             .store_changed(&ctx, store_error(&shared.store))
             .await;
@@ -801,14 +772,7 @@ async fn publish_presence(
         if !*connected.borrow() {
             continue; // the next announce carries every part
         }
-        let ctx = Ctx {
-            publisher: &publisher,
-            devices: &shared.devices,
-            store: &shared.store,
-            twins: &shared.twins,
-            boot_id: &boot_id,
-            max_publish,
-        };
+        let ctx = Ctx::new(&publisher, &shared, &boot_id, max_publish);
         adapter.presence_changed(&ctx).await;
     }
 }

@@ -40,10 +40,12 @@ pub enum Inbound {
     RpcRefused { reply: ReplyTo, error: RpcError },
     /// A versioned desired change (native).
     Desired(DesiredUpdate),
-    /// A desired change from a cloud without versions, ordered by arrival (a merge patch).
-    DesiredChange { device: DeviceId, patch: Value },
-    /// The whole desired state of a device from a cloud without versions.
-    DesiredState { device: DeviceId, state: Value },
+    /// A desired change from a cloud without versions, ordered by arrival: a merge patch, or
+    /// the device's whole desired state.
+    DesiredUnversioned {
+        device: DeviceId,
+        body: gatewayd_protocol::DesiredBody,
+    },
     /// A message (command) to queue and run at most once.
     Message(C2dMessage),
     /// A message that can be identified but not taken; stored as `rejected` with its reason.
@@ -97,7 +99,23 @@ pub struct Ctx<'a> {
     pub max_publish: usize,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    pub fn new(
+        publisher: &'a Publisher,
+        shared: &'a super::Shared,
+        boot_id: &'a str,
+        max_publish: usize,
+    ) -> Ctx<'a> {
+        Ctx {
+            publisher,
+            devices: &shared.devices,
+            store: &shared.store,
+            twins: &shared.twins,
+            boot_id,
+            max_publish,
+        }
+    }
+
     pub async fn send(&self, out: Out) {
         self.publisher
             .publish(out.topic, out.payload, out.retain, None)

@@ -24,8 +24,8 @@ use crate::config::Config;
 use crate::device::Devices;
 use gatewayd_protocol::message::FeedbackOutcome;
 use gatewayd_protocol::{
-    ApplyStatus, C2dMessage, DeviceId, ErrorCode, Feedback, GatewayId, MessageId, RequestId,
-    RpcError, RpcOutcome, RpcRequest, RpcResponse, PROTOCOL_VERSION,
+    ApplyStatus, C2dMessage, DesiredBody, DeviceId, ErrorCode, Feedback, GatewayId, MessageId,
+    RequestId, RpcError, RpcOutcome, RpcRequest, RpcResponse, PROTOCOL_VERSION,
 };
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -63,9 +63,10 @@ pub struct ThingsBoard {
 struct State {
     /// Attribute requests in flight: request id → device and the keys asked.
     requests: HashMap<i64, (DeviceId, Vec<String>)>,
-    /// Changes received while a device's full state is being asked, merged again over the
+    /// Changes received while a device's full state is being asked, composed into one merge
+    /// patch (bounded by the twin properties, however many arrive) and merged again over the
     /// answer.
-    since_request: HashMap<DeviceId, Vec<Value>>,
+    since_request: HashMap<DeviceId, Value>,
     /// Devices announced connected on this session.
     connected: HashSet<DeviceId>,
 }
@@ -150,7 +151,8 @@ impl ThingsBoard {
             {
                 let mut st = self.state();
                 st.requests.insert(request, (id.clone(), keys.clone()));
-                st.since_request.insert(id.clone(), Vec::new());
+                st.since_request
+                    .insert(id.clone(), Value::Object(Map::new()));
             }
             ctx.send(Out::new(
                 ATTRIBUTES_REQUEST.into(),
@@ -353,9 +355,12 @@ impl ThingsBoard {
         }
         let patch = Value::Object(patch);
         if let Some(pending) = self.state().since_request.get_mut(&device) {
-            pending.push(patch.clone());
+            crate::outbox::compose(pending, &patch);
         }
-        Inbound::DesiredChange { device, patch }
+        Inbound::DesiredUnversioned {
+            device,
+            body: DesiredBody::Patch(patch),
+        }
     }
 
     /// `{"id", "device", "values": {...}}` (or `"value"` for one key): the full state.
@@ -368,7 +373,7 @@ impl ThingsBoard {
             let Some((device, asked)) = st.requests.remove(&request) else {
                 return Inbound::Drop(format!("attribute response to unknown request {request}"));
             };
-            let pending = st.since_request.remove(&device).unwrap_or_default();
+            let pending = st.since_request.remove(&device);
             (device, asked, pending)
         };
         let mut state = Map::new();
@@ -382,10 +387,13 @@ impl ThingsBoard {
             state.insert(k.clone(), v.clone());
         }
         let mut state = Value::Object(state);
-        for patch in &pending {
+        if let Some(patch) = &pending {
             gatewayd_protocol::twin::merge_patch(&mut state, patch);
         }
-        Inbound::DesiredState { device, state }
+        Inbound::DesiredUnversioned {
+            device,
+            body: DesiredBody::Snapshot(state),
+        }
     }
 
     fn twin_keys(&self, name: &str) -> Option<(DeviceId, Vec<String>)> {
