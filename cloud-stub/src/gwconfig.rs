@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 /// Sections a desired configuration may hold.
-pub const SECTIONS: [&str; 3] = ["devices", "profiles", "serial_ports"];
+pub const SECTIONS: [&str; 4] = ["devices", "profiles", "serial_ports", "cloud"];
 
 /// Largest desired configuration, bytes of JSON.
 pub const MAX_BYTES: usize = 64 * 1024;
@@ -87,7 +87,8 @@ impl GatewayConfigs {
 }
 
 /// The structure a desired configuration must have: an object of known sections, each an
-/// object of entries, each an object (or `null` to remove it).
+/// object of entries, each an object (or `null` to remove it); `cloud` is an object of
+/// fields, each a plain value. What the gateway lets the cloud change is the gateway's call.
 pub fn check(patch: &Value) -> Vec<String> {
     let Some(sections) = patch.as_object() else {
         return vec!["the body must be a JSON object of sections (a merge patch)".into()];
@@ -99,6 +100,22 @@ pub fn check(patch: &Value) -> Vec<String> {
                 "{name}: not a section a remote configuration may hold ({})",
                 SECTIONS.join(", ")
             ));
+            continue;
+        }
+        if name == "cloud" {
+            match section {
+                Value::Object(fields) => {
+                    for (field, value) in fields {
+                        if value.is_object() || value.is_array() {
+                            p.push(format!(
+                                "cloud.{field}: must be a value (or null to unset it)"
+                            ));
+                        }
+                    }
+                }
+                Value::Null => {}
+                _ => p.push("cloud: must be an object of fields (or null to drop it)".into()),
+            }
             continue;
         }
         match section {
@@ -127,7 +144,7 @@ mod tests {
         let configs = GatewayConfigs::default();
         let gw = GatewayId::new("g").unwrap();
         let bad = configs
-            .patch(&gw, &json!({"cloud": {}, "devices": {"a": 3}}))
+            .patch(&gw, &json!({"cloud": {"broker": {}}, "devices": {"a": 3}}))
             .unwrap_err();
         assert_eq!(bad.len(), 2, "{bad:?}");
         let d = configs

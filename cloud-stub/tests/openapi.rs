@@ -149,7 +149,7 @@ async fn every_route_is_documented_and_answers_as_documented() {
             Method::PATCH,
             "/api/v1/gateways/{id}/config",
             &format!("/api/v1/gateways/{GW}/config"),
-            json!({"cloud": {"broker": "mqtt://elsewhere"}}),
+            json!({"store": {"path": "/tmp/elsewhere.db"}}),
             400,
         ),
         case(

@@ -73,7 +73,9 @@ pub struct RemoteConfig {
     /// Off unless set.
     #[serde(default)]
     pub enabled: bool,
-    /// Sections the cloud may change: any of `devices`, `profiles`, `serial_ports`.
+    /// Sections the cloud may change: any of `devices`, `profiles`, `serial_ports`, `cloud`
+    /// (its connection settings only; see `cloud::REMOTE_FIELDS`). Off for `cloud` unless
+    /// named: a cloud that can move the gateway to another broker is trusted with it.
     #[serde(default = "default_remote_sections")]
     pub sections: Vec<String>,
     /// Hosts an HTTP device's `base_url` may name when it comes from the cloud: host names
@@ -83,6 +85,10 @@ pub struct RemoteConfig {
     /// Serial device paths a remote serial port may open. Empty: none.
     #[serde(default)]
     pub allow_serial_ports: Vec<String>,
+    /// With `cloud` in `sections`: hosts the broker may be moved to, host names (exact) or IP
+    /// networks. Empty: the cloud may change the connection's other settings, not the broker.
+    #[serde(default)]
+    pub allow_brokers: Vec<String>,
     /// Largest desired configuration taken, bytes of JSON.
     #[serde(default = "default_remote_max_bytes")]
     pub max_bytes: usize,
@@ -109,6 +115,7 @@ impl Default for RemoteConfig {
             sections: default_remote_sections(),
             allow_hosts: Vec::new(),
             allow_serial_ports: Vec::new(),
+            allow_brokers: Vec::new(),
             max_bytes: default_remote_max_bytes(),
             rollback_grace_s: default_rollback_grace(),
         }
@@ -116,7 +123,7 @@ impl Default for RemoteConfig {
 }
 
 /// Sections a remote configuration may name.
-pub const REMOTE_SECTIONS: [&str; 3] = ["devices", "profiles", "serial_ports"];
+pub const REMOTE_SECTIONS: [&str; 4] = ["devices", "profiles", "serial_ports", "cloud"];
 
 /// This gateway's identity.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -625,13 +632,18 @@ impl Config {
                 ));
             }
         }
-        for host in &self.remote_config.allow_hosts {
-            if host.is_empty() {
-                p.push("remote_config.allow_hosts: an empty entry".into());
-            } else if host.contains('/') && crate::remote::parse_net(host).is_none() {
-                p.push(format!(
-                    "remote_config.allow_hosts: '{host}' is not an IP network (address/prefix)"
-                ));
+        for (field, hosts) in [
+            ("allow_hosts", &self.remote_config.allow_hosts),
+            ("allow_brokers", &self.remote_config.allow_brokers),
+        ] {
+            for host in hosts {
+                if host.is_empty() {
+                    p.push(format!("remote_config.{field}: an empty entry"));
+                } else if host.contains('/') && crate::remote::parse_net(host).is_none() {
+                    p.push(format!(
+                        "remote_config.{field}: '{host}' is not an IP network (address/prefix)"
+                    ));
+                }
             }
         }
         if p.is_empty() {

@@ -83,12 +83,12 @@ pub async fn run(
     // The cloud's overlay (remote configuration) over the file, if this gateway takes one.
     let limits = config.remote_config.clone();
     let overlay = store.call(remote::load).await?;
-    let mut remote_state = remote::State::new(limits.enabled);
+    let kept = store.call(remote::load_state).await?;
+    let mut remote_state = remote::State::new(limits.enabled, kept);
     config = remote::overlay_file(config, overlay.as_ref(), &mut remote_state);
     // Applied only when a stored overlay was merged: the running configuration is then not
     // the file the binary fingerprinted.
-    let merged_fingerprint =
-        (remote_state.0.state == "applied").then(|| reload::Fingerprint::of(&config));
+    let merged_fingerprint = overlay.is_some().then(|| reload::Fingerprint::of(&config));
     let running_sections = limits.enabled.then(|| remote::running_sections(&config));
     let devices = Arc::new(
         device::Devices::from_config(&mut config, clock::now_ms())
@@ -156,10 +156,14 @@ pub async fn run(
         let mut reloader = live::Reloader {
             plant,
             session: session.reconfigure(),
+            switch: Some(session.switch()),
+            cloud: config.cloud.clone(),
+            moved: None,
             running,
             grace: Duration::from_millis(config.rpc.shutdown_grace_ms),
             max_publish: config.cloud.max_packet_bytes,
         };
+        let (probation_tx, mut probations) = tokio::sync::mpsc::unbounded_channel();
         let mut remote = remote::Remote {
             limits,
             state: remote_state,
@@ -169,16 +173,16 @@ pub async fn run(
             boot_id: session.boot_id(),
             connected: session.connected(),
             running_sections,
-            previous: None,
+            probations: probation_tx,
             max_publish: config.cloud.max_packet_bytes,
         };
         remote.report(&reloader.running);
+        remote.resume_probation().await;
         let status = reload_status.clone();
         let stop = shutdown.clone();
         background.spawn(async move {
             let mut requests = reloads;
             let mut desired = remote_rx;
-            let (rollback_tx, mut rollbacks) = tokio::sync::mpsc::unbounded_channel();
             loop {
                 tokio::select! {
                     r = async {
@@ -192,7 +196,9 @@ pub async fn run(
                             Err(e) => reload::Outcome::Invalid(e.problems),
                             Ok(file) => {
                                 let config = remote.over_file(file).await;
-                                reloader.apply(config).await
+                                let outcome = reloader.apply(config).await;
+                                reloader.moved = None;
+                                outcome
                             }
                         };
                         status.record(&reloader.running, outcome.clone(), clock::now_ms());
@@ -201,13 +207,13 @@ pub async fn run(
                     }
                     d = desired.recv() => {
                         let Some(d) = d else { return };
-                        if let Some(outcome) = remote.desired(d, &mut reloader, &rollback_tx).await {
+                        if let Some(outcome) = remote.desired(d, &mut reloader).await {
                             status.record(&reloader.running, outcome, clock::now_ms());
                         }
                         remote.report(&reloader.running);
                     }
-                    Some(version) = rollbacks.recv() => {
-                        if let Some(outcome) = remote.roll_back(version, &mut reloader).await {
+                    Some((version, how)) = probations.recv() => {
+                        if let Some(outcome) = remote.probation_ended(version, how, &mut reloader).await {
                             status.record(&reloader.running, outcome, clock::now_ms());
                         }
                         remote.report(&reloader.running);

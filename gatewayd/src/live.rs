@@ -13,11 +13,15 @@
 //!   calls: new calls go to the new device at once, the old one finishes its own. A serial port
 //!   or Modbus TCP endpoint is rebuilt with every device on it when any of them changes, since
 //!   one task owns the bus;
-//! - sections that cannot change live (gateway, cloud, store, admin, log, rpc, messages) are
-//!   named in the outcome and wait for a restart; the rest is applied;
-//! - the cloud session stays up and announces the new catalog and presence once.
+//! - sections that cannot change live (gateway, store, admin, log, rpc, messages, and of
+//!   `cloud` its profile and packet limit) are named in the outcome and wait for a restart;
+//!   the rest is applied;
+//! - the cloud session stays up and announces the new catalog and presence once; changed
+//!   `[cloud]` connection settings (broker, identity, credentials, timers) instead drop the
+//!   connection and connect with the new ones, which announces everything anew.
 
-use crate::cloud::Reconfigure;
+use crate::cloud::{Reconfigure, Switch};
+use crate::config::cloud::CloudConfig;
 use crate::config::{Config, DeviceKind};
 use crate::device::{health, Device, Devices};
 use crate::inbox::{self, Inbox};
@@ -121,11 +125,33 @@ async fn until_retired<F: std::future::Future<Output = ()>>(
 pub struct Reloader {
     pub plant: Plant,
     pub session: Reconfigure,
+    /// Moves the cloud session to changed `[cloud]` connection settings.
+    pub switch: Option<Switch>,
+    /// The `[cloud]` section the session runs on.
+    pub cloud: CloudConfig,
+    /// Set by an `apply` that moved the session: fires once the old connection is dropped.
+    pub moved: Option<tokio::sync::oneshot::Receiver<()>>,
     /// What the running configuration is (the live sections as applied, the others as started).
     pub running: Fingerprint,
     /// How long a removed or replaced device may take to finish its in-flight work.
     pub grace: Duration,
     pub max_publish: usize,
+}
+
+impl Reloader {
+    /// Moves the session to `new`'s connection settings (prepared as `endpoint`).
+    fn move_session(
+        &mut self,
+        switch: Switch,
+        endpoint: crate::cloud::Endpoint,
+        new: &Config,
+        newer: &Fingerprint,
+    ) {
+        info!(broker = %new.cloud.broker, "cloud connection settings changed: reconnecting with them");
+        self.moved = Some(switch.to(endpoint));
+        self.cloud = new.cloud.clone();
+        self.running = self.running.with_live(newer, &["cloud"]);
+    }
 }
 
 /// A device's bus: the serial port or Modbus TCP endpoint whose task it shares.
@@ -152,10 +178,41 @@ impl Reloader {
         let (live, restart): (Vec<String>, Vec<String>) = changes
             .into_iter()
             .partition(|c| LIVE.iter().any(|p| c.starts_with(p)));
-        let restart: Vec<String> = restart
+        let mut restart: Vec<String> = restart
             .into_iter()
             .filter(|c| !c.starts_with("devices") && !c.starts_with("profiles"))
             .collect();
+        // `[cloud]` connection settings move the session; built first, so a missing
+        // certificate or password file changes nothing.
+        let mut endpoint = None;
+        if let Some(switch) = self
+            .switch
+            .as_ref()
+            .filter(|_| restart.iter().any(|c| c == "cloud"))
+        {
+            let fixed = self.cloud.restart_fields(&new.cloud);
+            if fixed.is_empty() {
+                match switch.prepare(&new) {
+                    Ok(e) => endpoint = Some(e),
+                    Err(e) => return Outcome::Failed(e),
+                }
+                restart.retain(|c| c != "cloud");
+            } else {
+                restart.retain(|c| c != "cloud");
+                restart.extend(fixed.iter().map(|f| format!("cloud.{f}")));
+            }
+        }
+        if live.is_empty() {
+            if let (Some(e), Some(switch)) = (endpoint, &self.switch) {
+                self.move_session(switch.clone(), e, &new, &newer);
+            }
+            return Outcome::Applied {
+                added: Vec::new(),
+                removed: Vec::new(),
+                replaced: Vec::new(),
+                restart_needed: restart,
+            };
+        }
 
         // Which devices the live changes touch.
         let old: Vec<Arc<Device>> = self.plant.devices.all();
@@ -304,6 +361,9 @@ impl Reloader {
         );
         // The running configuration now has the new live sections; the others stay as started.
         self.running = self.running.with_live(&newer, &LIVE);
+        if let (Some(e), Some(switch)) = (endpoint, &self.switch) {
+            self.move_session(switch.clone(), e, &new, &newer);
+        }
         crate::release_freed_memory();
         Outcome::Applied {
             added,

@@ -226,6 +226,8 @@ fn remote_command(action: ConfigAction) -> ExitCode {
                     "at_ms": o.at_ms,
                     "config": o.config,
                     "applied_when_enabled": file.remote_config.enabled,
+                    "on_probation": !o.confirmed,
+                    "replaced_version": o.previous.as_ref().map(|p| p.version),
                 }))
                 .unwrap_or_default()
             ),

@@ -61,6 +61,13 @@ const MIGRATIONS: &[&str] = &[
         config TEXT NOT NULL,
         at_ms INTEGER NOT NULL
      );",
+    // 6: a remote configuration stays on probation until the cloud session has held for the
+    // grace period after it; the overlay it replaced is kept to roll back to, even after a
+    // restart during the probation. The last outcome is kept, so a version refused or rolled
+    // back is not taken again when the cloud repeats it.
+    "ALTER TABLE remote_config ADD COLUMN confirmed INTEGER NOT NULL DEFAULT 1;
+     ALTER TABLE remote_config ADD COLUMN previous TEXT;
+     CREATE TABLE remote_config_state (id INTEGER PRIMARY KEY CHECK (id = 1), state TEXT NOT NULL);",
 ];
 
 /// Why the store failed.
@@ -440,7 +447,7 @@ pub async fn pause_after_failure(store: &Store, delay: std::time::Duration) {
     let _ = tokio::time::timeout(delay, recovered).await;
 }
 
-fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+pub(crate) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let current: usize = conn
         .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
         .map_err(StoreError::Sql)? as usize;

@@ -545,7 +545,8 @@ pub struct ConfigReport {
     pub fingerprint: String,
     pub software: String,
     pub boot_id: String,
-    /// The running `devices`, `profiles` and `serial_ports` sections, secrets left out.
+    /// The running `devices`, `profiles`, `serial_ports` and `cloud` sections, secrets left
+    /// out.
     pub running: Value,
     pub remote: RemoteConfigState,
 }
@@ -563,4 +564,8 @@ pub struct RemoteConfigState {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
     pub at_ms: u64,
+    /// `applied`, and on probation: rolled back if the cloud session does not hold for the
+    /// grace period after it (`remote_config.rollback_grace_s`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub probation: bool,
 }

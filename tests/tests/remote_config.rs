@@ -64,16 +64,27 @@ async fn a_remote_device_is_added_refused_outside_the_limits_and_kept_across_kil
     // The stub checks the structure before it sends anything.
     let (s, b) = e2e::patch(
         &format!("{}/api/v1/gateways/{SITE_GATEWAY}/config", site.stub.api),
-        &json!({"cloud": {"broker": "mqtt://elsewhere:1883"}}),
+        &json!({"store": {"path": "/tmp/elsewhere.db"}}),
         None,
     )
     .await?;
     assert_eq!((s, &b["code"]), (400, &json!("bad_request")), "{b}");
 
+    // A section this gateway keeps to itself (`cloud` is not in its remote_config.sections).
+    let v = push(&site, json!({"cloud": {"keep_alive_s": 30}})).await?;
+    let r = report(&site, v).await?;
+    assert_eq!(r["reported"]["remote"]["state"], "refused", "{r}");
+    assert!(
+        r["reported"]["remote"]["problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("cloud: this gateway does not let the cloud change it")),
+        "{r}"
+    );
+
     // Outside the allow-list: refused by the gateway with its reason, nothing changes.
     let v = push(
         &site,
-        json!({"devices": {"rogue": {"kind": "http", "profile": "agv", "base_url": "http://10.9.9.9:80"}}}),
+        json!({"cloud": null, "devices": {"rogue": {"kind": "http", "profile": "agv", "base_url": "http://10.9.9.9:80"}}}),
     )
     .await?;
     let r = report(&site, v).await?;
@@ -117,7 +128,7 @@ async fn a_remote_device_is_added_refused_outside_the_limits_and_kept_across_kil
     // Listed, diffed and dropped locally.
     let shown = gatewayd_config(&site, &["show"])?;
     assert!(
-        shown.contains("agv-9") && shown.contains("\"version\": 2"),
+        shown.contains("agv-9") && shown.contains(&format!("\"version\": {v}")),
         "{shown}"
     );
     let diff = gatewayd_config(&site, &["diff"])?;
@@ -141,6 +152,156 @@ async fn a_remote_device_is_added_refused_outside_the_limits_and_kept_across_kil
     assert_eq!(
         gatewayd_config(&site, &["show"])?.trim(),
         "no remote configuration"
+    );
+    Ok(())
+}
+
+/// Limits that let the cloud change the connection too, with a short probation.
+const CLOUD_LIMITS: &str = "\n[remote_config]\nenabled = true\nallow_hosts = [\"127.0.0.1\"]\nsections = [\"devices\", \"profiles\", \"cloud\"]\nallow_brokers = [\"127.0.0.0/8\"]\nrollback_grace_s = 5\n";
+
+/// Waits until the stub shows a report about desired `version` that satisfies `check`.
+async fn report_where(
+    site: &Site,
+    version: u64,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Result<Value> {
+    let url = format!("{}/api/v1/gateways/{SITE_GATEWAY}/config", site.stub.api);
+    eventually(what, Duration::from_secs(30), || {
+        let url = url.clone();
+        let check = &check;
+        async move {
+            let (s, b) = get(&url).await?;
+            let r = &b["reported"]["remote"];
+            Ok((s == 200 && r["version"] == version && check(r)).then_some(b))
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_broker_change_that_cuts_the_gateway_off_is_rolled_back() -> Result<()> {
+    let mut site = Site::start_with(1, CLOUD_LIMITS).await?;
+    let agv = site.fleet.devices[0].0.clone();
+
+    // A connection setting the cloud may change: the session reconnects with it, holds for the
+    // probation, and the configuration is kept.
+    let v1 = push(&site, json!({"cloud": {"keep_alive_s": 20}})).await?;
+    let kept = report_where(&site, v1, "version 1 kept after its probation", |r| {
+        r["state"] == "applied" && r.get("probation").is_none()
+    })
+    .await?;
+    assert_eq!(
+        kept["reported"]["running"]["cloud"]["keep_alive_s"], 20,
+        "{kept}"
+    );
+    site.await_log("connecting with the new cloud settings")
+        .await?;
+
+    // Outside the local limits: refused, the connection untouched.
+    let v2 = push(
+        &site,
+        json!({"cloud": {"broker": "mqtt://10.9.9.9:1883", "profile": "thingsboard"}}),
+    )
+    .await?;
+    let refused = report_where(&site, v2, "version 2 refused", |r| r["state"] == "refused").await?;
+    let problems = refused["reported"]["remote"]["problems"].to_string();
+    assert!(
+        problems.contains("host 10.9.9.9 is not allowed for the broker"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("cloud.profile: cannot be changed remotely"),
+        "{problems}"
+    );
+
+    // A broker nobody answers on: the gateway leaves, and is back on its old broker once the
+    // grace period is over, with the reason reported.
+    let wrong = format!("mqtt://127.0.0.1:{}", free_port()?);
+    let pushed = std::time::Instant::now();
+    let v3 = push(&site, json!({"cloud": {"broker": wrong, "profile": null}})).await?;
+    await_gateway_online(&site.stub.api, SITE_GATEWAY, false)
+        .await
+        .map_err(|e| {
+            e.context(format!(
+                "{}\n{}",
+                site.gateway.proc.tail(),
+                site.stub.proc.tail()
+            ))
+        })?;
+    await_gateway_online(&site.stub.api, SITE_GATEWAY, true)
+        .await
+        .map_err(|e| e.context(site.gateway.proc.tail()))?;
+    assert!(
+        pushed.elapsed() >= Duration::from_secs(5),
+        "back before the grace period ended: {:?}",
+        pushed.elapsed()
+    );
+    let back = report_where(&site, v3, "version 3 rolled back", |r| {
+        r["state"] == "rolled_back"
+    })
+    .await?;
+    let r = &back["reported"];
+    assert!(
+        r["remote"]["problems"][0]
+            .as_str()
+            .is_some_and(|p| p.contains("rollback_grace_s")),
+        "{r}"
+    );
+    assert_ne!(r["running"]["cloud"]["broker"], json!(wrong), "{r}");
+    assert_eq!(
+        r["running"]["cloud"]["keep_alive_s"], 20,
+        "version 1 is what runs: {r}"
+    );
+    let (s, b, _) = invoke(&site.stub.api, &agv, "battery", json!(null), 5).await?;
+    assert_eq!(s, 200, "{b}");
+
+    // The same, with a power cut during the probation: the gateway starts on the stored wrong
+    // broker, and the probation, resumed at the start, still brings it back.
+    let v4 = push(
+        &site,
+        json!({"cloud": {"broker": wrong, "keep_alive_s": 30}}),
+    )
+    .await?;
+    await_gateway_online(&site.stub.api, SITE_GATEWAY, false).await?;
+    site.gateway.proc.kill9().await;
+    let shown = gatewayd_config(&site, &["show"])?;
+    assert!(
+        shown.contains(&format!("\"version\": {v4}")) && shown.contains("\"on_probation\": true"),
+        "{shown}"
+    );
+    site.restart_gatewayd().await?;
+    site.await_log("the remote configuration is still on probation")
+        .await?;
+    let back = report_where(&site, v4, "version 4 rolled back", |r| {
+        r["state"] == "rolled_back"
+    })
+    .await?;
+    assert_eq!(
+        back["reported"]["running"]["cloud"]["keep_alive_s"], 20,
+        "{back}"
+    );
+    let (s, b, _) = invoke(&site.stub.api, &agv, "battery", json!(null), 5).await?;
+    assert_eq!(s, 200, "{b}");
+    let shown = gatewayd_config(&site, &["show"])?;
+    assert!(
+        shown.contains(&format!("\"version\": {v1}")) && shown.contains("\"on_probation\": false"),
+        "{shown}"
+    );
+
+    // A version rolled back stays so: the cloud repeats it (retained) at every connect, and a
+    // restart does not take it again.
+    site.stop_gatewayd().await?;
+    site.restart_gatewayd().await?;
+    let (s, b, _) = invoke(&site.stub.api, &agv, "battery", json!(null), 5).await?;
+    assert_eq!(s, 200, "{b}");
+    let again = report_where(&site, v4, "version 4 still rolled back", |r| {
+        r["state"] == "rolled_back"
+    })
+    .await?;
+    assert_eq!(
+        again["reported"]["running"]["cloud"]["keep_alive_s"], 20,
+        "{again}"
     );
     Ok(())
 }

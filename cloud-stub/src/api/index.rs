@@ -61,7 +61,7 @@ pub const ROUTES: &[RouteDoc] = &[
     route(
         "PATCH",
         "/api/v1/gateways/{id}/config",
-        "merge-patch the gateway's desired configuration (devices, profiles, serial_ports); sent retained",
+        "merge-patch the gateway's desired configuration (devices, profiles, serial_ports, cloud); sent retained",
     ),
     route(
         "GET",

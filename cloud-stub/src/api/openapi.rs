@@ -128,9 +128,12 @@ pub fn spec() -> Value {
                 "patch": {
                     "summary": "merge-patch the desired configuration; sent retained",
                     "description": "A JSON merge patch of the sections devices, profiles and \
-                        serial_ports (entries are objects, null removes one). The stub checks \
-                        the structure; the gateway checks its own limits ([remote_config]) and \
-                        reports what it made of it (reported.remote).",
+                        serial_ports (entries are objects, null removes one) and cloud (fields \
+                        of the connection: broker, client_id, username, password_file, TLS \
+                        files, timers). The stub checks the structure; the gateway checks its \
+                        own limits ([remote_config]), applies it on probation, rolls it back if \
+                        its cloud session does not hold for the grace period, and reports what \
+                        it made of it (reported.remote).",
                     "parameters": [gateway_id()],
                     "requestBody": {"required": true, "content": {"application/json": {
                         "schema": {"type": "object"}}}},
@@ -277,7 +280,7 @@ fn schemas() -> Value {
                     "properties": {
                         "version": {"type": "integer"},
                         "config": {"type": "object",
-                            "description": "devices, profiles, serial_ports: what the gateway adds to its file"}
+                            "description": "devices, profiles, serial_ports, cloud: what the gateway adds to its file"}
                     }},
                 "reported": {"type": ["object", "null"],
                     "description": "the gateway's retained report: fingerprint, software, boot_id, running sections (credentials left out), remote {enabled, version, state: none|applied|refused|rolled_back, problems, at_ms}"},

@@ -26,6 +26,10 @@ use tracing::{debug, info, warn};
 /// A session that lasted this long counts as a successful connect for the backoff.
 const HEALTHY_SESSION: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Longest wait, after the DISCONNECT that leaves a connection for other settings, for the
+/// broker to close it.
+const LEAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// One publish to send (always QoS 1).
 #[derive(Debug)]
 pub struct Outbound {
@@ -107,6 +111,9 @@ pub struct Link {
     /// with an earlier value is acknowledged on a later connection.
     pub generation: Arc<AtomicU64>,
     pub backoff: Backoff,
+    /// Other connection settings (a live reload of `[cloud]`): the link drops the connection
+    /// and connects with them at once.
+    pub switch: mpsc::UnboundedReceiver<crate::cloud::session::Endpoint>,
     pub stop: CancellationToken,
     /// Counts reconnects (every ConnAck after the first).
     pub metrics: Arc<Metrics>,
@@ -127,9 +134,12 @@ impl Link {
             mut acks_in,
             generation,
             mut backoff,
+            mut switch,
             stop,
             metrics,
         } = self;
+        let mut moving: Option<crate::cloud::session::Endpoint> = None;
+        let mut leaving: Option<tokio::time::Instant> = None;
         let mut connected_at: Option<std::time::Instant> = None;
         let mut waiting: VecDeque<Outbound> = VecDeque::new();
         let mut acks_waiting: VecDeque<Publish> = VecDeque::new();
@@ -176,6 +186,29 @@ impl Link {
                         Some(why) = reset.recv(), if up => break Err(ConnectionError::Io(
                             std::io::Error::other(why),
                         )),
+                        Some(mut endpoint) = switch.recv() => {
+                            let goodbye = endpoint.goodbye.take();
+                            moving = Some(endpoint);
+                            match goodbye.filter(|_| up) {
+                                // Leave in order: offline presence, DISCONNECT (the broker
+                                // drops the will), and connect anew once the broker closed
+                                // the connection, so nothing of the old one outlives it.
+                                Some(bye) => {
+                                    up = false;
+                                    let _ = client.try_publish(bye.topic, QoS::AtLeastOnce, bye.retain, bye.payload);
+                                    let _ = client.try_disconnect();
+                                    leaving = Some(tokio::time::Instant::now() + LEAVE_WAIT);
+                                }
+                                None => break Err(ConnectionError::Io(std::io::Error::other(
+                                    "the cloud settings changed",
+                                ))),
+                            }
+                        }
+                        _ = tokio::time::sleep_until(leaving.unwrap_or_else(tokio::time::Instant::now)), if leaving.is_some() => {
+                            break Err(ConnectionError::Io(std::io::Error::other(
+                                "the cloud did not close the connection after DISCONNECT",
+                            )));
+                        }
                         Some((g, p)) = acks_in.recv() => {
                             if up && g == generation.load(Ordering::SeqCst) {
                                 acks_waiting.push_back(p);
@@ -223,6 +256,8 @@ impl Link {
                         let _ = acks.send(tag);
                     }
                 }
+                // Moving to other settings: wait for the broker to close the connection.
+                Ok(Event::Outgoing(Outgoing::Disconnect)) if moving.is_some() => {}
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                     connected.send_replace(false);
                     return;
@@ -250,13 +285,30 @@ impl Link {
                     inflight.clear();
                     waiting.clear();
                     if connected.send_replace(false) {
-                        warn!(error = %e, "cloud connection lost");
+                        if moving.is_some() {
+                            info!(reason = %e, "left the cloud connection for the new settings");
+                        } else {
+                            warn!(error = %e, "cloud connection lost");
+                        }
                         let _ = events.send(LinkEvent::Disconnected);
                     } else {
                         debug!(error = %e, "cloud connection attempt failed");
                     }
                     if matches!(e, ConnectionError::RequestsDone) {
                         return;
+                    }
+                    // New settings: the next attempt uses them, at once and with their own
+                    // backoff.
+                    leaving = None;
+                    if let Some(endpoint) = moving.take() {
+                        info!(broker = %format!("{}:{}", endpoint.options.broker_address().0, endpoint.options.broker_address().1), "connecting with the new cloud settings");
+                        eventloop.mqtt_options = endpoint.options;
+                        eventloop.network_options = endpoint.network;
+                        backoff = endpoint.backoff;
+                        if let Some(done) = endpoint.done {
+                            let _ = done.send(());
+                        }
+                        continue;
                     }
                     let delay = backoff.delay();
                     tokio::select! {

@@ -6,4 +6,6 @@ mod link;
 mod session;
 
 pub use link::Publisher;
-pub use session::{ConfigReports, Reconfigure, RemoteDesired, Session, SessionError, Shared};
+pub use session::{
+    ConfigReports, Endpoint, Reconfigure, RemoteDesired, Session, SessionError, Shared, Switch,
+};

@@ -108,9 +108,103 @@ impl Reconfigure {
     }
 }
 
+/// Where and how the session connects: what the `[cloud]` settings that can change live
+/// (broker, identity, credentials, TLS files, timers) make of the MQTT options.
+pub struct Endpoint {
+    pub options: MqttOptions,
+    pub network: NetworkOptions,
+    pub backoff: Backoff,
+    /// Published before the link leaves the old connection (offline presence), so the cloud
+    /// sees the gateway go rather than lose it.
+    pub goodbye: Option<super::adapter::Out>,
+    /// Fired by the link once the old connection is dropped and the next attempt uses these.
+    pub done: Option<oneshot::Sender<()>>,
+}
+
+impl Endpoint {
+    /// Reads the files `config.cloud` names (credentials, certificates); an error names the
+    /// field, never a secret.
+    pub fn of(
+        config: &Config,
+        adapter: &Adapter,
+        boot_id: &str,
+        store_id: &str,
+    ) -> Result<Endpoint, SessionError> {
+        let broker = parse_broker(&config.cloud.broker).map_err(SessionError::Broker)?;
+        let security = config
+            .cloud
+            .security()
+            .map_err(|problems| SessionError::Security(problems.join("; ")))?;
+        let client_id = config
+            .cloud
+            .client_id
+            .clone()
+            .unwrap_or_else(|| config.gateway.id.clone());
+        // A clean session: what must survive an outage lives in SQLite (inbox, twin cache,
+        // outbox) and the cloud re-sends on reconnect, so the broker keeps no state for us.
+        let mut options = MqttOptions::new(client_id, broker.host, broker.port);
+        if let Some((username, password)) = &security.login {
+            options.set_credentials(username.clone(), password.expose());
+        }
+        if let Some(tls) = security.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+        }
+        options
+            .set_keep_alive(Duration::from_secs(config.cloud.keep_alive_s))
+            .set_clean_session(true)
+            .set_manual_acks(true)
+            // Nothing larger than the configured limit ever leaves: announcements are split,
+            // oversize RPC results answered with a coded error.
+            .set_max_packet_size(MAX_MQTT_PACKET, config.cloud.max_packet_bytes)
+            .set_inflight(500);
+        if let Some(will) = adapter.last_will(boot_id, store_id) {
+            options.set_last_will(will);
+        }
+        let mut network = NetworkOptions::new();
+        network.set_tcp_nodelay(true);
+        network.set_connection_timeout(config.cloud.connect_timeout_s);
+        Ok(Endpoint {
+            options,
+            network,
+            backoff: Backoff::new(config.cloud.reconnect_min_ms, config.cloud.reconnect_max_ms),
+            goodbye: None,
+            done: None,
+        })
+    }
+}
+
+/// Moves the running session to other `[cloud]` connection settings; cheap to clone.
+#[derive(Clone)]
+pub struct Switch {
+    tx: mpsc::UnboundedSender<Endpoint>,
+    adapter: Arc<Adapter>,
+    boot_id: String,
+    store_id: String,
+}
+
+impl Switch {
+    /// The endpoint of `config`, built before anything changes (its files may be missing).
+    pub fn prepare(&self, config: &Config) -> Result<Endpoint, String> {
+        let mut endpoint = Endpoint::of(config, &self.adapter, &self.boot_id, &self.store_id)
+            .map_err(|e| e.to_string())?;
+        endpoint.goodbye = Some(self.adapter.goodbye(&self.boot_id, &self.store_id));
+        Ok(endpoint)
+    }
+
+    /// Drops the connection and connects with `endpoint` from now on; the receiver fires once
+    /// the link has moved.
+    pub fn to(&self, mut endpoint: Endpoint) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        endpoint.done = Some(tx);
+        let _ = self.tx.send(endpoint);
+        rx
+    }
+}
+
 /// A running session.
 pub struct Session {
     reconfigure: Reconfigure,
+    switch: Switch,
     publisher: Publisher,
     adapter: Arc<Adapter>,
     boot_id: String,
@@ -133,47 +227,23 @@ impl Session {
     ) -> Result<Session, SessionError> {
         let gateway = GatewayId::new(config.gateway.id.clone())
             .map_err(|e| SessionError::Broker(format!("gateway id: {e}")))?;
-        let broker = parse_broker(&config.cloud.broker).map_err(SessionError::Broker)?;
-        let security = config
-            .cloud
-            .security()
-            .map_err(|problems| SessionError::Security(problems.join("; ")))?;
         let boot_id = format!("{:016x}", rand::rng().random::<u64>());
-        let client_id = config
-            .cloud
-            .client_id
-            .clone()
-            .unwrap_or_else(|| gateway.to_string());
         let adapter = Arc::new(Adapter::new(
             config,
             gateway.clone(),
             shared.devices.clone(),
         ));
 
-        // A clean session: what must survive an outage lives in SQLite (inbox, twin cache,
-        // outbox) and the cloud re-sends on reconnect, so the broker keeps no state for us.
-        let mut opts = MqttOptions::new(client_id, broker.host, broker.port);
-        if let Some((username, password)) = &security.login {
-            opts.set_credentials(username.clone(), password.expose());
-        }
-        if let Some(tls) = security.tls {
-            opts.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
-        }
-        opts.set_keep_alive(Duration::from_secs(config.cloud.keep_alive_s))
-            .set_clean_session(true)
-            .set_manual_acks(true)
-            // Nothing larger than the configured limit ever leaves: announcements are split,
-            // oversize RPC results answered with a coded error.
-            .set_max_packet_size(MAX_MQTT_PACKET, config.cloud.max_packet_bytes)
-            .set_inflight(500);
-        if let Some(will) = adapter.last_will(&boot_id, shared.store.id()) {
-            opts.set_last_will(will);
-        }
-        let (client, mut eventloop) = AsyncClient::new(opts, 4096);
-        let mut net = NetworkOptions::new();
-        net.set_tcp_nodelay(true);
-        net.set_connection_timeout(config.cloud.connect_timeout_s);
-        eventloop.set_network_options(net);
+        let endpoint = Endpoint::of(config, &adapter, &boot_id, shared.store.id())?;
+        let (client, mut eventloop) = AsyncClient::new(endpoint.options, 4096);
+        eventloop.set_network_options(endpoint.network);
+        let (switch_tx, switch_rx) = mpsc::unbounded_channel();
+        let switch = Switch {
+            tx: switch_tx,
+            adapter: adapter.clone(),
+            boot_id: boot_id.clone(),
+            store_id: shared.store.id().to_string(),
+        };
 
         let (publisher, outbound) = link::channel();
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -197,10 +267,8 @@ impl Session {
                     reset,
                     acks_in,
                     generation: generation.clone(),
-                    backoff: Backoff::new(
-                        config.cloud.reconnect_min_ms,
-                        config.cloud.reconnect_max_ms,
-                    ),
+                    backoff: endpoint.backoff,
+                    switch: switch_rx,
                     stop: stop.clone(),
                     metrics: shared.metrics.clone(),
                 }
@@ -279,6 +347,7 @@ impl Session {
         ));
         Ok(Session {
             reconfigure,
+            switch,
             publisher,
             adapter,
             boot_id,
@@ -293,6 +362,11 @@ impl Session {
     /// The handle a live reload uses to have the gateway announced again.
     pub fn reconfigure(&self) -> Reconfigure {
         self.reconfigure.clone()
+    }
+
+    /// The handle a live reload uses to move the session to other `[cloud]` settings.
+    pub fn switch(&self) -> Switch {
+        self.switch.clone()
     }
 
     /// This run's boot id, as the cloud sees it.

@@ -77,6 +77,44 @@ pub struct CloudConfig {
     pub thingsboard: ThingsBoardConfig,
 }
 
+/// The `[cloud]` fields a running session can move to (a reload or a remote configuration
+/// drops the connection and connects with the new ones). The others (`profile`,
+/// `thingsboard`, `max_packet_bytes`, and `password`, which never travels in a twin) wait for
+/// a restart.
+pub const LIVE_FIELDS: [&str; 12] = [
+    "broker",
+    "client_id",
+    "keep_alive_s",
+    "reconnect_min_ms",
+    "reconnect_max_ms",
+    "connect_timeout_s",
+    "ca_file",
+    "client_cert_file",
+    "client_key_file",
+    "username",
+    "password",
+    "password_file",
+];
+
+impl CloudConfig {
+    /// The fields that differ from `other` and cannot change while the session runs.
+    pub fn restart_fields(&self, other: &CloudConfig) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.profile != other.profile {
+            out.push("profile");
+        }
+        if self.max_packet_bytes != other.max_packet_bytes {
+            out.push("max_packet_bytes");
+        }
+        if serde_json::to_value(&self.thingsboard).ok()
+            != serde_json::to_value(&other.thingsboard).ok()
+        {
+            out.push("thingsboard");
+        }
+        out
+    }
+}
+
 /// Which cloud adapter maps twins, messages, RPC and presence onto the wire.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

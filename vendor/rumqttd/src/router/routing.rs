@@ -102,7 +102,12 @@ pub struct Router {
     /// Shared subscriptions map <group-name, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
-    last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// gatewayd patch: each will with the connection it belongs to. Upstream keyed wills by
+    /// client id alone, so a client reconnecting before its old connection was gone lost its
+    /// new will to the old connection's end (and never went offline after its next loss).
+    last_wills: HashMap<String, (ConnectionId, LastWill, Option<LastWillProperties>)>,
+    /// gatewayd patch: wills of connections that ended, until their link publishes or drops them.
+    ending_wills: HashMap<ConnectionId, (String, LastWill, Option<LastWillProperties>)>,
 }
 
 impl Router {
@@ -144,6 +149,7 @@ impl Router {
             cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            ending_wills: HashMap::new(),
         }
     }
 
@@ -264,6 +270,7 @@ impl Router {
             }
             Event::PrintStatus(metrics) => print_status(self, metrics),
             Event::PublishWill((client_id, _tenant_id)) => self.handle_last_will(
+                id,
                 client_id,
                 #[cfg(feature = "validate-tenant-prefix")]
                 _tenant_id,
@@ -394,14 +401,23 @@ impl Router {
             connection.events.events.pop_front();
         }
 
-        if let Some(will) = connection.last_will.take() {
-            self.last_wills.insert(
-                client_id.clone(),
-                (will, connection.last_will_properties.take()),
-            );
-        }
+        let will = connection
+            .last_will
+            .take()
+            .map(|w| (w, connection.last_will_properties.take()));
 
         let connection_id = self.connections.insert(connection);
+        if let Some((will, props)) = will {
+            // gatewayd patch: an earlier connection's will stays that connection's.
+            if let Some((earlier, w, p)) = self
+                .last_wills
+                .insert(client_id.clone(), (connection_id, will, props))
+            {
+                if earlier != connection_id {
+                    self.ending_wills.insert(earlier, (client_id.clone(), w, p));
+                }
+            }
+        }
         assert_eq!(self.ibufs.insert(incoming), connection_id);
         assert_eq!(self.obufs.insert(outgoing), connection_id);
 
@@ -477,6 +493,18 @@ impl Router {
         // }
 
         info!("Disconnecting connection");
+
+        // gatewayd patch: this connection's will (if it still has one) waits for its link to
+        // publish it, apart from any newer connection's under the same client id.
+        if self
+            .last_wills
+            .get(&client_id)
+            .is_some_and(|(owner, ..)| *owner == id)
+        {
+            if let Some((_, w, p)) = self.last_wills.remove(&client_id) {
+                self.ending_wills.insert(id, (client_id.clone(), w, p));
+            }
+        }
 
         if let Some(reason_code) = reason {
             let outgoing = match self.obufs.get_mut(id) {
@@ -933,8 +961,15 @@ impl Router {
                     let span = tracing::info_span!("disconnect");
                     let _guard = span.enter();
                     disconnect = true;
-                    // delete the last will message
-                    self.last_wills.remove(&client_id);
+                    // delete the last will message (gatewayd patch: this connection's only)
+                    if self
+                        .last_wills
+                        .get(&client_id)
+                        .is_some_and(|(owner, ..)| *owner == id)
+                    {
+                        self.last_wills.remove(&client_id);
+                    }
+                    self.ending_wills.remove(&id);
                     break;
                 }
                 incoming => {
@@ -1158,15 +1193,20 @@ impl Router {
 
     pub fn handle_last_will(
         &mut self,
+        id: ConnectionId,
         client_id: String,
         #[cfg(feature = "validate-tenant-prefix")] tenant_id: Option<String>,
     ) {
         #[cfg(feature = "validate-tenant-prefix")]
         let tenant_prefix = tenant_id.map(|id| format!("/tenants/{id}/"));
 
-        let Some((will, will_props)) = self.last_wills.remove(&client_id) else {
+        // gatewayd patch: the will of the connection that ended, never a newer one's.
+        let Some((owner, will, will_props)) = self.ending_wills.remove(&id) else {
             return;
         };
+        if owner != client_id {
+            return;
+        }
 
         // gatewayd patch: a will on a topic the ACL refuses is dropped.
         if !acl_allows(&self.config, &client_id, AclAction::Publish, &will.topic) {
