@@ -139,18 +139,20 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Moves the session to `new`'s connection settings (prepared as `endpoint`).
+    /// Moves the session to new connection settings: `endpoint`, made of `cloud`; `whole`:
+    /// nothing of the new `[cloud]` waits for a restart, so it is what runs now.
     fn move_session(
         &mut self,
         switch: Switch,
-        endpoint: crate::cloud::Endpoint,
-        new: &Config,
+        (endpoint, cloud, whole): (crate::cloud::Endpoint, CloudConfig, bool),
         newer: &Fingerprint,
     ) {
-        info!(broker = %new.cloud.broker, "cloud connection settings changed: reconnecting with them");
+        info!(broker = %cloud.broker, "cloud connection settings changed: reconnecting with them");
         self.moved = Some(switch.to(endpoint));
-        self.cloud = new.cloud.clone();
-        self.running = self.running.with_live(newer, &["cloud"]);
+        self.cloud = cloud;
+        if whole {
+            self.running = self.running.with_live(newer, &["cloud"]);
+        }
     }
 }
 
@@ -190,21 +192,24 @@ impl Reloader {
             .as_ref()
             .filter(|_| restart.iter().any(|c| c == "cloud"))
         {
+            // The fields that wait for a restart keep their running values meanwhile.
             let fixed = self.cloud.restart_fields(&new.cloud);
-            if fixed.is_empty() {
-                match switch.prepare(&new) {
-                    Ok(e) => endpoint = Some(e),
+            let mut cloud = new.cloud.clone();
+            cloud.profile = self.cloud.profile;
+            cloud.max_packet_bytes = self.cloud.max_packet_bytes;
+            cloud.thingsboard = self.cloud.thingsboard.clone();
+            if serde_json::to_value(&cloud).ok() != serde_json::to_value(&self.cloud).ok() {
+                match switch.prepare(&cloud, &new.gateway.id) {
+                    Ok(e) => endpoint = Some((e, cloud, fixed.is_empty())),
                     Err(e) => return Outcome::Failed(e),
                 }
-                restart.retain(|c| c != "cloud");
-            } else {
-                restart.retain(|c| c != "cloud");
-                restart.extend(fixed.iter().map(|f| format!("cloud.{f}")));
             }
+            restart.retain(|c| c != "cloud");
+            restart.extend(fixed.iter().map(|f| format!("cloud.{f}")));
         }
         if live.is_empty() {
             if let (Some(e), Some(switch)) = (endpoint, &self.switch) {
-                self.move_session(switch.clone(), e, &new, &newer);
+                self.move_session(switch.clone(), e, &newer);
             }
             return Outcome::Applied {
                 added: Vec::new(),
@@ -362,7 +367,7 @@ impl Reloader {
         // The running configuration now has the new live sections; the others stay as started.
         self.running = self.running.with_live(&newer, &LIVE);
         if let (Some(e), Some(switch)) = (endpoint, &self.switch) {
-            self.move_session(switch.clone(), e, &new, &newer);
+            self.move_session(switch.clone(), e, &newer);
         }
         crate::release_freed_memory();
         Outcome::Applied {

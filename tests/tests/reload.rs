@@ -243,3 +243,42 @@ async fn sighup_adds_a_unit_to_a_serial_bus() -> Result<()> {
     drop(gateway);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_moves_the_cloud_connection_and_names_what_waits_for_a_restart() -> Result<()> {
+    let site = Site::start(1).await?;
+    let admin = site.gateway.admin().await?;
+    let path = site.gateway.config_path.clone();
+    let original = std::fs::read_to_string(&path)?;
+    // A connection setting (applied live: the session reconnects) and the packet limit (waits
+    // for a restart).
+    let changed = original.replacen(
+        "reconnect_max_ms = 1000\n",
+        "reconnect_max_ms = 1000\nkeep_alive_s = 25\nmax_packet_bytes = 65536\n",
+        1,
+    );
+    std::fs::write(&path, changed)?;
+    site.gateway.proc.signal("HUP")?;
+    let c = eventually("the reload's outcome", Duration::from_secs(20), || {
+        let url = format!("{admin}/api/config");
+        async move {
+            let (_, c) = get(&url).await?;
+            Ok((c["last_reload"]["outcome"] == "applied_partly").then_some(c))
+        }
+    })
+    .await?;
+    assert_eq!(
+        c["last_reload"]["restart_needed"],
+        json!(["cloud.max_packet_bytes"]),
+        "{c}"
+    );
+    site.await_log("connecting with the new cloud settings")
+        .await?;
+    site.await_log("left the cloud connection for the new settings")
+        .await?;
+    await_gateway_online(&site.stub.api, SITE_GATEWAY, true).await?;
+    let device = &site.fleet.devices[0].0;
+    let (s, b, _) = invoke(&site.stub.api, device, "status", json!(null), 5).await?;
+    assert_eq!(s, 200, "{b}");
+    Ok(())
+}

@@ -11,6 +11,7 @@ use super::adapter::{Adapter, Ctx, Inbound, ReplyTo};
 use super::link::{self, Link, LinkEvent, Publisher};
 use crate::backoff::Backoff;
 use crate::clock::now_ms;
+use crate::config::cloud::CloudConfig;
 use crate::config::{parse_broker, Config};
 use crate::device::Devices;
 use crate::inbox::{Inbox, Receipt};
@@ -125,21 +126,20 @@ impl Endpoint {
     /// Reads the files `config.cloud` names (credentials, certificates); an error names the
     /// field, never a secret.
     pub fn of(
-        config: &Config,
+        cloud: &CloudConfig,
+        gateway_id: &str,
         adapter: &Adapter,
         boot_id: &str,
         store_id: &str,
     ) -> Result<Endpoint, SessionError> {
-        let broker = parse_broker(&config.cloud.broker).map_err(SessionError::Broker)?;
-        let security = config
-            .cloud
+        let broker = parse_broker(&cloud.broker).map_err(SessionError::Broker)?;
+        let security = cloud
             .security()
             .map_err(|problems| SessionError::Security(problems.join("; ")))?;
-        let client_id = config
-            .cloud
+        let client_id = cloud
             .client_id
             .clone()
-            .unwrap_or_else(|| config.gateway.id.clone());
+            .unwrap_or_else(|| gateway_id.to_string());
         // A clean session: what must survive an outage lives in SQLite (inbox, twin cache,
         // outbox) and the cloud re-sends on reconnect, so the broker keeps no state for us.
         let mut options = MqttOptions::new(client_id, broker.host, broker.port);
@@ -150,23 +150,23 @@ impl Endpoint {
             options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
         }
         options
-            .set_keep_alive(Duration::from_secs(config.cloud.keep_alive_s))
+            .set_keep_alive(Duration::from_secs(cloud.keep_alive_s))
             .set_clean_session(true)
             .set_manual_acks(true)
             // Nothing larger than the configured limit ever leaves: announcements are split,
             // oversize RPC results answered with a coded error.
-            .set_max_packet_size(MAX_MQTT_PACKET, config.cloud.max_packet_bytes)
+            .set_max_packet_size(MAX_MQTT_PACKET, cloud.max_packet_bytes)
             .set_inflight(500);
         if let Some(will) = adapter.last_will(boot_id, store_id) {
             options.set_last_will(will);
         }
         let mut network = NetworkOptions::new();
         network.set_tcp_nodelay(true);
-        network.set_connection_timeout(config.cloud.connect_timeout_s);
+        network.set_connection_timeout(cloud.connect_timeout_s);
         Ok(Endpoint {
             options,
             network,
-            backoff: Backoff::new(config.cloud.reconnect_min_ms, config.cloud.reconnect_max_ms),
+            backoff: Backoff::new(cloud.reconnect_min_ms, cloud.reconnect_max_ms),
             goodbye: None,
             done: None,
         })
@@ -184,9 +184,15 @@ pub struct Switch {
 
 impl Switch {
     /// The endpoint of `config`, built before anything changes (its files may be missing).
-    pub fn prepare(&self, config: &Config) -> Result<Endpoint, String> {
-        let mut endpoint = Endpoint::of(config, &self.adapter, &self.boot_id, &self.store_id)
-            .map_err(|e| e.to_string())?;
+    pub fn prepare(&self, cloud: &CloudConfig, gateway_id: &str) -> Result<Endpoint, String> {
+        let mut endpoint = Endpoint::of(
+            cloud,
+            gateway_id,
+            &self.adapter,
+            &self.boot_id,
+            &self.store_id,
+        )
+        .map_err(|e| e.to_string())?;
         endpoint.goodbye = Some(self.adapter.goodbye(&self.boot_id, &self.store_id));
         Ok(endpoint)
     }
@@ -234,7 +240,13 @@ impl Session {
             shared.devices.clone(),
         ));
 
-        let endpoint = Endpoint::of(config, &adapter, &boot_id, shared.store.id())?;
+        let endpoint = Endpoint::of(
+            &config.cloud,
+            &config.gateway.id,
+            &adapter,
+            &boot_id,
+            shared.store.id(),
+        )?;
         let (client, mut eventloop) = AsyncClient::new(endpoint.options, 4096);
         eventloop.set_network_options(endpoint.network);
         let (switch_tx, switch_rx) = mpsc::unbounded_channel();
