@@ -301,22 +301,30 @@ impl Link {
                     // backoff.
                     leaving = None;
                     if let Some(endpoint) = moving.take() {
-                        info!(broker = %format!("{}:{}", endpoint.options.broker_address().0, endpoint.options.broker_address().1), "connecting with the new cloud settings");
-                        eventloop.mqtt_options = endpoint.options;
-                        eventloop.network_options = endpoint.network;
-                        backoff = endpoint.backoff;
-                        if let Some(done) = endpoint.done {
-                            let _ = done.send(());
-                        }
+                        backoff = take_endpoint(&mut eventloop, endpoint);
                         continue;
                     }
+                    // New settings while waiting to reconnect are taken at once.
                     let delay = backoff.delay();
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(delay) => {}
+                        Some(endpoint) = switch.recv() => backoff = take_endpoint(&mut eventloop, endpoint),
                     }
                 }
             }
         }
     }
+}
+
+/// The next connection attempt uses `endpoint`; returns its backoff.
+fn take_endpoint(eventloop: &mut EventLoop, endpoint: crate::cloud::session::Endpoint) -> Backoff {
+    let (host, port) = endpoint.options.broker_address();
+    info!(broker = %format!("{host}:{port}"), "connecting with the new cloud settings");
+    eventloop.mqtt_options = endpoint.options;
+    eventloop.network_options = endpoint.network;
+    if let Some(done) = endpoint.done {
+        let _ = done.send(());
+    }
+    endpoint.backoff
 }
