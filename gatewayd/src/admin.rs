@@ -255,11 +255,7 @@ async fn config_status(State(state): State<Arc<AdminState>>) -> Json<Value> {
     let s = state.reload.get();
     Json(json!({
         "fingerprint": s.fingerprint,
-        "last_reload": s.last.map(|(at_ms, outcome)| {
-            let mut v = outcome.to_json();
-            v["at_ms"] = json!(at_ms);
-            v
-        }),
+        "last_reload": s.last_json(),
     }))
 }
 

@@ -176,7 +176,7 @@ pub async fn run(
             probations: probation_tx,
             max_publish: config.cloud.max_packet_bytes,
         };
-        remote.report(&reloader.running);
+        remote.report(&reload_status);
         remote.resume_probation().await;
         let status = reload_status.clone();
         let stop = shutdown.clone();
@@ -202,7 +202,7 @@ pub async fn run(
                             }
                         };
                         status.record(&reloader.running, outcome.clone(), clock::now_ms());
-                        remote.report(&reloader.running);
+                        remote.report(&status);
                         let _ = request.reply.send(outcome);
                     }
                     d = desired.recv() => {
@@ -210,13 +210,13 @@ pub async fn run(
                         if let Some(outcome) = remote.desired(d, &mut reloader).await {
                             status.record(&reloader.running, outcome, clock::now_ms());
                         }
-                        remote.report(&reloader.running);
+                        remote.report(&status);
                     }
                     Some((version, how)) = probations.recv() => {
                         if let Some(outcome) = remote.probation_ended(version, how, &mut reloader).await {
                             status.record(&reloader.running, outcome, clock::now_ms());
                         }
-                        remote.report(&reloader.running);
+                        remote.report(&status);
                     }
                     _ = stop.cancelled() => return,
                 }

@@ -246,6 +246,20 @@ impl Status {
     }
 }
 
+impl StatusInner {
+    /// The last reload as the admin API and the gateway's report show it (`null`: none yet).
+    pub fn last_json(&self) -> serde_json::Value {
+        match &self.last {
+            Some((at_ms, outcome)) => {
+                let mut v = outcome.to_json();
+                v["at_ms"] = serde_json::json!(at_ms);
+                v
+            }
+            None => serde_json::Value::Null,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

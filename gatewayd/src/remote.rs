@@ -845,10 +845,12 @@ impl Remote {
     }
 
     /// Publishes (through the session) the report of the running configuration.
-    pub fn report(&self, running: &crate::reload::Fingerprint) {
+    pub fn report(&self, status: &crate::reload::Status) {
+        let status = status.get();
         let report = gatewayd_protocol::ConfigReport {
             v: gatewayd_protocol::PROTOCOL_VERSION,
-            fingerprint: running.digest(),
+            fingerprint: status.fingerprint.clone(),
+            last_reload: status.last_json(),
             software: concat!("gatewayd ", env!("CARGO_PKG_VERSION")).to_string(),
             boot_id: self.boot_id.clone(),
             running: self.running_sections.clone().unwrap_or(Value::Null),

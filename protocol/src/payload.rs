@@ -549,6 +549,10 @@ pub struct ConfigReport {
     /// out.
     pub running: Value,
     pub remote: RemoteConfigState,
+    /// The last reload (SIGHUP or remote): `outcome`, `at_ms`, what it added, removed,
+    /// replaced, and what waits for a restart; absent before the first.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub last_reload: Value,
 }
 
 /// What became of the last remote configuration.

@@ -110,6 +110,8 @@ async fn a_remote_device_is_added_refused_outside_the_limits_and_kept_across_kil
     let r = &twin["reported"];
     assert_eq!(r["remote"]["state"], "applied", "{r}");
     assert!(r["running"]["devices"]["agv-9"].is_object(), "{r}");
+    assert_eq!(r["last_reload"]["outcome"], "applied", "{r}");
+    assert_eq!(r["last_reload"]["added"], json!(["agv-9"]), "{r}");
     assert_eq!(
         r["running"]["devices"]["agv-1"]["auth"], "***",
         "device credentials never leave the gateway: {r}"
