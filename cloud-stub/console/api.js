@@ -66,9 +66,12 @@ export async function request(method, path, { body, headers = {} } = {}) {
 export const get = (path) => request("GET", path);
 
 const dev = (id) => `/api/v1/devices/${encodeURIComponent(id)}`;
+const gw = (id) => `/api/v1/gateways/${encodeURIComponent(id)}`;
 
 export const api = {
   gateways: () => get("/api/v1/gateways"),
+  gatewayConfig: (id) => get(`${gw(id)}/config`),
+  patchGatewayConfig: (id, patch) => request("PATCH", `${gw(id)}/config`, { body: patch }),
   devices: () => get("/api/v1/devices"),
   device: (id) => get(dev(id)),
   twin: (id) => get(`${dev(id)}/twin`),
@@ -89,7 +92,7 @@ export const api = {
 };
 
 /** Event names the stream carries. */
-export const EVENT_KINDS = ["ready", "lagged", "gateway", "device", "twin", "message", "rpc"];
+export const EVENT_KINDS = ["ready", "lagged", "gateway", "device", "twin", "message", "rpc", "gateway_config"];
 
 /**
  * Follows GET /api/v1/events until `stop()` is called: `onEvent(name, data)` for every event,

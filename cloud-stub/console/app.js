@@ -1,8 +1,10 @@
 // The console's entry: asks for the token when the API wants one, follows the event stream,
-// and shows the page the location hash names (#/, #/devices/{id}/{twin|messages|methods}).
+// and shows the page the location hash names (#/, #/devices/{id}/{twin|messages|methods},
+// #/gateways/{id}/config).
 
 import { api, follow, setToken, token, Unauthorized } from "./api.js";
 import { DevicePage, FleetPage, h, Reloader } from "./views.js";
+import { GatewayConfigPage } from "./gateway.js";
 
 const main = document.getElementById("main");
 const live = document.getElementById("live");
@@ -33,6 +35,9 @@ function route() {
     const tab = ["twin", "messages", "methods"].includes(parts[2]) ? parts[2] : "twin";
     page = new DevicePage(main, reloader, parts[1], tab);
     document.title = `${parts[1]} · ${tab} · cloud-stub`;
+  } else if (parts[0] === "gateways" && parts[1]) {
+    page = new GatewayConfigPage(main, reloader, parts[1]);
+    document.title = `${parts[1]} · configuration · cloud-stub`;
   } else {
     page = new FleetPage(main, reloader);
     document.title = "Fleet · cloud-stub";

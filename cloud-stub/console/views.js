@@ -39,7 +39,7 @@ function fullTime(ms) {
   return ms ? new Date(ms).toISOString() : "";
 }
 
-function time(ms, testid) {
+export function time(ms, testid) {
   return h("time", { datetime: fullTime(ms) || undefined, title: fullTime(ms), testid }, clock(ms));
 }
 
@@ -50,7 +50,7 @@ function after(from, to) {
   return d < 1000 ? `+${d} ms` : `+${(d / 1000).toFixed(1)} s`;
 }
 
-function badge(text, kind, testid) {
+export function badge(text, kind, testid) {
   return h("span", { class: `badge badge-${kind}`, testid }, text);
 }
 
@@ -58,16 +58,16 @@ export function json(v) {
   return v === undefined ? "—" : JSON.stringify(v);
 }
 
-function pretty(v) {
+export function pretty(v) {
   return JSON.stringify(v, null, 2);
 }
 
-function notice(kind, text, testid) {
+export function notice(kind, text, testid) {
   return h("p", { class: `notice notice-${kind}`, testid, role: kind === "error" ? "alert" : "status" }, text);
 }
 
 /** Runs `fn` and shows an API or network failure in `slot` instead of throwing. */
-async function guarded(slot, fn) {
+export async function guarded(slot, fn) {
   try {
     return await fn();
   } catch (e) {
@@ -321,7 +321,12 @@ export class FleetPage {
         h(
           "tr",
           { testid: `gateway-row-${g.id}`, "data-online": String(g.online) },
-          h("td", {}, h("strong", {}, g.id)),
+          h(
+            "td",
+            {},
+            h("a", { href: `#/gateways/${encodeURIComponent(g.id)}/config`, testid: `gateway-link-${g.id}`, title: "configuration" },
+              h("strong", {}, g.id)),
+          ),
           h(
             "td",
             {},

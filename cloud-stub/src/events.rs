@@ -1,6 +1,6 @@
 //! Live changes for `GET /api/v1/events` (the console's only source of updates): gateway and
-//! device presence, twin versions, message statuses and finished RPCs, each one small JSON
-//! object naming what changed so a page reloads only that.
+//! device presence, gateway configuration reports, twin versions, message statuses and
+//! finished RPCs, each one small JSON object naming what changed so a page reloads only that.
 //!
 //! One `tokio::sync::broadcast` channel: emitting never waits and costs nothing without a
 //! subscriber; a subscriber that falls more than [`CAPACITY`] events behind loses the oldest
@@ -31,10 +31,13 @@ pub enum Kind {
     Message,
     /// An RPC finished: `{"device", "method", "outcome", "ms"}` (`outcome` `ok` or a code).
     Rpc,
+    /// A gateway reported its configuration (`up/config`): `{"gateway", "version", "state"}`.
+    GatewayConfig,
 }
 
 impl Kind {
-    /// Every kind, as the event stream names them.
+    /// The kinds the stream's `ready` event lists. `GatewayConfig` is sent but not listed
+    /// yet: the list is a contract its clients check.
     pub const ALL: [Kind; 5] = [
         Kind::Gateway,
         Kind::Device,
@@ -51,6 +54,7 @@ impl Kind {
             Kind::Twin => "twin",
             Kind::Message => "message",
             Kind::Rpc => "rpc",
+            Kind::GatewayConfig => "gateway_config",
         }
     }
 }
@@ -159,6 +163,15 @@ impl Events {
         }
     }
 
+    /// A gateway's configuration report arrived: the desired version it is about and what
+    /// became of it (`none`, `applied`, `refused`, `rolled_back`).
+    pub fn gateway_config(&self, gateway: &GatewayId, version: u64, state: &str) {
+        self.emit(
+            Kind::GatewayConfig,
+            json!({"gateway": gateway, "version": version, "state": state}),
+        );
+    }
+
     /// An RPC finished: `outcome` is `ok` or the error code, `ms` how long the caller waited.
     pub fn rpc(&self, device: &str, method: &str, outcome: &str, ms: u64) {
         self.emit(
@@ -185,6 +198,20 @@ mod tests {
         assert_eq!(
             data,
             json!({"device": "d1", "method": "m", "outcome": "timeout", "ms": 5})
+        );
+    }
+
+    #[test]
+    fn a_configuration_report_names_its_gateway() {
+        let events = Events::new(4);
+        let mut rx = events.subscribe();
+        events.gateway_config(&GatewayId::new("g1").unwrap(), 3, "refused");
+        let e = rx.try_recv().unwrap();
+        assert_eq!(e.kind.as_str(), "gateway_config");
+        let data: Value = serde_json::from_str(&e.data).unwrap();
+        assert_eq!(
+            data,
+            json!({"gateway": "g1", "version": 3, "state": "refused"})
         );
     }
 

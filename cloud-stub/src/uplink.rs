@@ -27,7 +27,7 @@ pub struct Uplink {
     store: StoreHandle,
     twins: Twins,
     outbox: Arc<Outbox>,
-    /// Where presence changes are announced.
+    /// Where presence changes and configuration reports are announced.
     events: Events,
     /// Catalog parts per gateway until an announcement is complete.
     catalogs: std::sync::Mutex<HashMap<GatewayId, CatalogAssembly>>,
@@ -106,10 +106,12 @@ impl Uplink {
                 let feedback = parse::<Feedback>(&gw, kind, payload)?;
                 return self.outbox.on_feedback(&gw, &feedback, now_ms);
             }
-            // The gateway's own configuration: kept for the operator API (not yet served).
+            // The gateway's own configuration: kept for the operator API, then announced.
             Up::Config => {
                 if let Some(report) = parse::<gatewayd_protocol::ConfigReport>(&gw, kind, payload) {
+                    let (version, state) = (report.remote.version, report.remote.state.clone());
                     self.configs.reported(&gw, report);
+                    self.events.gateway_config(&gw, version, &state);
                 }
             }
         }

@@ -300,6 +300,97 @@ async fn the_console_shows_the_fleet_and_drives_twins_messages_and_methods() -> 
     Ok(())
 }
 
+/// The gateway's own twin: a device outside the gateway's allow-list is sent from the page, the
+/// gateway refuses it and the page shows that with the gateway's problem, live; a patch of the
+/// wrong structure gets the stub's `400` message inline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_a_gateways_configuration_and_what_it_made_of_a_change() -> Result<()> {
+    let limits = "\n[remote_config]\nenabled = true\nallow_hosts = [\"127.0.0.1\"]\n";
+    let site = Site::start_with(1, limits).await?;
+    let browser = Browser::start().await?;
+    let shots = screenshot_dir()?;
+
+    // From the fleet page to the gateway's configuration, with its first report.
+    browser.goto(&format!("{}/", site.stub.api)).await?;
+    browser.wait_attr("live", "data-state", "live").await?;
+    browser
+        .click(&format!("gateway-link-{SITE_GATEWAY}"))
+        .await?;
+    browser.wait_present("gwconfig-fingerprint").await?;
+    browser.text_is("gwconfig-desired-version", "0").await?;
+    browser
+        .wait_attr("gwconfig-state", "data-state", "none")
+        .await?;
+    browser
+        .attr("gwconfig-sync", "data-in-sync")
+        .await?
+        .filter(|v| v == "true")
+        .context("nothing desired yet: in sync")?;
+    browser
+        .run("window.__noReload = true; return true;")
+        .await?;
+
+    // A device on a host outside the allow-list: sent, then refused by the gateway, shown
+    // without a reload when its report arrives.
+    browser
+        .type_into(
+            "gwconfig-patch",
+            r#"{"devices": {"rogue": {"kind": "http", "profile": "agv", "base_url": "http://10.9.9.9:80"}}}"#,
+        )
+        .await?;
+    browser.click("gwconfig-submit").await?;
+    browser.wait_present("gwconfig-ok").await?;
+    browser.text_is("gwconfig-desired-version", "1").await?;
+    browser.wait_text("gwconfig-reported-version", "1").await?;
+    browser
+        .wait_attr("gwconfig-state", "data-state", "refused")
+        .await?;
+    let problems = browser.text("gwconfig-problems").await?.unwrap_or_default();
+    assert!(
+        problems.contains("host 10.9.9.9 is not allowed"),
+        "the page shows the gateway's problem: {problems}"
+    );
+    browser
+        .attr("gwconfig-sync", "data-in-sync")
+        .await?
+        .filter(|v| v == "false")
+        .context("a refused version is out of sync")?;
+    assert_eq!(
+        browser.run("return window.__noReload === true;").await?,
+        true
+    );
+    let desired = browser.text("gwconfig-desired").await?.unwrap_or_default();
+    assert!(desired.contains("10.9.9.9"), "{desired}");
+    assert_no_horizontal_scroll(&browser).await?;
+    browser
+        .screenshot(&shots.join("gateway-config.png"))
+        .await?;
+
+    // A section the stub does not know: its 400 message on the page, nothing sent.
+    browser
+        .type_into(
+            "gwconfig-patch",
+            r#"{"store": {"path": "/tmp/elsewhere.db"}}"#,
+        )
+        .await?;
+    browser.click("gwconfig-submit").await?;
+    browser.wait_present("gwconfig-error").await?;
+    let error = browser.text("gwconfig-error").await?.unwrap_or_default();
+    assert!(
+        error.starts_with("bad_request: ")
+            && error.contains("store: not a section a remote configuration may hold"),
+        "{error}"
+    );
+    browser.text_is("gwconfig-desired-version", "1").await?;
+
+    browser.resize(768, 1024).await?;
+    assert_no_horizontal_scroll(&browser).await?;
+    let errors = browser.page_errors().await?;
+    assert!(errors.is_empty(), "the page logged errors: {errors:#?}");
+    browser.stop().await;
+    Ok(())
+}
+
 /// With `--api-token`, the page shell loads without it, asks for it, refuses a wrong one, and
 /// with the right one shows live data; the data routes still refuse a request without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,6 +51,11 @@ const ASSETS: &[Asset] = &[
         body: include_str!("../../console/views.js"),
     },
     Asset {
+        name: "gateway.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_str!("../../console/gateway.js"),
+    },
+    Asset {
         name: "favicon.svg",
         content_type: "image/svg+xml",
         body: include_str!("../../console/favicon.svg"),

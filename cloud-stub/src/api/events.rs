@@ -1,8 +1,8 @@
 //! `GET /api/v1/events`: the stub's changes as server-sent events (`text/event-stream`).
 //!
 //! The first event is `ready` (the subscription is in place: anything that changes from now
-//! on is sent). Then `gateway`, `device`, `twin`, `message` and `rpc` events as
-//! [`crate::events::Kind`] describes them, each `data` one JSON object. A subscriber that fell
+//! on is sent). Then `gateway`, `device`, `twin`, `message`, `rpc` and `gateway_config`
+//! events as [`crate::events::Kind`] describes them, each `data` one JSON object. A subscriber that fell
 //! too far behind gets `lagged` `{"missed": n}` and should reload what it shows. A comment
 //! line every 15 s keeps proxies from closing an idle stream. The stream ends when the stub
 //! shuts down.

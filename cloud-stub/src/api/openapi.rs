@@ -107,8 +107,9 @@ pub fn spec() -> Value {
                     `twin` {device, half: desired|reported, desired_version, \
                     reported_version}, `message` {device, id, status (a message status, or \
                     `sent` when published)}, `rpc` {device, method, outcome: ok or an error \
-                    code, ms}. `lagged` {missed} means events were dropped for this \
-                    subscriber: reload. A comment line every 15 s keeps the stream alive.",
+                    code, ms}, `gateway_config` {gateway, version, state} when a gateway \
+                    reports its configuration. `lagged` {missed} means events were dropped \
+                    for this subscriber: reload. A comment line every 15 s keeps the stream alive.",
                 "responses": with_common(json!({"200": {"description": "the stream",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}}}}))
             }},
