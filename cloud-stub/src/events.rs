@@ -36,14 +36,14 @@ pub enum Kind {
 }
 
 impl Kind {
-    /// The kinds the stream's `ready` event lists. `GatewayConfig` is sent but not listed
-    /// yet: the list is a contract its clients check.
-    pub const ALL: [Kind; 5] = [
+    /// The kinds the stream's `ready` event lists.
+    pub const ALL: [Kind; 6] = [
         Kind::Gateway,
         Kind::Device,
         Kind::Twin,
         Kind::Message,
         Kind::Rpc,
+        Kind::GatewayConfig,
     ];
 
     /// The SSE event name.

@@ -36,7 +36,14 @@ impl Events {
         assert_eq!(name, "ready");
         assert_eq!(
             data["kinds"],
-            json!(["gateway", "device", "twin", "message", "rpc"])
+            json!([
+                "gateway",
+                "device",
+                "twin",
+                "message",
+                "rpc",
+                "gateway_config"
+            ])
         );
         events
     }
