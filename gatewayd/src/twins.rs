@@ -80,16 +80,20 @@ impl Twins {
         update: DesiredUpdate,
     ) -> oneshot::Receiver<Result<DesiredDecision, StoreError>> {
         self.store.submit(move |c| {
-            let row = load_row(c, update.device.as_str())?;
+            let (desired, desired_version) = load_desired(c, update.device.as_str())?;
             let (is_snapshot, body) = match &update.body {
                 DesiredBody::Patch(p) => (false, p),
                 DesiredBody::Snapshot(s) => (true, s),
             };
-            let decision = decide_desired(row.desired_version, update.version, is_snapshot);
+            let decision = decide_desired(desired_version, update.version, is_snapshot);
             if decision != DesiredDecision::Apply {
                 return Ok(decision);
             }
-            let mut doc = if is_snapshot { json!({}) } else { row.desired };
+            let mut doc = if is_snapshot {
+                json!({})
+            } else {
+                parse_doc(&desired)
+            };
             merge_patch(&mut doc, body);
             if let Err(e) = validate_doc(&doc) {
                 warn!(device = %update.device, error = %e, "desired document refused");
@@ -119,10 +123,11 @@ impl Twins {
         body: DesiredBody,
     ) -> oneshot::Receiver<Result<DesiredDecision, StoreError>> {
         self.store.submit(move |c| {
-            let row = load_row(c, device.as_str())?;
+            let (desired, desired_version) = load_desired(c, device.as_str())?;
+            let desired = parse_doc(&desired);
             let mut doc = match &body {
                 DesiredBody::Patch(p) => {
-                    let mut doc = row.desired.clone();
+                    let mut doc = desired.clone();
                     merge_patch(&mut doc, p);
                     doc
                 }
@@ -131,7 +136,7 @@ impl Twins {
             if !doc.is_object() {
                 doc = json!({});
             }
-            if doc == row.desired {
+            if doc == desired {
                 return Ok(DesiredDecision::Ignore);
             }
             if let Err(e) = validate_doc(&doc) {
@@ -145,7 +150,7 @@ impl Twins {
             .execute(params![
                 device.as_str(),
                 doc.to_string(),
-                (row.desired_version + 1) as i64
+                (desired_version + 1) as i64
             ])?;
             Ok(DesiredDecision::Apply)
         })
@@ -190,6 +195,21 @@ impl Twins {
         let id = device.to_string();
         self.store.call(move |c| load_row(c, &id)).await
     }
+}
+
+/// The desired document of `device` as stored (not parsed: a stale update never needs it) and
+/// its version; `{}` and 0 when there is no row.
+fn load_desired(c: &rusqlite::Connection, device: &str) -> rusqlite::Result<(String, u64)> {
+    let row = c
+        .prepare_cached("SELECT desired, desired_version FROM twin WHERE device = ?1")?
+        .query_row([device], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))
+        .optional()?;
+    Ok(row.unwrap_or_else(|| ("{}".to_string(), 0)))
+}
+
+/// A stored JSON document; `{}` when it does not parse.
+fn parse_doc(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| json!({}))
 }
 
 fn load_row(c: &rusqlite::Connection, device: &str) -> rusqlite::Result<TwinRow> {
@@ -304,11 +324,17 @@ async fn apply_until_idle(
         if wanted {
             let round = apply_round(device, devices, twins, outbox, row, full, &mut attempts);
             match round.instrument(span()).await {
-                Ok(Round::Done) => {
+                Ok(Round::Done { newer }) => {
                     backoff.reset();
                     owed = None;
                     retry_in = None;
-                    continue;
+                    if newer {
+                        continue;
+                    }
+                    // Nothing newer was stored when the round committed, so reading the twin
+                    // again would find nothing to do. Whatever comes later (a desired update,
+                    // a reapply, a presence change) wakes the worker.
+                    return Ok(());
                 }
                 Ok(Round::Pending { after }) => {
                     owed = Some(full || owed == Some(true));
@@ -337,8 +363,9 @@ async fn apply_until_idle(
 
 /// How a round ended.
 enum Round {
-    /// Every planned property has a final apply state.
-    Done,
+    /// Every planned property has a final apply state; `newer` when a newer desired version
+    /// was stored meanwhile.
+    Done { newer: bool },
     /// Some properties are pending; try again (after `after` when the device said when).
     Pending { after: Option<Duration> },
 }
@@ -458,14 +485,23 @@ async fn apply_round(
     let id = device.id.to_string();
     let version = row.desired_version;
     let applied_count = results.len();
-    twins
+    let newer = twins
         .store
         .call(move |c| {
-            let current = load_row(c, &id)?;
-            if current.applied_version > version {
-                return Ok(());
+            // Only what the commit needs: the desired and applied documents are not parsed.
+            let current: Option<(i64, i64, String)> = c
+                .prepare_cached(
+                    "SELECT applied_version, desired_version, reported FROM twin WHERE device = ?1",
+                )?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            let (applied_version, desired_version, reported) =
+                current.unwrap_or((0, 0, String::new()));
+            let newer = desired_version as u64 > version;
+            if applied_version as u64 > version {
+                return Ok(true);
             }
-            let mut reported = current.reported;
+            let mut reported = parse_doc(&reported);
             merge_patch(&mut reported, &patch);
             c.prepare_cached(
                 "UPDATE twin SET applied = ?2, applied_version = ?3, reported = ?4 WHERE device = ?1")?
@@ -475,7 +511,7 @@ async fn apply_round(
             if !(patch.as_object().is_some_and(|p| p.is_empty()) && apply.is_empty()) {
                 outbox::push(c, outbox::Kind::Reported, &id, &json!({"patch": patch, "apply": apply}))?;
             }
-            Ok(())
+            Ok(newer)
         })
         .await
         .map_err(|e| e.to_string())?;
@@ -491,13 +527,15 @@ async fn apply_round(
         );
         return Ok(Round::Pending { after });
     }
-    info!(
+    // Debug, not info: at ten thousand devices a fan-out would log ten thousand lines; the
+    // outcome is in the twin's apply states and the twin apply counters.
+    debug!(
         version,
         properties = applied_count,
         full,
         "desired state applied"
     );
-    Ok(Round::Done)
+    Ok(Round::Done { newer })
 }
 
 /// Calls the `read_back` method and picks the value it reports.
