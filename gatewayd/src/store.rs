@@ -133,6 +133,44 @@ pub struct Stats {
     pub failures: AtomicU64,
 }
 
+/// Hands the answers of a finished batch to the async side. Answering a job completes its
+/// oneshot, and completing one from the store thread wakes the runtime from outside (a
+/// system call each, and often a return from `epoll_wait`). So the whole batch goes in one
+/// hand-over to a task on the runtime that opened the store, which answers the jobs there:
+/// a batch of a hundred jobs wakes the runtime once. Without a runtime, or once it has gone,
+/// the store thread answers them itself. The task ends with the store thread.
+struct Answers(Option<mpsc::UnboundedSender<(Vec<Reply>, bool)>>);
+
+impl Answers {
+    fn start() -> Answers {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Answers(None);
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<Reply>, bool)>();
+        runtime.spawn(async move {
+            while let Some((replies, committed)) = rx.recv().await {
+                for reply in replies {
+                    reply(committed);
+                }
+            }
+        });
+        Answers(Some(tx))
+    }
+
+    fn deliver(&self, replies: Vec<Reply>, committed: bool) {
+        let replies = match &self.0 {
+            Some(tx) => match tx.send((replies, committed)) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError((replies, _))) => replies,
+            },
+            None => replies,
+        };
+        for reply in replies {
+            reply(committed);
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) and migrates the database at `path`, then starts the owner
     /// thread.
@@ -157,6 +195,7 @@ impl Store {
         let (health_tx, health) = watch::channel(Health::Ok);
         let stats = Arc::new(Stats::default());
         let thread_stats = stats.clone();
+        let answers = Answers::start();
         std::thread::Builder::new()
             .name("store".into())
             .spawn(move || {
@@ -224,9 +263,7 @@ impl Store {
                         }
                     };
                     stats.queued.fetch_sub(n, Ordering::Relaxed);
-                    for reply in replies {
-                        reply(committed);
-                    }
+                    answers.deliver(replies, committed);
                 }
             })
             .map_err(|_| StoreError::Closed)?;
