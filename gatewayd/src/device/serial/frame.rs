@@ -106,8 +106,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 }
 
 /// Renders a request line: `{{name}}` placeholders from `vars`, `{{address}}` the device's bus
-/// address, then the terminator. Control characters and the terminator inside a substituted
-/// value become spaces, so a value can never end the line early or add a second command.
+/// address, then the terminator. Control characters and the terminator's characters inside a
+/// substituted value become spaces (another printable character when the terminator holds a
+/// space), so a value can never end the line early or add a second command.
 pub fn render_request(
     template: &Template,
     vars: &Map<String, Value>,
@@ -116,13 +117,16 @@ pub fn render_request(
 ) -> Vec<u8> {
     // A value may hold no control character and no character of the terminator, so no value
     // (nor two values side by side) can end the line early or start a second command.
+    // What such a character becomes: a space, or (when the terminator holds one) the first
+    // printable character it does not hold; dropped if it holds them all.
+    let blank = (' '..='~').find(|c| !terminator.contains(*c));
     let clean = |text: &str| -> String {
         text.chars()
-            .map(|c| {
+            .filter_map(|c| {
                 if c.is_control() || terminator.contains(c) {
-                    ' '
+                    blank
                 } else {
-                    c
+                    Some(c)
                 }
             })
             .collect()
