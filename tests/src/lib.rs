@@ -502,6 +502,23 @@ pub async fn get(url: &str) -> Result<(u16, Value)> {
     read(client().get(url).send().await?).await
 }
 
+/// `GET url` -> (status, body as text): the admin API's `/metrics` and `/healthz`.
+pub async fn get_text(url: &str) -> Result<(u16, String)> {
+    let r = client().get(url).send().await?;
+    Ok((r.status().as_u16(), r.text().await?))
+}
+
+/// The value of the sample line `series` (name and labels exactly) in a metrics page.
+pub fn metric(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// `POST url` with a JSON body -> (status, JSON body).
 pub async fn post(url: &str, body: &Value) -> Result<(u16, Value)> {
     read(client().post(url).json(body).send().await?).await

@@ -10,26 +10,6 @@ use std::time::Duration;
 /// The bearer token the harness configures for every simulated AGV.
 const SECRET: &str = "demo-token";
 
-/// `GET` on the admin API returning the body as text.
-async fn text(url: &str) -> Result<(u16, String)> {
-    let r = reqwest::Client::builder()
-        .no_proxy()
-        .build()?
-        .get(url)
-        .send()
-        .await?;
-    Ok((r.status().as_u16(), r.text().await?))
-}
-
-/// The value of the sample line `series` (name and labels exactly) in a metrics page.
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics.lines().find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
-}
-
 fn assert_no_secret(log: &std::path::Path) -> Result<()> {
     let text = std::fs::read_to_string(log)?;
     ensure!(!text.is_empty(), "empty log {}", log.display());
@@ -47,7 +27,7 @@ async fn admin_api_reports_health_readiness_metrics_and_views() -> Result<()> {
     let admin = site.gateway.admin().await?;
 
     assert_eq!(
-        text(&format!("{admin}/healthz")).await?,
+        get_text(&format!("{admin}/healthz")).await?,
         (200, r#"{"ok":true}"#.into())
     );
     let (s, b) = get(&format!("{admin}/readyz")).await?;
@@ -67,20 +47,20 @@ async fn admin_api_reports_health_readiness_metrics_and_views() -> Result<()> {
     site.await_final("agv-1", &id, Duration::from_secs(20))
         .await?;
 
-    let (s, m) = text(&format!("{admin}/metrics")).await?;
+    let (s, m) = get_text(&format!("{admin}/metrics")).await?;
     assert_eq!(s, 200);
     assert_eq!(
-        sample(&m, r#"gatewayd_rpc_total{outcome="ok"}"#),
+        metric(&m, r#"gatewayd_rpc_total{outcome="ok"}"#),
         Some(3.0),
         "{m}"
     );
     assert_eq!(
-        sample(&m, r#"gatewayd_rpc_duration_seconds_count{outcome="ok"}"#),
+        metric(&m, r#"gatewayd_rpc_duration_seconds_count{outcome="ok"}"#),
         Some(3.0),
         "{m}"
     );
     assert_eq!(
-        sample(
+        metric(
             &m,
             r#"gatewayd_rpc_duration_seconds_bucket{outcome="ok",le="+Inf"}"#
         ),
@@ -92,9 +72,9 @@ async fn admin_api_reports_health_readiness_metrics_and_views() -> Result<()> {
     let m = eventually("message counted", Duration::from_secs(5), || {
         let url = format!("{admin}/metrics");
         async move {
-            let (_, m) = text(&url).await?;
+            let (_, m) = get_text(&url).await?;
             Ok(
-                (sample(&m, r#"gatewayd_messages_total{outcome="completed"}"#) == Some(1.0))
+                (metric(&m, r#"gatewayd_messages_total{outcome="completed"}"#) == Some(1.0))
                     .then_some(m),
             )
         }
@@ -108,7 +88,7 @@ async fn admin_api_reports_health_readiness_metrics_and_views() -> Result<()> {
         ("gatewayd_inbox_depth", 0.0),
         (r#"gatewayd_twin_applies_total{state="applied"}"#, 0.0),
     ] {
-        assert_eq!(sample(&m, series), Some(want), "{series} in\n{m}");
+        assert_eq!(metric(&m, series), Some(want), "{series} in\n{m}");
     }
     assert!(
         m.contains("# TYPE gatewayd_rpc_duration_seconds histogram"),
@@ -148,9 +128,9 @@ async fn admin_api_reports_health_readiness_metrics_and_views() -> Result<()> {
         reasons,
         json!({"ready": false, "reasons": ["cloud not connected"]})
     );
-    assert_eq!(text(&format!("{admin}/healthz")).await?.0, 200);
-    let (_, m) = text(&format!("{admin}/metrics")).await?;
-    assert_eq!(sample(&m, "gatewayd_cloud_connected"), Some(0.0), "{m}");
+    assert_eq!(get_text(&format!("{admin}/healthz")).await?.0, 200);
+    let (_, m) = get_text(&format!("{admin}/metrics")).await?;
+    assert_eq!(metric(&m, "gatewayd_cloud_connected"), Some(0.0), "{m}");
 
     site.restart_stub().await?;
     eventually("readyz 200", Duration::from_secs(20), || {
@@ -158,9 +138,9 @@ async fn admin_api_reports_health_readiness_metrics_and_views() -> Result<()> {
         async move { Ok((get(&url).await?.0 == 200).then_some(())) }
     })
     .await?;
-    let (_, m) = text(&format!("{admin}/metrics")).await?;
+    let (_, m) = get_text(&format!("{admin}/metrics")).await?;
     assert_eq!(
-        sample(&m, "gatewayd_cloud_reconnects_total"),
+        metric(&m, "gatewayd_cloud_reconnects_total"),
         Some(1.0),
         "{m}"
     );
@@ -207,13 +187,13 @@ async fn sighup_names_sections_that_need_a_restart_and_refuses_an_invalid_file()
     // Still serving, on the same session.
     let (s, b, _) = invoke(&site.stub.api, "agv-1", "status", json!(null), 5).await?;
     assert_eq!(s, 200, "{b}");
-    let (_, m) = text(&format!("{admin}/metrics")).await?;
+    let (_, m) = get_text(&format!("{admin}/metrics")).await?;
     assert_eq!(
-        sample(&m, "gatewayd_cloud_reconnects_total"),
+        metric(&m, "gatewayd_cloud_reconnects_total"),
         Some(0.0),
         "{m}"
     );
-    assert_eq!(sample(&m, "gatewayd_cloud_connected"), Some(1.0), "{m}");
+    assert_eq!(metric(&m, "gatewayd_cloud_connected"), Some(1.0), "{m}");
     assert!(
         m.contains("gatewayd_config_last_reload_success{outcome=\"invalid\"} 0"),
         "{m}"

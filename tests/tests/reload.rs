@@ -8,23 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// `GET` returning the body as text.
-async fn text(url: &str) -> Result<(u16, String)> {
-    let r = reqwest::Client::builder()
-        .no_proxy()
-        .build()?
-        .get(url)
-        .send()
-        .await?;
-    Ok((r.status().as_u16(), r.text().await?))
-}
-
-/// The prometheus sample `name` (no labels) in `text`.
-fn sample(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_adds_changes_and_removes_devices_while_rpcs_run_on_another() -> Result<()> {
     let site = Site::start(3).await?;
@@ -154,9 +137,9 @@ async fn sighup_adds_changes_and_removes_devices_while_rpcs_run_on_another() -> 
         failed.load(Ordering::SeqCst)
     );
     assert!(errors.is_empty(), "{errors:?}");
-    let (_, m) = text(&format!("{admin}/metrics")).await?;
+    let (_, m) = get_text(&format!("{admin}/metrics")).await?;
     assert_eq!(
-        sample(&m, "gatewayd_cloud_reconnects_total"),
+        metric(&m, "gatewayd_cloud_reconnects_total"),
         Some(0.0),
         "{m}"
     );
