@@ -106,9 +106,7 @@ impl CloudConfig {
         if self.max_packet_bytes != other.max_packet_bytes {
             out.push("max_packet_bytes");
         }
-        if serde_json::to_value(&self.thingsboard).ok()
-            != serde_json::to_value(&other.thingsboard).ok()
-        {
+        if self.thingsboard != other.thingsboard {
             out.push("thingsboard");
         }
         out
@@ -125,7 +123,7 @@ pub enum CloudProfile {
 }
 
 /// `[cloud.thingsboard]`: the ThingsBoard gateway API.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ThingsBoardConfig {
     /// A file holding the gateway device's access token (one trailing newline is ignored);
