@@ -10,6 +10,32 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
+/// gatewayd allocates with mimalloc: glibc's malloc took about a sixth of the daemon's CPU
+/// time in a twin fan-out (`malloc_consolidate`, bin unlinking), mimalloc's thread-local free
+/// lists a fraction of that. Freed memory is purged after 1 s of allocator activity
+/// (mimalloc's default), and at once by `gatewayd::release_freed_memory` after each peak.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Arenas are committed as they are used, not up front: memory an eagerly committed arena had
+/// purged still counted in RSS (10,000 idle devices: 69 against 59 MB). Set at the start of
+/// `main` it came too late (the first arena already existed), so it is set from an
+/// initialiser that runs before mimalloc's own (a prioritised `.init_array` entry runs before
+/// the unprioritised ones).
+mod allocator {
+    extern "C" fn configure() {
+        // Option number of `mi_option_arena_eager_commit` in mimalloc 3 (`include/mimalloc.h`).
+        const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+        // SAFETY: setting an option only stores it in mimalloc's static option table, usable
+        // before mimalloc is initialised; nothing else runs yet.
+        unsafe { libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, 0) };
+    }
+
+    #[used]
+    #[link_section = ".init_array.00200"]
+    static CONFIGURE: extern "C" fn() = configure;
+}
+
 /// Exit code for a configuration error (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
