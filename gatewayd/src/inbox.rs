@@ -436,7 +436,9 @@ async fn run_until_empty(
     wakeups: &mut Wakeups,
 ) -> Result<(), Ended> {
     let stop = &wakeups.stop.clone();
-    let span = || tracing::info_span!("messages", device = %device.id);
+    // A debug span (an info one costs its field formatting at every round); the info and
+    // warn events name the device themselves.
+    let span = || tracing::debug_span!("messages", device = %device.id);
     let (min, max) = (inbox.config.retry_min_ms, inbox.config.retry_max_ms);
     let mut retry = Backoff::new(min, max);
     let mut store_retry = Backoff::new(100, 10_000);
@@ -616,7 +618,7 @@ async fn execute(device: &Device, inbox: &Inbox, msg: &Next, stop: &Cancellation
         })
         .await
     {
-        warn!(error = %e, "cannot mark the message running; not calling the device");
+        warn!(device = %device.id, error = %e, "cannot mark the message running; not calling the device");
         return Attempt::StoreFailed;
     }
     let mut vars = args_of(&msg.payload, field);
@@ -667,7 +669,7 @@ impl Inbox {
         status: Option<i64>,
         stop: &CancellationToken,
     ) -> bool {
-        info!(message = %id, outcome = ?outcome, reason = reason.as_deref().unwrap_or(""), "message finished");
+        info!(device = %device.id, message = %id, outcome = ?outcome, reason = reason.as_deref().unwrap_or(""), "message finished");
         let stored = self
             .store
             .call_until_stored("record the message outcome", stop, || {

@@ -287,7 +287,9 @@ async fn apply_until_idle(
     wakeups: &mut Wakeups,
     was_online: &mut bool,
 ) -> Result<(), Ended> {
-    let span = || tracing::info_span!("twin", device = %device.id);
+    // A debug span (an info one costs its field formatting at every round); the info and
+    // warn events of a round name the device themselves.
+    let span = || tracing::debug_span!("twin", device = %device.id);
     let mut backoff = Backoff::new(200, 10_000);
     let mut attempts: HashMap<String, u32> = HashMap::new();
     // A round still owed: `Some(full)` after a round left properties pending.
@@ -479,7 +481,7 @@ async fn apply_round(
     let states: Vec<_> = apply.values().map(|s| s.state).collect();
     for (property, status) in &apply {
         if status.state == gatewayd_protocol::ApplyState::Refused {
-            warn!(property = %property, reason = status.reason.as_deref().unwrap_or(""), "desired property refused");
+            warn!(device = %device.id, property = %property, reason = status.reason.as_deref().unwrap_or(""), "desired property refused");
         }
     }
     let id = device.id.to_string();
@@ -521,6 +523,7 @@ async fn apply_round(
     outbox.wake();
     if any_pending {
         info!(
+            device = %device.id,
             version,
             properties = applied_count,
             "desired state partly applied; the rest is retried"
