@@ -262,6 +262,7 @@ pub async fn run(
         session.connected(),
         ops_stop.clone(),
     ));
+    ops_tasks.spawn(collect_freed_memory(ops_stop.clone()));
     if let Some(period) = notifier.watchdog_period() {
         ops_tasks.spawn(notify::watchdog(
             notifier.clone(),
@@ -310,6 +311,26 @@ pub async fn run(
     drop(store);
     info!("stopped");
     Ok(())
+}
+
+/// How often freed memory is handed back without waiting for more allocations.
+const COLLECT_EVERY: Duration = Duration::from_secs(5);
+
+/// mimalloc hands freed memory back only on later allocator activity, which an idle gateway
+/// does not have: after a change to 10,000 devices their idle connections close 5 to 10 s
+/// later, and their 200 MB would stay resident. A collection every few seconds returns it;
+/// with nothing freed it costs well under a millisecond.
+async fn collect_freed_memory(stop: CancellationToken) {
+    let mut every = tokio::time::interval(COLLECT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        // SAFETY: a collection only frees and purges unused memory; no preconditions.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    }
 }
 
 /// Parsing a large configuration, and building and publishing a large catalog, peak far above

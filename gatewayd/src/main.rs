@@ -22,6 +22,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `main` it came too late (the first arena already existed), so it is set from an
 /// initialiser that runs before mimalloc's own (a prioritised `.init_array` entry runs before
 /// the unprioritised ones).
+#[cfg(target_os = "linux")]
 mod allocator {
     extern "C" fn configure() {
         // Option number of `mi_option_arena_eager_commit` in mimalloc 3 (`include/mimalloc.h`).

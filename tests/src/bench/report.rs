@@ -414,6 +414,24 @@ impl Report {
                     triple(&w.stages.desired_to_reported),
                     None,
                 );
+                row(
+                    "3",
+                    "  gatewayd RSS: peak with a connection to every device / after they closed"
+                        .into(),
+                    match w.after_close {
+                        Some((rss, after)) => format!(
+                            "{:.1} / {:.1} MB ({:.1} s after convergence)",
+                            mb(w.peak_rss_kib),
+                            mb(rss),
+                            after
+                        ),
+                        None => format!(
+                            "{:.1} MB / not settled 30 s after convergence",
+                            mb(w.peak_rss_kib)
+                        ),
+                    },
+                    None,
+                );
             }
             None => row(
                 "3",

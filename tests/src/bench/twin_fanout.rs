@@ -28,6 +28,9 @@ pub const VALUE: f64 = 12.5;
 const DEADLINE: Duration = Duration::from_secs(60);
 /// Twin reads in flight while polling.
 const POLL_IN_FLIGHT: usize = 16;
+/// Longest wait, after convergence, for gatewayd to close its idle device connections and
+/// hand their memory back.
+const CLOSE_MAX: Duration = Duration::from_secs(30);
 /// Longest wait for gatewayd to go quiet after its start, before the CPU window opens.
 const SETTLE_MAX: Duration = Duration::from_secs(10);
 const SETTLE_STEP: Duration = Duration::from_millis(250);
@@ -57,7 +60,16 @@ pub struct TwinFanout {
     /// Microseconds of CPU each process used over the same window per property applied (one
     /// per converged device).
     pub cpu_us_per_property: BTreeMap<String, f64>,
+    /// gatewayd's peak RSS (`VmHWM`), KiB, with a kept connection to every device it called.
+    pub peak_rss_kib: u64,
+    /// gatewayd's RSS after its idle device connections were closed (its open files back
+    /// below [`SOCKETS_LEFT`]) and its RSS held for 6 s, KiB, and how long after convergence
+    /// that was, seconds; `None` when that took more than 30 s.
+    pub after_close: Option<(u64, f64)>,
 }
+
+/// Open files below which gatewayd counts as having closed its device connections.
+pub const SOCKETS_LEFT: usize = 100;
 
 /// When the last device passed each stage, as the stub stamped it, in seconds after the first
 /// PATCH (wall clock, millisecond stamps).
@@ -180,6 +192,9 @@ pub async fn measure(
         desired_to_reported: Summary::of(&mut desired_to_reported),
     };
     let converged = polled.done.len();
+    let gateway = rig.gateway_pid()?;
+    let peak_rss_kib = procfs::memory(gateway)?.hwm_kib;
+    let after_close = closed_after(gateway, end).await?;
     let result = TwinFanout {
         devices,
         property: PROPERTY,
@@ -193,9 +208,40 @@ pub async fn measure(
         stages,
         cpu_percent: used.percent().into_iter().collect(),
         cpu_us_per_property: used.us_per_op(converged as u64),
+        peak_rss_kib,
+        after_close,
     };
     rig.stop().await?;
     Ok(result)
+}
+
+/// Waits until `pid` has fewer than [`SOCKETS_LEFT`] open files and then until its RSS has
+/// not fallen for 6 s (gatewayd hands freed memory back every 5 s); that RSS and the seconds
+/// since `since`.
+async fn closed_after(pid: u32, since: Instant) -> Result<Option<(u64, f64)>> {
+    const STEP: Duration = Duration::from_millis(250);
+    let deadline = Instant::now() + CLOSE_MAX;
+    let dir = format!("/proc/{pid}/fd");
+    while std::fs::read_dir(&dir)?.count() >= SOCKETS_LEFT {
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(STEP).await;
+    }
+    let (mut low, mut held) = (procfs::memory(pid)?.rss_kib, 0);
+    while held < 24 {
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(STEP).await;
+        let rss = procfs::memory(pid)?.rss_kib;
+        if rss < low {
+            (low, held) = (rss, 0);
+        } else {
+            held += 1;
+        }
+    }
+    Ok(Some((low, since.elapsed().as_secs_f64())))
 }
 
 /// Whether `twin` shows the property reported as desired, for desired `version` or later.
