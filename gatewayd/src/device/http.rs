@@ -393,4 +393,66 @@ mod tests {
         }
         assert_eq!(url.query(), Some("q=a+b%26c"));
     }
+
+    /// A device on `127.0.0.1:0` answering `{}` on every request of every connection; sends
+    /// the instant of each accepted connection and of each connection the client closed.
+    async fn counting_device() -> (
+        String,
+        tokio::sync::mpsc::UnboundedReceiver<(&'static str, tokio::time::Instant)>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let _ = tx.send(("accepted", tokio::time::Instant::now()));
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        // Requests here have no body: one read holds a whole request.
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {
+                                let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                                if conn.write_all(answer).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = tx.send(("closed", tokio::time::Instant::now()));
+                });
+            }
+        });
+        (base, rx)
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_kept_for_the_next_call_and_closed_once_idle() {
+        let (base, mut seen) = counting_device().await;
+        let d = driver(&base);
+        let a = action(json!({"verb": "GET", "path": "/status"}));
+        let timeout = Duration::from_secs(2);
+        d.call(&a, &Map::new(), timeout).await.unwrap();
+        let (what, opened) = seen.recv().await.unwrap();
+        assert_eq!(what, "accepted");
+        // A second call soon after goes over the same connection.
+        d.call(&a, &Map::new(), timeout).await.unwrap();
+        let last_call = tokio::time::Instant::now();
+        // The next thing the device sees is that connection closing, 5 to 10 s (the pool's
+        // check interval) after the last call.
+        let (what, closed) = tokio::time::timeout(Duration::from_secs(15), seen.recv())
+            .await
+            .expect("the idle connection was closed")
+            .unwrap();
+        assert_eq!(what, "closed", "a second connection was opened");
+        let idle = closed - last_call;
+        assert!(
+            idle >= POOL_IDLE_TIMEOUT && idle <= 2 * POOL_IDLE_TIMEOUT + Duration::from_secs(1),
+            "closed {idle:?} after the last call ({:?} after it opened)",
+            closed - opened
+        );
+    }
 }
