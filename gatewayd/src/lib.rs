@@ -319,7 +319,8 @@ const COLLECT_EVERY: Duration = Duration::from_secs(5);
 /// mimalloc hands freed memory back only on later allocator activity, which an idle gateway
 /// does not have: after a change to 10,000 devices their idle connections close 5 to 10 s
 /// later, and their 200 MB would stay resident. A collection every few seconds returns it;
-/// with nothing freed it costs well under a millisecond.
+/// an idle gateway of 10,000 devices still measures 0.00 % of a core over 30 s with it (bench
+/// phase 5).
 async fn collect_freed_memory(stop: CancellationToken) {
     let mut every = tokio::time::interval(COLLECT_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
