@@ -182,7 +182,13 @@ Press Ctrl-C to stop."#,
         twin = ms(twin_took),
         msg = ms(msg_took),
     );
-    tokio::signal::ctrl_c().await?;
+    // Ctrl-C, or SIGTERM from a supervisor or `timeout`: either way the processes it started
+    // stop with it (killed when dropped), instead of outliving a demo killed by the signal.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     println!("stopping");
     Ok(())
 }
