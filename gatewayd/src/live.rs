@@ -194,11 +194,9 @@ impl Reloader {
         {
             // The fields that wait for a restart keep their running values meanwhile.
             let fixed = self.cloud.restart_fields(&new.cloud);
-            let mut cloud = new.cloud.clone();
-            cloud.profile = self.cloud.profile;
-            cloud.max_packet_bytes = self.cloud.max_packet_bytes;
-            cloud.thingsboard = self.cloud.thingsboard.clone();
-            if serde_json::to_value(&cloud).ok() != serde_json::to_value(&self.cloud).ok() {
+            let cloud = new.cloud.clone().keeping_restart_fields_of(&self.cloud);
+            // Compared as values: serialized, a changed inline password would look the same.
+            if cloud != self.cloud {
                 match switch.prepare(&cloud, &new.gateway.id) {
                     Ok(e) => endpoint = Some((e, cloud, fixed.is_empty())),
                     Err(e) => return Outcome::Failed(e),

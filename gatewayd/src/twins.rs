@@ -216,13 +216,12 @@ fn load_row(c: &rusqlite::Connection, device: &str) -> rusqlite::Result<TwinRow>
     let row = c
         .prepare_cached("SELECT desired, desired_version, applied, applied_version, reported FROM twin WHERE device = ?1")?
         .query_row([device], |r| {
-            let parse = |s: String| serde_json::from_str(&s).unwrap_or_else(|_| json!({}));
             Ok(TwinRow {
-                desired: parse(r.get(0)?),
+                desired: parse_doc(&r.get::<_, String>(0)?),
                 desired_version: r.get::<_, i64>(1)? as u64,
-                applied: parse(r.get(2)?),
+                applied: parse_doc(&r.get::<_, String>(2)?),
                 applied_version: r.get::<_, i64>(3)? as u64,
-                reported: parse(r.get(4)?),
+                reported: parse_doc(&r.get::<_, String>(4)?),
             })
         })
         .optional()?;

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The cloud (MQTT) connection.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudConfig {
     /// Broker URL: `mqtt://host[:port]` (plain TCP, port 1883 by default) or
@@ -110,6 +110,15 @@ impl CloudConfig {
             out.push("thingsboard");
         }
         out
+    }
+
+    /// This section with the fields [`restart_fields`](Self::restart_fields) names taken from
+    /// `running`: what can run before the next restart.
+    pub fn keeping_restart_fields_of(mut self, running: &CloudConfig) -> CloudConfig {
+        self.profile = running.profile;
+        self.max_packet_bytes = running.max_packet_bytes;
+        self.thingsboard = running.thingsboard.clone();
+        self
     }
 }
 
@@ -606,6 +615,20 @@ mod tests {
         let s = c.security().unwrap();
         assert_eq!(s.login.as_ref().unwrap().1.expose(), "hunter2");
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_changed_password_is_a_changed_section() {
+        // A live reload compares sections to decide whether to reconnect; the password must
+        // count although it never shows.
+        let old = section("username = \"u\"\npassword = \"old\"");
+        let new = section("username = \"u\"\npassword = \"new\"");
+        assert_eq!(
+            serde_json::to_value(&old).unwrap(),
+            serde_json::to_value(&new).unwrap()
+        );
+        assert_ne!(old, new);
+        assert_eq!(old, old.clone());
     }
 
     #[test]
